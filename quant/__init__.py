@@ -1,0 +1,1 @@
+"""Quantization math and the packed format. Knows nothing about model families."""

@@ -1,0 +1,159 @@
+"""GPTQ (Frantar et al., 2022), batched over matrices of one shape.
+
+Quantizes B weight matrices W[b] (R x C) at once, each with its own Hessian
+H[b] = X_b^T X_b / n_b (C x C) and its own bit width, column by column:
+
+    q_i   = quant(w_i)                       (group params fixed at the group's first column)
+    e_i   = (w_i - q_i) / [H^-1]_ii           (H^-1 via the upper Cholesky factor, as in GPTQ)
+    w_j  -= e_i [H^-1]_ij   for j > i         (lazily, one block of columns at a time)
+
+Batching the experts of one MoE layer turns B small column loops into one, which
+is what makes per-expert GPTQ fast on a GPU. ``gptq_reference`` below is the slow,
+one-matrix, one-column-at-a-time version the batched one is tested against.
+
+act_order quantizes columns in order of decreasing H_ii; its group parameters are
+then computed from the original weights before any update ("static groups"), so
+the checkpoint needs no column permutation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quantizer import check_bits, dequantize, group_params, quantize_codes
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor      # (B, R, C) uint8 integer codes
+    scale: torch.Tensor      # (B, R, G) float32 (values exactly representable in fp16)
+    zero: torch.Tensor       # (B, R, G) float32
+    weight: torch.Tensor     # (B, R, C) float32 dequantized weights
+    loss: torch.Tensor       # (B,) relative output error tr(dW H dW^T) / tr(W H W^T)
+
+
+def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Relative error of the layer output on the calibration inputs, per matrix."""
+    dw = weight - weight_hat
+    num = ((dw @ hessian) * dw).sum(dim=(-1, -2))
+    den = ((weight @ hessian) * weight).sum(dim=(-1, -2)).clamp(min=1e-30)
+    return num / den
+
+
+def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, raising damp for matrices that are not PD."""
+    n = hessian.shape[-1]
+    eye = torch.eye(n, device=hessian.device, dtype=hessian.dtype)
+    mean_diag = torch.diagonal(hessian, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-8)
+    damp = percdamp * mean_diag
+    for _ in range(20):
+        chol, info = torch.linalg.cholesky_ex(hessian + damp[:, None, None] * eye)
+        bad = info != 0
+        if not bool(bad.any()):
+            break
+        damp = torch.where(bad, damp * 10, damp)
+    else:
+        raise RuntimeError("GPTQ: Hessian is not positive definite even with heavy dampening")
+    hinv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+def _prepare(weight, hessian, bits):
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # float64 for tests
+    W = weight.to(dtype).clone()
+    H = hessian.to(dtype).clone()
+    # Inputs that were always zero in calibration: keep H invertible; the weight is
+    # kept and rounded (not zeroed), since other inputs may well use it.
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
+    idx = dead.nonzero(as_tuple=True)
+    H[idx[0], idx[1], idx[1]] = 1.0
+    bits_t = torch.tensor([check_bits(b) for b in bits], device=W.device)
+    maxq = (2.0 ** bits_t.to(dtype) - 1).view(-1, 1)
+    return W, H, bits_t, maxq
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], groupsize: int = 128,
+                  sym: bool = False, percdamp: float = 0.01, act_order: bool = False,
+                  blocksize: int = 128) -> GPTQResult:
+    """weight (B, R, C), hessian (B, C, C) -> GPTQResult. bits: one width per matrix."""
+    B, R, C = weight.shape
+    gs = C if groupsize <= 0 else groupsize
+    if C % gs:
+        raise ValueError(f"group size {gs} does not divide the {C} input columns")
+    W, H, bits_t, maxq = _prepare(weight, hessian, bits)
+    W0, H0 = weight.to(W.dtype), H.clone()
+    G = C // gs
+    scale = torch.zeros(B, R, G, device=W.device, dtype=W.dtype)
+    zero = torch.zeros(B, R, G, device=W.device, dtype=W.dtype)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # (B, C)
+        s, z = group_params(W.reshape(B, R * G, gs), bits_t, sym)
+        scale, zero = s.reshape(B, R, G), z.reshape(B, R, G)
+        W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))
+        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(B, C, C)), 2, perm[:, None, :].expand(B, C, C))
+        group_of_col = torch.div(perm, gs, rounding_mode="floor")  # (B, C), group of each permuted column
+    Hinv = _inverse_cholesky(H, percdamp)
+    # Blocks hold whole groups, so a group's params come from fully updated weights.
+    bs = max(blocksize // gs, 1) * gs if not act_order else blocksize
+    Q = torch.zeros_like(W)
+    ar = torch.arange(B, device=W.device)
+    for i1 in range(0, C, bs):
+        i2 = min(i1 + bs, C)
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if act_order:
+                g = group_of_col[:, col]
+                s = scale[ar, :, g][:, :, None]
+                z = zero[ar, :, g][:, :, None]
+            else:
+                if col % gs == 0:
+                    s_new, z_new = group_params(W1[:, :, i:i + gs], bits_t, sym)
+                    scale[:, :, col // gs] = s_new[..., 0]
+                    zero[:, :, col // gs] = z_new[..., 0]
+                s = scale[:, :, col // gs, None]
+                z = zero[:, :, col // gs, None]
+            w = W1[:, :, i:i + 1]                                    # (B, R, 1)
+            q = quantize_codes(w, s, z, maxq[:, :, None])
+            Q[:, :, col:col + 1] = q
+            err = (w - dequantize(q, s, z)) / Hinv1[:, i, i].view(B, 1, 1)
+            W1[:, :, i:] -= err * Hinv1[:, i:i + 1, i:]
+            Err1[:, :, i:i + 1] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+    if act_order:
+        inv = torch.argsort(perm, dim=-1)
+        Q = torch.gather(Q, 2, inv[:, None, :].expand(B, R, C))
+    col_group = torch.arange(C, device=W.device) // gs
+    deq = dequantize(Q, scale[:, :, col_group], zero[:, :, col_group])
+    return GPTQResult(Q.to(torch.uint8), scale, zero, deq, output_error(W0, deq, H0))
+
+
+@torch.no_grad()
+def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, bits: int, groupsize: int = 128,
+                   sym: bool = False, percdamp: float = 0.01) -> torch.Tensor:
+    """Slow, obviously-correct GPTQ of one (R, C) matrix: no blocks, no batching,
+    every column's error propagated into all later columns immediately. Returns the
+    dequantized weights. (No act_order: that is the same algorithm on permuted columns.)"""
+    W, H, bits_t, maxq = _prepare(weight[None], hessian[None], [bits])
+    W, H, maxq = W[0].double(), H[0].double(), maxq.double()
+    R, C = W.shape
+    gs = C if groupsize <= 0 else groupsize
+    damp = percdamp * torch.diagonal(H).mean()
+    Hinv = torch.linalg.inv(H + damp * torch.eye(C, dtype=H.dtype, device=H.device))
+    out = torch.zeros_like(W)
+    for i in range(C):
+        if i % gs == 0:
+            s, z = group_params(W[None, :, i:i + gs], bits_t, sym)
+            s, z = s[0, :, 0], z[0, :, 0]
+        q = quantize_codes(W[:, i], s, z, maxq[0, 0])
+        out[:, i] = dequantize(q, s, z)
+        err = (W[:, i] - out[:, i]) / Hinv[i, i]
+        W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
+        # Condition the remaining inverse Hessian on column i being fixed (Gaussian elimination).
+        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+    return out

@@ -1,0 +1,85 @@
+"""Dense bit packing and the packed checkpoint format (version 1).
+
+Bit packing
+-----------
+Integer codes of ``b`` bits (b in 1, 2, 3, 4, 8) along the last dimension are padded
+with zeros to a multiple of 8 codes; every 8 consecutive codes c0..c7 form one
+little-endian integer of 8*b bits,  v = sum_k c_k << (b*k),  stored as ``b`` bytes
+(byte j = (v >> 8j) & 0xff). A row of C codes takes ceil(C/8)*b bytes: exactly b
+bits per weight, for every b, including 3.
+
+Checkpoint (a directory)
+------------------------
+- ``config.json``: the model's transformers config plus ``quantization_config``:
+  {"quant_method": "moeq", "format": "moeq-packed", "version": 1, "group_size": G,
+   "sym": bool, "modules": {module path: {"bits": b} | {"bits": [b_expert0, ...]}}}
+- ``model.safetensors`` or ``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json``
+  (the standard transformers index). No pickle anywhere.
+- For a quantized linear ``P`` (R x C, bits b, G = C / group_size groups):
+    ``P.qweight``  uint8 (R, ceil(C/8)*b)   packed codes
+    ``P.scales``   float16 (R, G)
+    ``P.qzeros``   uint8 (R, ceil(G/8)*b)   packed integer zero points      (b >= 2)
+    ``P.zeros``    float16 (R, G)           binary-code offsets               (b == 1)
+  dequantized weight W[r, c] = scales[r, g] * (q[r, c] - zero[r, g]), g = c // group_size
+  (see quant/quantizer.py for how codes are made; for b == 1, q is the sign bit).
+- For fused experts ``P`` (E x R x C, one bit width per expert), the same four names
+  under ``P.{e}.`` for each expert e.
+- Every other tensor (embeddings, norms, routers, lm_head) is stored as is.
+- ``bit_allocation.json``: expert orders, scores and bits (see the quantize scripts);
+  tokenizer files as saved by transformers.
+"""
+from __future__ import annotations
+
+import torch
+
+FORMAT_NAME = "moeq-packed"
+FORMAT_VERSION = 1
+SUFFIXES = ("qweight", "scales", "qzeros", "zeros")
+
+
+def packed_width(n: int, bits: int) -> int:
+    return (n + 7) // 8 * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., C) integer codes in [0, 2**bits) -> (..., ceil(C/8)*bits) uint8."""
+    *lead, C = codes.shape
+    pad = (-C) % 8
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).view(*lead, -1, 8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    v = (c << shifts).sum(-1, keepdim=True)                                     # (..., C/8, 1)
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    return ((v >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_codes: (..., ceil(n/8)*bits) uint8 -> (..., n) uint8."""
+    *lead, _ = packed.shape
+    b = packed.to(torch.int64).view(*lead, -1, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    v = (b << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    codes = (v >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)
+
+
+def pack_matrix(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """One quantized (R, C) matrix -> its tensors in the checkpoint (suffix -> tensor)."""
+    out = {"qweight": pack_codes(codes, bits), "scales": scale.to(torch.float16).contiguous()}
+    if bits == 1:
+        out["zeros"] = zero.to(torch.float16).contiguous()
+    else:
+        out["qzeros"] = pack_codes(zero.round().to(torch.int64), bits)
+    return out
+
+
+def unpack_matrix(tensors: dict[str, torch.Tensor], bits: int, cols: int, groupsize: int,
+                  dtype=torch.float32) -> torch.Tensor:
+    """The dequantized (R, C) weight of one packed matrix."""
+    scale = tensors["scales"].float()
+    groups = scale.shape[-1]
+    zero = tensors["zeros"].float() if bits == 1 else unpack_codes(tensors["qzeros"], bits, groups).float()
+    q = unpack_codes(tensors["qweight"], bits, cols).float()
+    gs = groupsize if groupsize > 0 else cols
+    w = scale.repeat_interleave(gs, dim=-1) * (q - zero.repeat_interleave(gs, dim=-1))
+    return w.to(dtype)

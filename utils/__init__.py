@@ -1,0 +1,1 @@
+"""Models and data: family adapters, calibration text, the layer-by-layer driver, checkpoints."""

@@ -1,0 +1,260 @@
+"""Command-line front end shared by quantize_mixtral.py and quantize_switch.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+from quant.allocation import ORDER_TYPES
+
+MODEL_ALIASES = {
+    "Mixtral8x7B": "mistralai/Mixtral-8x7B-v0.1",
+    "Mixtral8x22B": "mistralai/Mixtral-8x22B-v0.1",
+}
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", required=True, help="local checkpoint directory, hub id, or an alias: "
+                    + ", ".join(MODEL_ALIASES))
+    ap.add_argument("--mixed_type", default="mixed", choices=["mixed", "uniform"])
+    ap.add_argument("--order_type", default="combined", help="expert ranking: " + ", ".join(ORDER_TYPES))
+    ap.add_argument("--zeta", type=float, default=3.0, help="MaxVar reordering threshold (combined order)")
+    ap.add_argument("--avg_bits", type=float, default=2.0, help="target average bits per expert in a MoE layer")
+    ap.add_argument("--high_bit_level", type=int, default=3)
+    ap.add_argument("--mid_bit_level", type=int, default=None, help="omit for two levels")
+    ap.add_argument("--low_bit_level", type=int, default=1)
+    ap.add_argument("--attn_bit_level", type=int, default=4, help="bits for attention linears (16: keep them fp)")
+    ap.add_argument("--groupsize", type=int, default=128, help="GPTQ group size (-1: one group per row)")
+    ap.add_argument("--dataset", default="wikitext2", help="wikitext2 | ptb | c4 (hub) or a local text file / "
+                    "directory with train/test files")
+    ap.add_argument("--eval_dataset", default=None, help="evaluate perplexity on this text instead (same forms)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048, help="capped by the model's max_position_embeddings")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--percdamp", type=float, default=0.01)
+    ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--act-order", "--act_order", dest="act_order", action="store_true")
+    ap.add_argument("--min_expert_tokens", type=int, default=16,
+                    help="experts routed fewer calibration tokens use Hessians from all tokens")
+    ap.add_argument("--batch_size", type=int, default=8, help="calibration windows per forward batch")
+    ap.add_argument("--expert_batch", type=int, default=0, help="experts per batched GPTQ call (0: all)")
+    ap.add_argument("--router_reference", default=None,
+                    help="checkpoint of the same model before training: order by router-norm change")
+    ap.add_argument("--attn_implementation", default="sdpa")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                    help="compute dtype (auto: the checkpoint's on CUDA, float32 on CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--offload_activations", action="store_true", help="keep calibration activations on the host")
+    ap.add_argument("--eval_ppl", action="store_true", help="perplexity of the quantized model on the test split")
+    ap.add_argument("--eval_ppl_fp", action="store_true", help="also evaluate the unquantized model first")
+    ap.add_argument("--pack", action="store_true", help="save the packed low-bit checkpoint (else dequantized)")
+    ap.add_argument("--save", action="store_true")
+    ap.add_argument("--saving_path", default=None)
+    ap.add_argument("--max_shard_size", default="5GB")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --saving_path")
+    ap.add_argument("--allocation_path", default=None,
+                    help="where bit_allocation.json goes when not saving (default: ./bit_allocation.json)")
+
+
+def resolve_model(name: str) -> str:
+    name = MODEL_ALIASES.get(name, name)
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"--model {name} has no config.json: pass a transformers checkpoint directory")
+        return name
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise UserError(f"--model {name}: no such checkpoint directory (nor a hub id of the form org/name)")
+    return name
+
+
+def quant_config(a, router_reference=None):
+    from utils.pipeline import QuantConfig
+    return QuantConfig(mixed_type=a.mixed_type, order_type=a.order_type, zeta=a.zeta, avg_bits=a.avg_bits,
+                       high_bits=a.high_bit_level, mid_bits=a.mid_bit_level, low_bits=a.low_bit_level,
+                       level_counts=getattr(a, "level_counts", None),
+                       attn_bits=None if a.attn_bit_level >= 16 else a.attn_bit_level, groupsize=a.groupsize,
+                       sym=a.sym, act_order=a.act_order, percdamp=a.percdamp, seed=a.seed,
+                       min_expert_tokens=a.min_expert_tokens, batch_size=a.batch_size, expert_batch=a.expert_batch,
+                       router_reference=router_reference)
+
+
+def _dtype(a, device):
+    if a.dtype != "auto":
+        return getattr(torch, a.dtype)
+    return "auto" if device.type == "cuda" else torch.float32
+
+
+def check_widths(model, family, groupsize: int) -> None:
+    if groupsize <= 0:
+        return
+    for block_name, block in family.blocks(model):
+        widths = {f"{block_name}.{n}": l.in_features for g in family.attention_groups(block) for n, l in g}
+        moe = family.moe(block, block_name)
+        if moe is not None:
+            widths.update({f"{moe.name}.experts.{m.name}": m.get().shape[2] for m in moe.matrices})
+        for name, w in widths.items():
+            if w % groupsize:
+                raise UserError(f"--groupsize {groupsize} does not divide the input width {w} of {name}: "
+                                f"choose a divisor of it (e.g. 32, 64) or -1 for per-row groups")
+
+
+def router_reference_weights(path: str, model, family) -> dict[str, torch.Tensor]:
+    """Router rows of a reference checkpoint (same architecture), keyed by MoE block name."""
+    from transformers import AutoModelForCausalLM
+    if not os.path.isdir(path):
+        raise UserError(f"--router_reference {path}: no such checkpoint directory")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref_family = type(family)()
+    ours, theirs = family.blocks(model), ref_family.blocks(ref)
+    if len(ours) != len(theirs):
+        raise UserError(f"--router_reference has {len(theirs)} blocks, the model {len(ours)}: "
+                        f"pass a checkpoint of the same architecture")
+    out = {}
+    for (name, block), (_, rblock) in zip(ours, theirs):
+        moe, rmoe = family.moe(block, name), ref_family.moe(rblock, name)
+        if moe is None:
+            continue
+        rw, w = ref_family.router_weight(rmoe), family.router_weight(moe)
+        if rmoe is None or rw.shape != w.shape:
+            raise UserError(f"--router_reference: router of {moe.name} has shape "
+                            f"{None if rmoe is None else tuple(rw.shape)}, the model's {tuple(w.shape)}: "
+                            f"pass a checkpoint of the same architecture")
+        out[moe.name] = rw.clone()
+    return out
+
+
+def run_causal_lm(a) -> int:
+    """quantize_mixtral.py: quantize a decoder-only MoE language model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from utils import checkpoint, data
+    from utils.families import family_for
+    from utils.perplexity import perplexity
+    from utils.pipeline import quantize_model, validate_config
+
+    cfg = quant_config(a)
+    try:
+        validate_config(cfg)
+    except ValueError as e:
+        raise UserError(str(e))
+    if a.save and not a.saving_path:
+        raise UserError("--save needs --saving_path DIR")
+    if a.pack and not a.save:
+        raise UserError("--pack writes a checkpoint: add --save --saving_path DIR")
+    if a.save:
+        try:
+            checkpoint.check_output_dir(a.saving_path, a.overwrite)
+        except FileExistsError as e:
+            raise UserError(str(e))
+    for ds in filter(None, (a.dataset, a.eval_dataset)):
+        if os.sep in ds and not os.path.exists(ds):
+            raise UserError(f"--dataset {ds}: no such file or directory")
+    model_path = resolve_model(a.model)
+    device = torch.device(a.device)
+    act_device = torch.device("cpu") if a.offload_activations else device
+
+    config = AutoConfig.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(a, device),
+                                                 attn_implementation=a.attn_implementation).eval()
+    print(f"loaded {model_path} ({type(model).__name__}, {model.dtype}) in {time.time() - t0:.1f}s")
+    try:
+        family = family_for(model)
+    except ValueError as e:
+        raise UserError(str(e))
+    check_widths(model, family, cfg.groupsize)
+    from utils.pipeline import check_finite
+    try:
+        check_finite(model)
+    except ValueError as e:
+        raise UserError(str(e))
+    if a.router_reference:
+        cfg.router_reference = router_reference_weights(a.router_reference, model, family)
+
+    seqlen = min(a.seqlen, getattr(config, "max_position_embeddings", a.seqlen) or a.seqlen)
+    try:
+        text = data.load_text(a.dataset)
+        eval_text = data.load_text(a.eval_dataset) if a.eval_dataset else text
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e))
+    print(f"calibration text: {text.source}")
+    calib = data.calibration_windows(data.tokenize(tokenizer, text.train), a.nsamples, seqlen, a.seed)
+    print(f"calibration: {calib.shape[0]} windows x {seqlen} tokens")
+    test_windows = data.eval_windows(data.tokenize(tokenizer, eval_text.test), seqlen) if (a.eval_ppl or a.eval_ppl_fp) else None
+
+    ppl_fp = None
+    if a.eval_ppl_fp:
+        ppl_fp = perplexity(model, family, test_windows, device, a.batch_size, act_device, desc="ppl (fp)")
+        print(f"ppl {eval_text.name} (unquantized): {ppl_fp:.4f}")
+
+    t0 = time.time()
+    report = quantize_model(model, family, calib, cfg, device, act_device)
+    quant_seconds = time.time() - t0
+    avg = report.avg_expert_bits()
+    print(f"quantized in {quant_seconds:.1f}s; average expert bits {avg:.4f} (target {cfg.avg_bits if cfg.level_counts is None else 'explicit counts'})")
+    if report.starved:
+        print(f"experts with fewer than {cfg.min_expert_tokens} calibration tokens (all-token Hessian used): "
+              + ", ".join(f"{s['layer']}[{s['expert']}]={s['tokens']}" for s in report.starved))
+
+    allocation = {"avg_bits": avg, "target_avg_bits": cfg.avg_bits, "model": model_path,
+                  "order_type": cfg.order_type, "zeta": cfg.zeta, "mixed_type": cfg.mixed_type,
+                  "levels": {"high": cfg.high_bits, "mid": cfg.mid_bits, "low": cfg.low_bits},
+                  "attn_bits": cfg.attn_bits, "groupsize": cfg.groupsize, "sym": cfg.sym, "act_order": cfg.act_order,
+                  "calibration": {"source": text.source, "nsamples": int(calib.shape[0]), "seqlen": seqlen,
+                                  "seed": a.seed},
+                  "quantization_seconds": quant_seconds, "starved_experts": report.starved,
+                  "layers": report.layers, "modules": report.modules}
+
+    if a.save:
+        tmp = checkpoint.temp_dir_for(a.saving_path)
+        try:
+            checkpoint.write_json(allocation, os.path.join(tmp, "bit_allocation.json"))
+            tokenizer.save_pretrained(tmp)
+            if a.pack:
+                sizes = checkpoint.save_packed(model, report, tmp, cfg.groupsize, cfg.sym, a.max_shard_size)
+                print(f"packed checkpoint: {sizes['disk_bytes'] / 2**20:.2f} MiB on disk, theoretical "
+                      f"{sizes['theoretical_bytes'] / 2**20:.2f} MiB (codes {sizes['code_bytes'] / 2**20:.2f} + "
+                      f"scales/zeros {sizes['overhead_bytes'] / 2**20:.2f} + unquantized "
+                      f"{sizes['unquantized_bytes'] / 2**20:.2f}); ratio {sizes['disk_bytes'] / sizes['theoretical_bytes']:.4f}")
+            else:
+                model.save_pretrained(tmp, max_shard_size=a.max_shard_size)
+            checkpoint.commit_dir(tmp, a.saving_path)
+        except BaseException:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        print(f"saved {'packed' if a.pack else 'dequantized'} checkpoint to {a.saving_path}")
+    else:
+        path = a.allocation_path or "bit_allocation.json"
+        checkpoint.write_json(allocation, path)
+        print(f"wrote {path}")
+
+    if a.eval_ppl:
+        ppl = perplexity(model, family, test_windows, device, a.batch_size, act_device, desc="ppl")
+        if ppl_fp is not None:
+            print(f"ppl delta vs unquantized: {ppl - ppl_fp:+.4f}")
+        print(f"ppl {eval_text.name}: {ppl:.4f}")
+    return 0
+
+
+def main(runner, description: str, extra_args=None) -> int:
+    ap = argparse.ArgumentParser(description=description)
+    add_args(ap)
+    if extra_args:
+        extra_args(ap)
+    a = ap.parse_args()
+    try:
+        return runner(a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,98 @@
+"""Calibration and evaluation text: hub datasets (online) or local files (offline).
+
+``--dataset`` forms:
+- ``wikitext2`` | ``ptb`` | ``c4``: loaded with ``datasets`` from the hub (needs internet).
+- a directory: train split from the first of TRAIN_FILES found, test split from the
+  first of TEST_FILES (e.g. WikiText-2's ``wiki.train.raw`` / ``wiki.test.raw``).
+- a single text file: its first 90% (by lines) calibrates, its last 10% evaluates.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+HUB_DATASETS = ("wikitext2", "ptb", "c4")
+TRAIN_FILES = ("train.txt", "wiki.train.raw", "train.raw", "valid.txt", "wiki.valid.raw", "validation.txt")
+TEST_FILES = ("test.txt", "wiki.test.raw", "test.raw")
+
+
+@dataclass
+class TextSplits:
+    name: str        # printed in "ppl <name>: ..."
+    train: str
+    test: str
+    source: str      # where the text came from, for the log
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _local(path: str) -> TextSplits:
+    path = os.path.abspath(path)
+    name = os.path.basename(path.rstrip("/"))
+    if os.path.isdir(path):
+        train = next((os.path.join(path, f) for f in TRAIN_FILES if os.path.isfile(os.path.join(path, f))), None)
+        test = next((os.path.join(path, f) for f in TEST_FILES if os.path.isfile(os.path.join(path, f))), None)
+        if train is None or test is None:
+            raise FileNotFoundError(f"dataset directory {path} needs a train file (one of {', '.join(TRAIN_FILES)}) "
+                                    f"and a test file (one of {', '.join(TEST_FILES)})")
+        return TextSplits(name, _read(train), _read(test), f"train={train} test={test}")
+    lines = _read(path).splitlines(keepends=True)
+    cut = max(1, int(len(lines) * 0.9))
+    return TextSplits(os.path.splitext(name)[0], "".join(lines[:cut]), "".join(lines[cut:]),
+                      f"{path} (first 90% of lines calibrate, last 10% evaluate)")
+
+
+def _hub(name: str) -> TextSplits:
+    from datasets import load_dataset
+    if name == "wikitext2":
+        d = load_dataset("wikitext", "wikitext-2-raw-v1")
+        return TextSplits(name, "\n\n".join(d["train"]["text"]), "\n\n".join(d["test"]["text"]), "hub:wikitext-2-raw-v1")
+    if name == "ptb":
+        d = load_dataset("ptb_text_only", "penn_treebank")
+        return TextSplits(name, " ".join(d["train"]["sentence"]), " ".join(d["test"]["sentence"]), "hub:ptb_text_only")
+    train = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    val = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                       split="validation")
+    return TextSplits(name, "\n\n".join(train["text"][:20000]), " ".join(val["text"][:1100]), "hub:allenai/c4 shard 0")
+
+
+def load_text(dataset: str) -> TextSplits:
+    if os.path.exists(dataset):
+        return _local(dataset)
+    if dataset in HUB_DATASETS:
+        return _hub(dataset)
+    raise FileNotFoundError(f"--dataset {dataset!r} is neither an existing path nor one of {', '.join(HUB_DATASETS)}: "
+                            f"pass a text file, a directory with train/test text files, or a hub dataset name")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    # One long stream, as in the GPTQ protocol; chunks keep the tokenizer's memory bounded.
+    ids: list[int] = []
+    chunk = 1 << 20
+    for i in range(0, len(text), chunk):
+        ids.extend(tokenizer(text[i:i + chunk], add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """nsamples random windows of seqlen tokens: (nsamples, seqlen)."""
+    if ids.numel() <= seqlen:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
+                         f"use a larger train split or a smaller --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows covering the test stream: (n, seqlen); the tail is dropped."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"the test split has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
