@@ -54,12 +54,16 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_codes: (..., ceil(n/8)*bits) uint8 -> (..., n) uint8."""
-    *lead, _ = packed.shape
-    b = packed.to(torch.int64).view(*lead, -1, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    v = (b << byte_shifts).sum(-1, keepdim=True)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    codes = (v >> shifts) & ((1 << bits) - 1)
+    *lead, width = packed.shape
+    if bits == 8:
+        return packed[..., :n]
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, lowest bits first
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, -1)[..., :n]
+    b = packed.to(torch.int32).view(*lead, -1, bits)  # 3 bits: 8 codes in 3 bytes, 24 bits
+    v = (b << (torch.arange(bits, device=packed.device, dtype=torch.int32) * 8)).sum(-1, keepdim=True)
+    codes = (v >> (torch.arange(8, device=packed.device, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
     return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)
 
 
@@ -73,13 +77,18 @@ def pack_matrix(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return out
 
 
-def unpack_matrix(tensors: dict[str, torch.Tensor], bits: int, cols: int, groupsize: int,
-                  dtype=torch.float32) -> torch.Tensor:
-    """The dequantized (R, C) weight of one packed matrix."""
-    scale = tensors["scales"].float()
-    groups = scale.shape[-1]
-    zero = tensors["zeros"].float() if bits == 1 else unpack_codes(tensors["qzeros"], bits, groups).float()
-    q = unpack_codes(tensors["qweight"], bits, cols).float()
-    gs = groupsize if groupsize > 0 else cols
-    w = scale.repeat_interleave(gs, dim=-1) * (q - zero.repeat_interleave(gs, dim=-1))
-    return w.to(dtype)
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, cols: int,
+                      dtype=torch.float32) -> torch.Tensor:
+    """The (R, C) weight of one packed matrix. ``zeros``: the packed ``qzeros`` (bits >= 2)
+    or the float16 ``zeros`` (bits == 1). Same arithmetic, in float32, as the fake
+    quantization in quant/quantizer.py, so the two agree bit for bit."""
+    rows, groups = scales.shape
+    zero = zeros.float() if bits == 1 else unpack_codes(zeros, bits, groups).float()
+    q = unpack_codes(qweight, bits, cols).float().view(rows, groups, cols // groups)
+    w = scales.float()[..., None] * (q - zero[..., None])
+    return w.view(rows, cols).to(dtype)
+
+
+def unpack_matrix(tensors: dict[str, torch.Tensor], bits: int, cols: int, dtype=torch.float32) -> torch.Tensor:
+    zeros = tensors["zeros"] if bits == 1 else tensors["qzeros"]
+    return dequantize_packed(tensors["qweight"], tensors["scales"], zeros, bits, cols, dtype)

@@ -1,0 +1,43 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DATA = os.environ.get("MOEQ_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+torch.set_num_threads(2)
+
+
+def read(path, nbytes=None):
+    with open(path, encoding="utf-8") as f:
+        return f.read(nbytes) if nbytes else f.read()
+
+
+@pytest.fixture(scope="session")
+def small_text_dir(tmp_path_factory):
+    """Real text, cut small: train from Python docs train, test from WikiText-2 test."""
+    d = tmp_path_factory.mktemp("text")
+    (d / "train.txt").write_text(read(os.path.join(DATA, "python-docs", "train.txt"), 200_000))
+    (d / "test.txt").write_text(read(os.path.join(DATA, "wikitext-2", "test.txt"), 30_000))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(small_text_dir):
+    from utils.tiny import train_tokenizer
+    return train_tokenizer(read(os.path.join(small_text_dir, "train.txt")), 384)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory, small_text_dir):
+    from utils.tiny import build_tiny_mixtral
+    d = str(tmp_path_factory.mktemp("tiny_mixtral"))
+    return build_tiny_mixtral(d, read(os.path.join(small_text_dir, "train.txt")), seed=0, vocab_size=384)
+
+
+def load_tiny(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

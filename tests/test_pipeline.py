@@ -1,0 +1,170 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, load_tiny
+from utils import data
+from utils.families import MixtralFamily, family_for
+from utils.pipeline import QuantConfig, _collect_moe_stats, quantize_model
+from utils.sequential import capture_block_inputs, run_block
+
+
+def calib(tokenizer, text_dir, n=8, seqlen=64):
+    text = data.load_text(text_dir)
+    return data.calibration_windows(data.tokenize(tokenizer, text.train), n, seqlen, seed=0)
+
+
+def test_expert_hessians_equal_brute_force(tiny_mixtral_dir, tokenizer, small_text_dir):
+    model = load_tiny(tiny_mixtral_dir)
+    fam = family_for(model)
+    windows = calib(tokenizer, small_text_dir)
+    cpu = torch.device("cpu")
+    inputs, kwargs = capture_block_inputs(model, fam, windows, 4, cpu, cpu)
+    block = model.model.layers[0]
+    moe = fam.moe(block, "model.layers.0")
+    accs, tokens, _ = _collect_moe_stats(fam, moe, block, inputs, kwargs, cpu, cpu)
+
+    # brute force: the MoE input of every token, routed by the stock block's own router
+    seen = []
+    h = moe.module.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    run_block(block, inputs, kwargs, cpu, cpu)
+    h.remove()
+    x = torch.cat(seen)
+    _, _, top = moe.module.gate(x)
+    ex = moe.module.experts
+    for e in range(moe.num_experts):
+        H1 = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        H2 = torch.zeros(ex.down_proj.shape[2], ex.down_proj.shape[2], dtype=torch.float64)
+        n = 0
+        for t in range(x.shape[0]):
+            if e in top[t].tolist():
+                xt = x[t].double()
+                H1 += torch.outer(xt, xt)
+                g, u = (ex.gate_up_proj[e].double() @ xt).chunk(2)
+                a = torch.nn.functional.silu(g) * u
+                H2 += torch.outer(a, a)
+                n += 1
+        assert n == tokens[e] > 0
+        assert torch.allclose(accs["gate_up_proj"].hessian(e).double(), H1 / n, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(accs["down_proj"].hessian(e).double(), H2 / n, rtol=1e-4, atol=1e-6)
+
+
+class NeverRoutesTo7(MixtralFamily):
+    """The stock router, except that expert 7 never receives a token."""
+    def route(self, moe, x):
+        top, probs = super().route(moe, x)
+        p = probs.clone()
+        p[:, 7] = -1
+        return p.topk(moe.top_k, dim=-1).indices, probs
+
+
+def test_expert_with_zero_tokens_keeps_sane_weights(tiny_mixtral_dir, tokenizer, small_text_dir):
+    model = load_tiny(tiny_mixtral_dir)
+    before = model.model.layers[0].mlp.experts.gate_up_proj.data[7].clone()
+    cfg = QuantConfig(order_type="router", avg_bits=2.0, attn_bits=None, groupsize=32, batch_size=4)
+    report = quantize_model(model, NeverRoutesTo7(), calib(tokenizer, small_text_dir), cfg, torch.device("cpu"))
+    assert {"layer": "model.layers.0.mlp", "expert": 7, "tokens": 0} in report.starved
+    after = model.model.layers[0].mlp.experts.gate_up_proj.data[7]
+    bits = report.layers[0]["bits"][7]
+    rel = ((after - before).norm() / before.norm()).item()
+    assert rel < {1: 0.8, 2: 0.6, 3: 0.3}[bits], (bits, rel)
+    assert after.abs().sum() > 0
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "quantize_mixtral.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+SEED_FLAGS = ["--mixed_type", "mixed", "--order_type", "combined", "--zeta", "3.0", "--avg_bits", "2.0",
+              "--high_bit_level", "3", "--mid_bit_level", "2", "--low_bit_level", "1", "--attn_bit_level", "4"]
+
+
+def test_seed_command_end_to_end(tiny_mixtral_dir, small_text_dir, tmp_path):
+    out = tmp_path / "2p0"
+    r = run_cli("--model", tiny_mixtral_dir, *SEED_FLAGS, "--groupsize", "32", "--dataset", small_text_dir,
+                "--eval_ppl", "--save", "--saving_path", str(out), "--nsamples", "8", "--seqlen", "128")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"ppl {os.path.basename(small_text_dir)}: ")
+    assert math.isfinite(float(last.split(": ")[1]))
+    alloc = json.loads((out / "bit_allocation.json").read_text())
+    assert alloc["avg_bits"] == 2.0
+    assert len(alloc["layers"]) == 2
+    for layer in alloc["layers"]:
+        assert sorted(layer["expert_order"]) == list(range(8))
+        assert sorted(layer["bits"]) == [1, 1, 2, 2, 2, 2, 3, 3]
+        assert set(layer["scores"]) >= {"router_norm", "max_var", "tokens"}
+        # the first experts of the order carry the high bits
+        assert [layer["bits"][e] for e in layer["expert_order"][:2]] == [3, 3]
+    # the dequantized checkpoint loads with stock transformers
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(str(out))
+    assert m.config.num_local_experts == 8
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial directory left
+
+
+def make_dense_model(path, tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    MistralForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def nan_model(src, path):
+    m = load_tiny(src)
+    with torch.no_grad():
+        m.model.layers[1].mlp.experts.down_proj[3, 0, 0] = float("nan")
+    m.save_pretrained(path)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+
+
+@pytest.mark.parametrize("case", ["not_moe", "missing_model", "order", "budget", "spacing", "groupsize", "nan",
+                                  "nonempty_out", "missing_data", "bits"])
+def test_bad_input_one_line_error_nothing_written(case, tiny_mixtral_dir, small_text_dir, tokenizer, tmp_path):
+    model, flags = tiny_mixtral_dir, list(SEED_FLAGS) + ["--groupsize", "32"]
+    dataset = small_text_dir
+    out = tmp_path / "out"
+    expect = {"not_moe": "not a supported MoE model", "missing_model": "no such checkpoint",
+              "order": "unknown --order_type", "budget": "outside", "spacing": "equally spaced",
+              "groupsize": "does not divide", "nan": "NaN", "nonempty_out": "--overwrite",
+              "missing_data": "no such file", "bits": "unsupported bit width"}[case]
+    if case == "not_moe":
+        model = str(tmp_path / "dense")
+        make_dense_model(model, tokenizer)
+    elif case == "missing_model":
+        model = str(tmp_path / "nowhere")
+    elif case == "order":
+        flags[flags.index("combined")] = "bogus"
+    elif case == "budget":
+        flags[flags.index("--avg_bits") + 1] = "3.5"
+    elif case == "spacing":
+        flags[flags.index("--high_bit_level") + 1] = "4"
+    elif case == "groupsize":
+        flags[-1] = "48"
+    elif case == "nan":
+        model = str(tmp_path / "nan")
+        nan_model(tiny_mixtral_dir, model)
+    elif case == "nonempty_out":
+        out.mkdir()
+        (out / "keep.txt").write_text("x")
+    elif case == "missing_data":
+        dataset = str(tmp_path / "no" / "data")
+    elif case == "bits":
+        flags[flags.index("--attn_bit_level") + 1] = "5"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_cli("--model", model, *flags, "--dataset", dataset, "--save", "--saving_path", str(out),
+                "--nsamples", "4", "--seqlen", "64", cwd=str(tmp_path))
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    err = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and expect in err[0], r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if case == "nonempty_out":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
