@@ -111,7 +111,8 @@ def _device_of(name: str, device_map: dict) -> str | int | torch.device:
         name = name.rpartition(".")[0]
 
 
-def load_quantized_model(path: str, device_map=None, dtype="auto", model_class=None, attn_implementation=None):
+def load_quantized_model(path: str, device_map=None, dtype="auto", model_class=None, attn_implementation=None,
+                         max_memory: dict | None = None):
     """device_map: None (everything on the CPU), a device ("cuda:0"), "auto" (spread
     over the visible GPUs with accelerate), or an accelerate device map dict."""
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
@@ -133,7 +134,8 @@ def load_quantized_model(path: str, device_map=None, dtype="auto", model_class=N
     elif isinstance(device_map, (str, torch.device, int)) and device_map != "auto":
         device_map = {"": device_map}
     elif device_map == "auto":
-        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules, dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=model._no_split_modules, dtype=dtype)
 
     expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     files = weight_files(path)
