@@ -106,7 +106,7 @@ def quantization_config(report, groupsize: int, sym: bool) -> dict:
 
 def save_packed(model, report, out_dir: str, groupsize: int, sym: bool, max_shard_size="5GB") -> dict:
     """Packed tensors + unquantized ones + config with quantization_config. Returns size figures."""
-    rest = unquantized_state(model, report.module_bits)
+    rest = {**unquantized_state(model, report.module_bits), **report.kept}
     tensors = {**rest, **report.packed}
     files = save_sharded(tensors, out_dir, max_shard_size)
     cfg = model.config.to_dict()

@@ -87,10 +87,13 @@ def quant_config(a, router_reference=None):
                        router_reference=router_reference)
 
 
-def _dtype(a, device):
+def _dtype(a, device, config):
     if a.dtype != "auto":
         return getattr(torch, a.dtype)
-    return "auto" if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, d) if isinstance(d, str) else (d or torch.bfloat16)
 
 
 def check_widths(model, family, groupsize: int) -> None:
@@ -108,36 +111,39 @@ def check_widths(model, family, groupsize: int) -> None:
 
 
 def router_reference_weights(path: str, model, family) -> dict[str, torch.Tensor]:
-    """Router rows of a reference checkpoint (same architecture), keyed by MoE block name."""
-    from transformers import AutoModelForCausalLM
-    if not os.path.isdir(path):
+    """Router rows of a reference checkpoint (same architecture), keyed by MoE block name.
+    Only the router tensors are read."""
+    from utils.loading import TensorSource, resolve_local
+    if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise UserError(f"--router_reference {path}: no such checkpoint directory")
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ref_family = type(family)()
-    ours, theirs = family.blocks(model), ref_family.blocks(ref)
-    if len(ours) != len(theirs):
-        raise UserError(f"--router_reference has {len(theirs)} blocks, the model {len(ours)}: "
-                        f"pass a checkpoint of the same architecture")
+    try:
+        source = TensorSource(resolve_local(path))
+    except FileNotFoundError as e:
+        raise UserError(f"--router_reference: {e}")
     out = {}
-    for (name, block), (_, rblock) in zip(ours, theirs):
-        moe, rmoe = family.moe(block, name), ref_family.moe(rblock, name)
+    for name, block in family.blocks(model):
+        moe = family.moe(block, name)
         if moe is None:
             continue
-        rw, w = ref_family.router_weight(rmoe), family.router_weight(moe)
-        if rmoe is None or rw.shape != w.shape:
-            raise UserError(f"--router_reference: router of {moe.name} has shape "
-                            f"{None if rmoe is None else tuple(rw.shape)}, the model's {tuple(w.shape)}: "
-                            f"pass a checkpoint of the same architecture")
-        out[moe.name] = rw.clone()
+        try:
+            ref = family.read_tensor(source, family.router_param_name(moe))
+        except KeyError:
+            raise UserError(f"--router_reference {path} has no router for {moe.name}: pass a checkpoint of the "
+                            f"same architecture")
+        if tuple(ref.shape) != tuple(family.router_weight(moe).shape):
+            raise UserError(f"--router_reference: router of {moe.name} has shape {tuple(ref.shape)}, the model's "
+                            f"{tuple(family.router_weight(moe).shape)}: pass a checkpoint of the same architecture")
+        out[moe.name] = ref.float()
     return out
 
 
 def run_causal_lm(a) -> int:
     """quantize_mixtral.py: quantize a decoder-only MoE language model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from utils import checkpoint, data
     from utils.families import family_for
+    from utils.loading import BadWeights, BlockLoader, TensorSource, load_skeleton, resolve_local
     from utils.perplexity import perplexity
     from utils.pipeline import quantize_model, validate_config
 
@@ -162,22 +168,30 @@ def run_causal_lm(a) -> int:
     device = torch.device(a.device)
     act_device = torch.device("cpu") if a.offload_activations else device
 
-    config = AutoConfig.from_pretrained(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(a, device),
-                                                 attn_implementation=a.attn_implementation).eval()
-    print(f"loaded {model_path} ({type(model).__name__}, {model.dtype}) in {time.time() - t0:.1f}s")
+    local = resolve_local(model_path)
+    config = AutoConfig.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    dtype = _dtype(a, device, config)
+    model = load_skeleton(local, dtype, a.attn_implementation)
     try:
         family = family_for(model)
     except ValueError as e:
         raise UserError(str(e))
-    check_widths(model, family, cfg.groupsize)
-    from utils.pipeline import check_finite
     try:
-        check_finite(model)
-    except ValueError as e:
+        source = TensorSource(local)
+    except FileNotFoundError as e:
         raise UserError(str(e))
+    check_widths(model, family, cfg.groupsize)
+    # Blocks are streamed from the shards; they stay on the host afterwards only when a
+    # dequantized checkpoint or an in-memory perplexity needs them.
+    keep = (a.save and not a.pack) or (a.eval_ppl and not (a.save and a.pack))
+    loader = BlockLoader(family, device, source, dtype, keep)
+    try:
+        loader.materialize_rest(model)
+    except BadWeights as e:
+        raise UserError(str(e))
+    print(f"model {model_path}: {type(model).__name__}, {len(family.blocks(model))} blocks, {dtype}, "
+          f"streamed block by block from {local}")
     if a.router_reference:
         cfg.router_reference = router_reference_weights(a.router_reference, model, family)
 
@@ -194,11 +208,18 @@ def run_causal_lm(a) -> int:
 
     ppl_fp = None
     if a.eval_ppl_fp:
-        ppl_fp = perplexity(model, family, test_windows, device, a.batch_size, act_device, desc="ppl (fp)")
+        try:
+            ppl_fp = perplexity(model, family, test_windows, device, a.batch_size, act_device, desc="ppl (fp)",
+                                loader=loader, keep=False)
+        except BadWeights as e:
+            raise UserError(str(e))
         print(f"ppl {eval_text.name} (unquantized): {ppl_fp:.4f}")
 
     t0 = time.time()
-    report = quantize_model(model, family, calib, cfg, device, act_device)
+    try:
+        report = quantize_model(model, family, calib, cfg, device, act_device, loader)
+    except BadWeights as e:
+        raise UserError(str(e))
     quant_seconds = time.time() - t0
     avg = report.avg_expert_bits()
     print(f"quantized in {quant_seconds:.1f}s; average expert bits {avg:.4f} (target {cfg.avg_bits if cfg.level_counts is None else 'explicit counts'})")
@@ -240,6 +261,10 @@ def run_causal_lm(a) -> int:
         print(f"wrote {path}")
 
     if a.eval_ppl:
+        if not keep:  # blocks were released: evaluate the packed checkpoint just written
+            from inference import load_quantized_model
+            model = load_quantized_model(a.saving_path, dtype=dtype, attn_implementation=a.attn_implementation)
+            family = family_for(model)
         ppl = perplexity(model, family, test_windows, device, a.batch_size, act_device, desc="ppl")
         if ppl_fp is not None:
             print(f"ppl delta vs unquantized: {ppl - ppl_fp:+.4f}")

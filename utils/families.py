@@ -72,6 +72,9 @@ class MixtralFamily:
     def router_weight(self, moe: MoEBlock) -> torch.Tensor:
         return moe.module.gate.weight.data
 
+    def router_param_name(self, moe: MoEBlock) -> str:
+        return f"{moe.name}.gate.weight"
+
     def neuron_input_weights(self, moe: MoEBlock) -> torch.Tensor:
         """(E, I, hidden): rows of each expert's gate projection (for MaxVar)."""
         gate_up = moe.module.experts.gate_up_proj.data
@@ -88,6 +91,25 @@ class MixtralFamily:
         ex = moe.module.experts
         gate, up = F.linear(x, ex.gate_up_proj[expert]).chunk(2, dim=-1)
         return {"gate_up_proj": x, "down_proj": ex.act_fn(gate) * up}
+
+    def read_tensor(self, source, name: str) -> torch.Tensor:
+        """A tensor by its transformers-5 name; older Mixtral checkpoints (the hub's
+        Mixtral-8x7B) store per-expert w1/w3/w2 and block_sparse_moe.gate, fused here."""
+        if name in source:
+            return source.get(name)
+        if name.endswith(".mlp.gate.weight"):
+            return source.get(name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
+        for fused, parts in ((".mlp.experts.gate_up_proj", ("w1", "w3")), (".mlp.experts.down_proj", ("w2",))):
+            if name.endswith(fused):
+                base = name[: -len(fused)] + ".block_sparse_moe.experts"
+                experts = []
+                e = 0
+                while f"{base}.{e}.w1.weight" in source:
+                    experts.append(torch.cat([source.get(f"{base}.{e}.{w}.weight") for w in parts]))
+                    e += 1
+                if experts:
+                    return torch.stack(experts)
+        raise KeyError(f"tensor {name} not found in the checkpoint {source.path}")
 
     def embed_forward(self, model: nn.Module, input_ids: torch.Tensor):
         """Runs the model until the first block's pre-hook stops it."""

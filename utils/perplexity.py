@@ -15,14 +15,15 @@ from .sequential import capture_block_inputs, run_block
 
 @torch.no_grad()
 def perplexity(model, family, windows: torch.Tensor, device, batch_size: int = 1, act_device=None,
-               desc: str = "ppl") -> float:
+               desc: str = "ppl", loader=None, keep: bool | None = None) -> float:
+    """``loader``: a utils.loading.BlockLoader (streams blocks); default: blocks in memory."""
+    from .loading import BlockLoader
     act_device = act_device or device
+    loader = loader or BlockLoader(family, device)
     hidden, kwargs = capture_block_inputs(model, family, windows, batch_size, device, act_device)
     for name, block in tqdm(family.blocks(model), desc=desc, leave=False):
-        home = next(block.parameters()).device
-        block.to(device)
-        hidden = run_block(block, hidden, kwargs, device, act_device)
-        block.to(home)
+        with loader.block(name, block, keep=keep):
+            hidden = run_block(block, hidden, kwargs, device, act_device)
     post = family.post_block_modules(model)
     homes = [next(m.parameters()).device for m in post]
     for m in post:

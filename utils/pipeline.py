@@ -13,16 +13,18 @@ Per block (true-sequential, as GPTQ does for LLaMA-style models):
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from quant import allocation
-from quant.gptq import gptq_quantize
+from quant.gptq import gptq_quantize, output_error
 from quant.packing import pack_matrix
 from quant.quantizer import check_bits
 
+from .loading import BlockLoader
 from .sequential import HessianAccumulator, capture_block_inputs, input_hessian_hook, run_block
 
 
@@ -56,6 +58,8 @@ class QuantReport:
     packed: dict[str, torch.Tensor] = field(default_factory=dict)        # checkpoint tensor name -> tensor
     module_bits: dict[str, int | list[int]] = field(default_factory=dict)  # module path -> bits (per expert)
     module_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # module path -> (rows, cols)
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)   # unquantized tensors of released blocks
+    timings: dict[str, float] = field(default_factory=dict)       # phase -> seconds (see ``phase``)
 
     def avg_expert_bits(self) -> float:
         bits = [b for layer in self.layers for b in layer["bits"]]
@@ -99,30 +103,49 @@ def _log_row(row: dict) -> None:
     tqdm.write(f"  {row['name']:<48} {row['bits']:>6} {row['tokens']:>9} {row['rel_err']:>10.3e} {row['seconds']:>7.2f}")
 
 
-def _gptq_matrices(name, weight, hessian, bits, cfg, report, tokens, stacked):
-    """GPTQ a stack (B, R, C) with per-matrix bits; packs the codes into ``report``
-    (``stacked``: experts, stored per expert) and returns the dequantized weights."""
+@contextmanager
+def phase(report: QuantReport, name: str, device):
+    """Adds the wall time of the enclosed work (device synchronised) to report.timings[name]."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     t0 = time.time()
-    step = cfg.expert_batch or weight.shape[0]
-    parts = [gptq_quantize(weight[i:i + step], hessian[i:i + step], bits[i:i + step], cfg.groupsize, cfg.sym,
-                           cfg.percdamp, cfg.act_order) for i in range(0, weight.shape[0], step)]
-    if weight.is_cuda:
+    try:
+        yield
+    finally:
+        sync()
+        report.timings[name] = report.timings.get(name, 0.0) + time.time() - t0
+
+
+def _sync_time(t: torch.Tensor) -> float:
+    if t.is_cuda:
         torch.cuda.synchronize()
-    seconds = time.time() - t0
-    cat = lambda attr: torch.cat([getattr(p, attr) for p in parts])
-    codes, scale, zero, deq, loss = cat("codes"), cat("scale"), cat("zero"), cat("weight"), cat("loss")
+    return time.time()
+
+
+def _record(report, name, codes, scale, zero, bits, stacked, shape):
+    """Pack the codes of one matrix (or a stack of experts) into ``report``."""
     for i, b in enumerate(bits):
         prefix = f"{name}.{i}" if stacked else name
         for suffix, t in pack_matrix(codes[i], scale[i], zero[i], b).items():
             report.packed[f"{prefix}.{suffix}"] = t.cpu()
     report.module_bits[name] = list(bits) if stacked else bits[0]
-    report.module_shapes[name] = tuple(weight.shape[1:])
+    report.module_shapes[name] = shape
+
+
+def _log(report, name, bits, tokens, loss, seconds):
     for i, b in enumerate(bits):
         row = {"name": name if len(bits) == 1 else f"{name}[{i}]", "bits": b, "tokens": int(tokens[i]),
                "rel_err": float(loss[i]), "seconds": seconds / len(bits)}
         report.modules.append(row)
         _log_row(row)
-    return deq
+
+
+def _gptq_experts(weight, hessian, bits, cfg):
+    """GPTQ a stack of experts (E, R, C), each at its own bits, in batches of cfg.expert_batch."""
+    step = cfg.expert_batch or weight.shape[0]
+    parts = [gptq_quantize(weight[i:i + step], hessian[i:i + step], bits[i:i + step], cfg.groupsize, cfg.sym,
+                           cfg.percdamp, cfg.act_order) for i in range(0, weight.shape[0], step)]
+    return {attr: torch.cat([getattr(p, attr) for p in parts]) for attr in ("codes", "scale", "zero", "weight", "loss")}
 
 
 def _quantize_attention(block_name, block, family, inputs, kwargs, moe, cfg, report, device, act_device):
@@ -134,16 +157,33 @@ def _quantize_attention(block_name, block, family, inputs, kwargs, moe, cfg, rep
         accs.append(acc)
         handles.append(first.register_forward_pre_hook(input_hessian_hook(acc)))
     try:
-        run_block(block, inputs, kwargs, device, act_device, stop_at=moe.module if moe else None)
+        with phase(report, "hessian_attention", device):
+            run_block(block, inputs, kwargs, device, act_device, stop_at=moe.module if moe else None)
     finally:
         for h in handles:
             h.remove()
     for group, acc in zip(groups, accs):
-        H = acc.hessian(0)[None]
-        for lname, linear in group:
-            W = linear.weight.data.float()[None]
-            deq = _gptq_matrices(f"{block_name}.{lname}", W, H, [cfg.attn_bits], cfg, report, acc.n, False)
-            linear.weight.data.copy_(deq[0].to(linear.weight.dtype))
+        # Linears sharing an input share H; GPTQ treats rows independently, so stacking
+        # q/k/v row-wise and quantizing once is the same as three calls, in one loop.
+        weights = [linear.weight.data.float() for _, linear in group]
+        stacked = torch.cat(weights)[None]
+        t0 = time.time()
+        with phase(report, "gptq_attention", device):
+            res = gptq_quantize(stacked, acc.hessian(0)[None], [cfg.attn_bits], cfg.groupsize, cfg.sym,
+                                cfg.percdamp, cfg.act_order)
+        seconds = _sync_time(stacked) - t0
+        row = 0
+        for (lname, linear), w in zip(group, weights):
+            rows = slice(row, row + w.shape[0])
+            row += w.shape[0]
+            deq = res.weight[0, rows]
+            name = f"{block_name}.{lname}"
+            with phase(report, "pack", device):
+                _record(report, name, res.codes[0, rows][None], res.scale[0, rows][None], res.zero[0, rows][None],
+                        [cfg.attn_bits], False, tuple(w.shape))
+            err = output_error(w, deq, acc.hessian(0))
+            _log(report, name, [cfg.attn_bits], [int(acc.n[0])], err[None], seconds * w.shape[0] / stacked.shape[1])
+            linear.weight.data.copy_(deq.to(linear.weight.dtype))
 
 
 def _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, fallback: list[int] | None = None):
@@ -183,12 +223,14 @@ def _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, f
 
 
 def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, device, act_device):
-    accs, tokens, routing_weight = _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device)
+    with phase(report, "hessian_experts", device):
+        accs, tokens, routing_weight = _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device)
     starved = [e for e in range(moe.num_experts) if tokens[e] < cfg.min_expert_tokens]
     if starved:
         # Too few routed tokens for a usable Hessian: fall back to all the block's tokens
         # (the paper repo zeroes such an expert instead, destroying it).
-        fb_accs, _, _ = _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, fallback=starved)
+        with phase(report, "hessian_experts", device):
+            fb_accs, _, _ = _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, fallback=starved)
         for name, acc in accs.items():
             for e in starved:
                 acc.sum[e], acc.n[e] = fb_accs[name].sum[e], fb_accs[name].n[e]
@@ -210,9 +252,15 @@ def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, d
                           "router_score": "norm_change" if ref is not None else "norm"})
     for mat in moe.matrices:
         W = mat.get().float()
-        deq = _gptq_matrices(f"{moe.name}.experts.{mat.name}", W, accs[mat.name].hessian(), bits, cfg, report,
-                             tokens, True)
-        mat.set(deq)
+        name = f"{moe.name}.experts.{mat.name}"
+        t0 = time.time()
+        with phase(report, "gptq_experts", device):
+            res = _gptq_experts(W, accs[mat.name].hessian(), bits, cfg)
+            mat.set(res["weight"])
+        seconds = time.time() - t0
+        with phase(report, "pack", device):
+            _record(report, name, res["codes"], res["scale"], res["zero"], bits, True, tuple(W.shape[1:]))
+        _log(report, name, bits, tokens, res["loss"], seconds)
 
 
 def check_finite(model) -> None:
@@ -222,21 +270,34 @@ def check_finite(model) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model, family, windows: torch.Tensor, cfg: QuantConfig, device, act_device=None) -> QuantReport:
-    """Quantizes ``model`` in place (weights replaced by their dequantized values) and
-    returns the report with the integer codes for packing."""
+def quantize_model(model, family, windows: torch.Tensor, cfg: QuantConfig, device, act_device=None,
+                   loader: BlockLoader | None = None) -> QuantReport:
+    """Quantizes ``model`` block by block (weights replaced by their dequantized values,
+    or released when ``loader`` streams and does not keep blocks) and returns the
+    report with the packed codes."""
     act_device = act_device or device
+    loader = loader or BlockLoader(family, device)
     report = QuantReport()
-    inputs, kwargs = capture_block_inputs(model, family, windows, cfg.batch_size, device, act_device)
+    with phase(report, "capture", device):
+        inputs, kwargs = capture_block_inputs(model, family, windows, cfg.batch_size, device, act_device)
     tqdm.write(f"  {'module':<48} {'bits':>6} {'tokens':>9} {'rel_err':>10} {'sec':>7}")
     for block_name, block in tqdm(family.blocks(model), desc="quantizing blocks"):
-        home = next(block.parameters()).device
-        block.to(device)
+        with phase(report, "load", device):
+            ctx = loader.block(block_name, block)
+            ctx.__enter__()
         moe = family.moe(block, block_name)
         if cfg.attn_bits is not None:
             _quantize_attention(block_name, block, family, inputs, kwargs, moe, cfg, report, device, act_device)
         if moe is not None:
             _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, device, act_device)
-        inputs = run_block(block, inputs, kwargs, device, act_device)
-        block.to(home)
+        with phase(report, "output", device):
+            inputs = run_block(block, inputs, kwargs, device, act_device)
+        if not loader.keep:
+            quantized = set(report.module_bits) | {f"{m}.weight" for m in report.module_bits}
+            for name, t in block.state_dict().items():
+                full = f"{block_name}.{name}"
+                if full not in quantized:
+                    report.kept[full] = t.to("cpu", copy=True)
+        with phase(report, "load", device):
+            ctx.__exit__(None, None, None)
     return report

@@ -100,8 +100,16 @@ class HessianAccumulator:
         self.n = torch.zeros(count, dtype=torch.long)
 
     def add(self, x: torch.Tensor, index: int = 0):
+        half = x.dtype in (torch.float16, torch.bfloat16)
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum[index].addmm_(x.T, x)
+        # bf16/fp16 values are exact in TF32 and their products exact in fp32, so the
+        # tensor cores lose nothing here; fp32 inputs keep full fp32 products.
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = half and x.is_cuda
+        try:
+            self.sum[index].addmm_(x.T, x)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
         self.n[index] += x.shape[0]
 
     def hessian(self, index: int | None = None) -> torch.Tensor:

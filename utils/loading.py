@@ -1,0 +1,134 @@
+"""Streaming a checkpoint block by block.
+
+The model is built from its config with parameters on the meta device (buffers such as
+rotary frequencies are real: they are not in checkpoints). ``BlockLoader.block(...)``
+reads one block's tensors from the safetensors shards straight to the compute device,
+and afterwards either keeps the block (on the host) or drops it back to meta, so host
+RAM holds about one block, not the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class BadWeights(ValueError):
+    """A checkpoint tensor that cannot be quantized (NaN / inf, wrong shape)."""
+
+
+class TensorSource:
+    """Named tensors of a local safetensors checkpoint (single file or sharded with index)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+        self.path = path
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            single = os.path.join(path, "model.safetensors")
+            with safe_open(single, framework="pt") as f:
+                self.files = {k: single for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json: "
+                                    f"convert the checkpoint to safetensors")
+        self._open = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        fname = self.files[name]
+        if fname not in self._open:
+            self._open[fname] = safe_open(fname, framework="pt", device="cpu")
+        return self._open[fname].get_tensor(name)
+
+
+def resolve_local(model_path: str) -> str:
+    """A local directory for ``model_path``; hub ids are downloaded (safetensors only)."""
+    if os.path.isdir(model_path):
+        return model_path
+    from huggingface_hub import snapshot_download
+    return snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+
+
+def load_skeleton(path: str, dtype, attn_implementation: str | None = None, model_class=None):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    model_class = model_class or AutoModelForCausalLM
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = model_class.from_config(config, dtype=dtype, **kwargs)
+    return model.eval()
+
+
+def materialize(module: nn.Module, prefix: str, source: TensorSource, family, device, dtype,
+                only: str | None = None) -> None:
+    """Read the module's parameters (or just ``only``) from ``source`` onto ``device``."""
+    from accelerate.utils import set_module_tensor_to_device
+    for name, p in list(module.named_parameters()):
+        if only is not None and name != only:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        t = family.read_tensor(source, full)
+        if tuple(t.shape) != tuple(p.shape):
+            raise BadWeights(f"{full}: checkpoint tensor has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(p.shape)}: config.json does not match the weights")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadWeights(f"weight {full} contains NaN or inf: the checkpoint is corrupt; re-download or "
+                             f"re-export it")
+        set_module_tensor_to_device(module, name, device, value=t.to(dtype))
+
+
+def release(module: nn.Module) -> None:
+    """Drop the module's parameters (back to meta) to free their memory."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+class BlockLoader:
+    """Gives each block to the caller on ``device``. In-memory models: moved there and
+    back. Streamed models (``source`` set): read from the shards, then kept on the host
+    (``keep``) or released."""
+
+    def __init__(self, family, device, source: TensorSource | None = None, dtype=None, keep: bool = True):
+        self.family, self.device, self.source, self.dtype, self.keep = family, device, source, dtype, keep
+
+    @contextmanager
+    def block(self, name: str, block: nn.Module, keep: bool | None = None):
+        keep = self.keep if keep is None else keep
+        if self.source is None:
+            home = next(block.parameters()).device
+            block.to(self.device)
+            yield block
+            block.to(home)
+            return
+        if next(block.parameters()).device.type == "meta":
+            materialize(block, name, self.source, self.family, self.device, self.dtype)
+        else:
+            block.to(self.device)
+        yield block
+        if keep:
+            block.to("cpu")
+        else:
+            release(block)
+
+    def materialize_rest(self, model: nn.Module) -> None:
+        """Everything outside the blocks (embeddings, final norm, head) onto the host."""
+        if self.source is None:
+            return
+        from accelerate.utils import set_module_tensor_to_device
+        prefixes = tuple(f"{name}." for name, _ in self.family.blocks(model))
+        for name, p in list(model.named_parameters()):  # tied parameters appear once
+            if not name.startswith(prefixes) and p.device.type == "meta":
+                materialize(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[0], self.source,
+                            self.family, "cpu", self.dtype, only=name.rpartition(".")[2])
+        model.tie_weights()
