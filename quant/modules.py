@@ -1,11 +1,18 @@
 """Modules that hold packed weights and dequantize them on the fly (format: quant/packing.py)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import dequantize_packed, packed_width
+from . import triton_dequant
+from .packing import dequantize_packed, packed_width, unpack_codes
+from .triton_dequant import dequantize_triton
+
+# GPU: one fused Triton kernel per dequantization (MOEQ_TRITON=0 for the eager path).
+USE_TRITON = triton_dequant.available() and os.environ.get("MOEQ_TRITON", "1") != "0"
 
 
 class PackedMatrix(nn.Module):
@@ -24,6 +31,10 @@ class PackedMatrix(nn.Module):
             self.register_buffer("qzeros", torch.empty(rows, packed_width(groups, bits), **u8))
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        if self.qweight.is_cuda and USE_TRITON:
+            zero = self.zeros.float() if self.bits == 1 else \
+                unpack_codes(self.qzeros, self.bits, self.scales.shape[1]).float()
+            return dequantize_triton(self.qweight, self.scales, zero, self.bits, self.cols, dtype)
         zeros = self.zeros if self.bits == 1 else self.qzeros
         return dequantize_packed(self.qweight, self.scales, zeros, self.bits, self.cols, dtype)
 

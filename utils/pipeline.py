@@ -48,6 +48,7 @@ class QuantConfig:
     batch_size: int = 8
     expert_batch: int = 0                # experts per batched GPTQ call (0: all)
     router_reference: dict[str, torch.Tensor] | None = None   # MoE block name -> reference router weight
+    on_experts: object = None            # optional callback(name, W, H, bits, result) (benchmarks' reference check)
 
 
 @dataclass
@@ -255,8 +256,12 @@ def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, d
         name = f"{moe.name}.experts.{mat.name}"
         t0 = time.time()
         with phase(report, "gptq_experts", device):
-            res = _gptq_experts(W, accs[mat.name].hessian(), bits, cfg)
+            H = accs[mat.name].hessian()
+            res = _gptq_experts(W, H, bits, cfg)
             mat.set(res["weight"])
+        if cfg.on_experts is not None:
+            cfg.on_experts(name, W, H, bits, res)
+        del H
         seconds = time.time() - t0
         with phase(report, "pack", device):
             _record(report, name, res["codes"], res["scale"], res["zero"], bits, True, tuple(W.shape[1:]))

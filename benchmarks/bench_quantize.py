@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Quantization speed and memory on Mixtral-8x7B-shaped layers (random weights, real dims).
+
+    python benchmarks/bench_quantize.py --layers 1 --nsamples 128 --seqlen 2048
+
+1. writes a sharded safetensors checkpoint of ``--layers`` Mixtral-shaped blocks (one
+   shard per block) with random weights, in a child process;
+2. runs the real pipeline on it in a second child process (streamed block by block,
+   random calibration tokens, experts at 3/3/2/2/2/2/1/1 bits = avg 2.0 with levels
+   3/2/1, attention 4 bits, group size 128), packs and saves;
+3. prints per-phase seconds, peak GPU memory, peak host RSS of the quantizing process,
+   mean GPTQ relative output error per module kind, the projection to 32 layers, and
+   for block 0 the loss of a one-expert-at-a-time GPTQ of two experts for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_checkpoint(a, path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MixtralConfig
+    cfg = MixtralConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                        num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                        num_local_experts=a.experts, num_experts_per_tok=2, max_position_embeddings=max(4096, a.seqlen),
+                        sliding_window=None, dtype="bfloat16")
+    cfg.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    H, I, E, hd = a.hidden, a.intermediate, a.experts, a.hidden // a.heads
+    rnd = lambda *shape, std=0.02: (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+    weight_map, n = {}, a.layers + 1
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        t = {p + "self_attn.q_proj.weight": rnd(a.heads * hd, H), p + "self_attn.k_proj.weight": rnd(a.kv_heads * hd, H),
+             p + "self_attn.v_proj.weight": rnd(a.kv_heads * hd, H), p + "self_attn.o_proj.weight": rnd(H, a.heads * hd),
+             p + "mlp.gate.weight": rnd(E, H) * torch.linspace(0.5, 2, E).to(torch.bfloat16)[:, None],
+             p + "mlp.experts.gate_up_proj": rnd(E, 2 * I, H), p + "mlp.experts.down_proj": rnd(E, H, I),
+             p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16)}
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(t, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in t})
+        del t
+    t = {"model.embed_tokens.weight": rnd(a.vocab, H, std=1.0), "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
+         "lm_head.weight": rnd(a.vocab, H)}
+    fname = f"model-{n:05d}-of-{n:05d}.safetensors"
+    save_file(t, os.path.join(path, fname), metadata={"format": "pt"})
+    weight_map.update({k: fname for k in t})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def run(a, path):
+    import torch
+    from quant.gptq import gptq_quantize
+    from utils.checkpoint import save_packed
+    from utils.families import family_for
+    from utils.loading import BlockLoader, TensorSource, load_skeleton
+    from utils.pipeline import QuantConfig, phase, quantize_model
+
+    device = torch.device(a.device)
+    t0 = time.time()
+    model = load_skeleton(path, torch.bfloat16, "sdpa")
+    family = family_for(model)
+    loader = BlockLoader(family, device, TensorSource(path), torch.bfloat16, keep=False)
+    loader.materialize_rest(model)
+    setup = time.time() - t0
+    windows = torch.randint(0, a.vocab, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
+    reference = {}
+
+    def check(name, W, H, bits, res):  # block 0 only: a plain one-expert GPTQ call for two experts
+        if name.startswith("model.layers.0.") and a.reference_experts:
+            for e in range(a.reference_experts):
+                one = gptq_quantize(W[e:e + 1], H[e:e + 1], [bits[e]], 128)
+                reference[f"{name}[{e}]"] = (float(res["loss"][e]), float(one.loss[0]))
+
+    cfg = QuantConfig(order_type="combined", avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, attn_bits=4,
+                      groupsize=128, batch_size=a.batch_size, on_experts=check)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    act = torch.device("cpu") if a.offload_activations else device
+    t0 = time.time()
+    report = quantize_model(model, family, windows, cfg, device, act, loader)
+    quant_s = time.time() - t0
+    out = tempfile.mkdtemp(dir=a.workdir)
+    with phase(report, "save_packed", device):
+        sizes = save_packed(model, report, out, 128, False)
+    kinds = {}
+    for row in report.modules:
+        kind = row["name"].split(".")[-1].split("[")[0]
+        kinds.setdefault(kind, []).append(row["rel_err"])
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "layers": a.layers, "nsamples": a.nsamples, "seqlen": a.seqlen, "offload_activations": a.offload_activations,
+        "setup_s": setup, "quantize_s": quant_s, "phases_s": report.timings,
+        "per_layer_s": (quant_s - report.timings.get("capture", 0)) / a.layers,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "mean_rel_err": {k: sum(v) / len(v) for k, v in kinds.items()},
+        "reference_check": reference, "packed_gib": sizes["disk_bytes"] / 2**30,
+        "packed_vs_theory": sizes["disk_bytes"] / sizes["theoretical_bytes"],
+        "avg_expert_bits": report.avg_expert_bits(),
+    }
+    result["projected_32_layers_min"] = (result["per_layer_s"] * 32 + report.timings.get("capture", 0)) / 60
+    print("RESULT " + json.dumps(result))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv_heads", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--offload_activations", action="store_true")
+    ap.add_argument("--reference_experts", type=int, default=2)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json_out", default=None)
+    ap.add_argument("--_stage", choices=["make", "run"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_path", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._stage == "make":
+        return make_checkpoint(a, a._path)
+    if a._stage == "run":
+        return run(a, a._path)
+    work = a.workdir or tempfile.mkdtemp()
+    a.workdir = work
+    path = os.path.join(work, f"mixtral_shaped_{a.layers}l")
+    os.makedirs(path, exist_ok=True)
+    args = [a for a in sys.argv[1:]]
+    if "--workdir" not in args:
+        args += ["--workdir", work]
+    t0 = time.time()
+    subprocess.run([sys.executable, __file__, *args, "--_stage", "make", "--_path", path], check=True)
+    print(f"checkpoint written in {time.time() - t0:.1f}s: {path}")
+    r = subprocess.run([sys.executable, __file__, *args, "--_stage", "run", "--_path", path], check=True,
+                       capture_output=True, text=True)
+    line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
+    res = json.loads(line[7:])
+    print(f"command: python benchmarks/bench_quantize.py {' '.join(sys.argv[1:])}")
+    print(f"device: {res['device']}; {res['layers']} layer(s), {res['nsamples']} x {res['seqlen']} calibration tokens")
+    for k, v in res["phases_s"].items():
+        print(f"  {k:<18} {v:8.2f} s")
+    print(f"  per layer          {res['per_layer_s']:8.2f} s   (total quantize {res['quantize_s']:.1f} s, "
+          f"projection to 32 layers {res['projected_32_layers_min']:.1f} min)")
+    print(f"peak GPU memory {res['peak_gpu_gib']} GiB; peak host RSS {res['peak_rss_gib']:.2f} GiB")
+    print("mean relative output error: " + ", ".join(f"{k} {v:.4g}" for k, v in res["mean_rel_err"].items()))
+    for k, (batched, single) in res["reference_check"].items():
+        print(f"  {k}: batched {batched:.6g} vs one-expert GPTQ {single:.6g} ({(batched / single - 1) * 100:+.3f}%)")
+    print(f"packed size {res['packed_gib']:.3f} GiB, {res['packed_vs_theory']:.4f} x theory; "
+          f"avg expert bits {res['avg_expert_bits']}")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
