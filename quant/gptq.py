@@ -56,6 +56,7 @@ def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     else:
         raise RuntimeError("GPTQ: Hessian is not positive definite even with heavy dampening")
     hinv = torch.cholesky_inverse(chol)
+    del chol
     return torch.linalg.cholesky(hinv, upper=True)
 
 
@@ -73,6 +74,64 @@ def _prepare(weight, hessian, bits):
     return W, H, bits_t, maxq
 
 
+class _BlockRunner:
+    """The column loop over one block of columns (no act_order), on static buffers.
+    On CUDA the loop (hundreds of small kernels) is captured once as a CUDA graph and
+    replayed for every later block of the same width: launch overhead, not arithmetic,
+    dominates it otherwise."""
+
+    def __init__(self, B, R, bs, gs, bits_t, maxq, sym, device, dtype, graphs: bool):
+        self.bs, self.gs, self.bits_t, self.sym = bs, gs, bits_t, sym
+        self.maxq = maxq[:, :, None]
+        self.has_binary = bool((bits_t == 1).any())
+        self.W1 = torch.empty(B, R, bs, device=device, dtype=dtype)
+        self.H1 = torch.empty(B, bs, bs, device=device, dtype=dtype)
+        self.Q1, self.E1 = torch.empty_like(self.W1), torch.empty_like(self.W1)
+        self.S1 = torch.empty(B, R, bs // gs, device=device, dtype=dtype)
+        self.Z1 = torch.empty_like(self.S1)
+        self.graphs, self.graph = graphs, None
+
+    def _step(self):
+        W1, H1, B = self.W1, self.H1, self.W1.shape[0]
+        for i in range(self.bs):
+            g = i // self.gs
+            if i % self.gs == 0:
+                s_new, z_new = group_params(W1[:, :, i:i + self.gs], self.bits_t, self.sym, self.has_binary)
+                self.S1[:, :, g] = s_new[..., 0]
+                self.Z1[:, :, g] = z_new[..., 0]
+            s, z = self.S1[:, :, g, None], self.Z1[:, :, g, None]
+            w = W1[:, :, i:i + 1]
+            q = quantize_codes(w, s, z, self.maxq)
+            self.Q1[:, :, i:i + 1] = q
+            err = (w - dequantize(q, s, z)) / H1[:, i, i].view(B, 1, 1)
+            W1[:, :, i:] -= err * H1[:, i:i + 1, i:]
+            self.E1[:, :, i:i + 1] = err
+
+    def __call__(self, w_block, hinv_block):
+        self.W1.copy_(w_block)
+        self.H1.copy_(hinv_block)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step()  # the real work for this block, and the warm-up for capture
+            torch.cuda.current_stream().wait_stream(stream)
+            saved = [t.clone() for t in (self.Q1, self.E1, self.S1, self.Z1)]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+            for t, v in zip((self.Q1, self.E1, self.S1, self.Z1), saved):
+                t.copy_(v)
+        else:
+            self._step()
+        return self.Q1, self.E1, self.S1, self.Z1
+
+
+USE_CUDA_GRAPHS = True
+
+
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], groupsize: int = 128,
                   sym: bool = False, percdamp: float = 0.01, act_order: bool = False,
@@ -83,21 +142,45 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
     if C % gs:
         raise ValueError(f"group size {gs} does not divide the {C} input columns")
     W, H, bits_t, maxq = _prepare(weight, hessian, bits)
-    W0, H0 = weight.to(W.dtype), H.clone()
     G = C // gs
     scale = torch.zeros(B, R, G, device=W.device, dtype=W.dtype)
     zero = torch.zeros(B, R, G, device=W.device, dtype=W.dtype)
-    perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # (B, C)
         s, z = group_params(W.reshape(B, R * G, gs), bits_t, sym)
         scale, zero = s.reshape(B, R, G), z.reshape(B, R, G)
         W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))
         H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(B, C, C)), 2, perm[:, None, :].expand(B, C, C))
-        group_of_col = torch.div(perm, gs, rounding_mode="floor")  # (B, C), group of each permuted column
-    Hinv = _inverse_cholesky(H, percdamp)
-    # Blocks hold whole groups, so a group's params come from fully updated weights.
-    bs = max(blocksize // gs, 1) * gs if not act_order else blocksize
+        Hinv = _inverse_cholesky(H, percdamp)
+        del H
+        Q = _act_order_loop(W, Hinv, scale, zero, torch.div(perm, gs, rounding_mode="floor"), maxq, blocksize)
+        Q = torch.gather(Q, 2, torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, C))
+    else:
+        Hinv = _inverse_cholesky(H, percdamp)
+        del H
+        # Blocks hold whole groups, so a group's params come from fully updated weights.
+        bs = max(blocksize // gs, 1) * gs
+        Q = torch.empty_like(W)
+        runner = _BlockRunner(B, R, bs, gs, bits_t, maxq, sym, W.device, W.dtype,
+                              graphs=W.is_cuda and USE_CUDA_GRAPHS)
+        for i1 in range(0, C, bs):
+            i2 = min(i1 + bs, C)
+            if i2 - i1 != bs:  # a last, narrower block: its own (eager) runner
+                runner = _BlockRunner(B, R, i2 - i1, gs, bits_t, maxq, sym, W.device, W.dtype, graphs=False)
+            q1, e1, s1, z1 = runner(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2])
+            Q[:, :, i1:i2] = q1
+            scale[:, :, i1 // gs:i2 // gs] = s1
+            zero[:, :, i1 // gs:i2 // gs] = z1
+            W[:, :, i2:] -= e1 @ Hinv[:, i1:i2, i2:]
+    del W, Hinv
+    col_group = torch.arange(C, device=Q.device) // gs
+    deq = dequantize(Q, scale[:, :, col_group], zero[:, :, col_group])
+    return GPTQResult(Q.to(torch.uint8), scale, zero, deq, output_error(weight.to(deq.dtype), deq, hessian.to(deq.dtype)))
+
+
+def _act_order_loop(W, Hinv, scale, zero, group_of_col, maxq, bs):
+    """Columns in the (per-matrix) act-order permutation; group params fixed beforehand."""
+    B, R, C = W.shape
     Q = torch.zeros_like(W)
     ar = torch.arange(B, device=W.device)
     for i1 in range(0, C, bs):
@@ -106,31 +189,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if act_order:
-                g = group_of_col[:, col]
-                s = scale[ar, :, g][:, :, None]
-                z = zero[ar, :, g][:, :, None]
-            else:
-                if col % gs == 0:
-                    s_new, z_new = group_params(W1[:, :, i:i + gs], bits_t, sym)
-                    scale[:, :, col // gs] = s_new[..., 0]
-                    zero[:, :, col // gs] = z_new[..., 0]
-                s = scale[:, :, col // gs, None]
-                z = zero[:, :, col // gs, None]
-            w = W1[:, :, i:i + 1]                                    # (B, R, 1)
+            g = group_of_col[:, i1 + i]
+            s, z = scale[ar, :, g][:, :, None], zero[ar, :, g][:, :, None]
+            w = W1[:, :, i:i + 1]
             q = quantize_codes(w, s, z, maxq[:, :, None])
-            Q[:, :, col:col + 1] = q
+            Q[:, :, i1 + i:i1 + i + 1] = q
             err = (w - dequantize(q, s, z)) / Hinv1[:, i, i].view(B, 1, 1)
             W1[:, :, i:] -= err * Hinv1[:, i:i + 1, i:]
             Err1[:, :, i:i + 1] = err
         W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
-    if act_order:
-        inv = torch.argsort(perm, dim=-1)
-        Q = torch.gather(Q, 2, inv[:, None, :].expand(B, R, C))
-    col_group = torch.arange(C, device=W.device) // gs
-    deq = dequantize(Q, scale[:, :, col_group], zero[:, :, col_group])
-    return GPTQResult(Q.to(torch.uint8), scale, zero, deq, output_error(W0, deq, H0))
+    return Q
 
 
 @torch.no_grad()

@@ -59,16 +59,18 @@ def binary_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero
 
 
-def group_params(w: torch.Tensor, bits: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, bits: torch.Tensor, sym: bool,
+                 has_binary: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization parameters for one group per row.
 
     w: (B, R, G) weights of B matrices; bits: (B,) bit width of each matrix (may differ).
-    Returns scale, zero of shape (B, R, 1).
+    Returns scale, zero of shape (B, R, 1). ``has_binary``: whether any bits == 1, if the
+    caller knows (avoids a device sync, e.g. inside a CUDA graph).
     """
     maxq = (2 ** bits.to(w.dtype) - 1).view(-1, 1, 1)
     scale, zero = minmax_params(w, maxq, sym)
     binary = (bits == 1).view(-1, 1, 1)
-    if bool(binary.any()):
+    if has_binary if has_binary is not None else bool(binary.any()):
         bscale, bzero = binary_params(w)
         scale = torch.where(binary, bscale, scale)
         zero = torch.where(binary, bzero, zero)

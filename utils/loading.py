@@ -81,10 +81,11 @@ def materialize(module: nn.Module, prefix: str, source: TensorSource, family, de
         if tuple(t.shape) != tuple(p.shape):
             raise BadWeights(f"{full}: checkpoint tensor has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(p.shape)}: config.json does not match the weights")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        set_module_tensor_to_device(module, name, device, value=t, dtype=dtype)
+        p = module.get_parameter(name)
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):  # checked on the device: fast
             raise BadWeights(f"weight {full} contains NaN or inf: the checkpoint is corrupt; re-download or "
                              f"re-export it")
-        set_module_tensor_to_device(module, name, device, value=t.to(dtype))
 
 
 def release(module: nn.Module) -> None:

@@ -235,6 +235,7 @@ def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, d
         for name, acc in accs.items():
             for e in starved:
                 acc.sum[e], acc.n[e] = fb_accs[name].sum[e], fb_accs[name].n[e]
+        del fb_accs
         for e in starved:
             report.starved.append({"layer": moe.name, "expert": e, "tokens": int(tokens[e])})
         tqdm.write(f"  {moe.name}: experts {starved} got fewer than {cfg.min_expert_tokens} calibration tokens "
@@ -260,7 +261,8 @@ def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, d
             res = _gptq_experts(W, H, bits, cfg)
             mat.set(res["weight"])
         if cfg.on_experts is not None:
-            cfg.on_experts(name, W, H, bits, res)
+            with phase(report, "callback", device):  # not quantization work: kept out of the other phases
+                cfg.on_experts(name, W, H, bits, res)
         del H
         seconds = time.time() - t0
         with phase(report, "pack", device):

@@ -113,9 +113,12 @@ class HessianAccumulator:
         self.n[index] += x.shape[0]
 
     def hessian(self, index: int | None = None) -> torch.Tensor:
-        if index is None:
-            return self.sum / self.n.clamp(min=1).view(-1, 1, 1).to(self.sum)
-        return self.sum[index] / max(int(self.n[index]), 1)
+        """H = sum / n, normalised in place on first use (Hessians of down projections are
+        large: no second copy); no more ``add`` after this."""
+        if not getattr(self, "_normalised", False):
+            self.sum /= self.n.clamp(min=1).view(-1, 1, 1).to(self.sum)
+            self._normalised = True
+        return self.sum if index is None else self.sum[index]
 
 
 def input_hessian_hook(acc: HessianAccumulator):
