@@ -57,13 +57,14 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 d = tempfile.mkdtemp()
 build_tiny_mixtral(d, "def f(x):\n    return x + 1\n" * 2000, vocab_size=300, hidden_size=256, intermediate_size=512)
 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-windows = torch.randint(0, 300, (8, 128))
+vocab = model.config.vocab_size
+windows = torch.randint(0, vocab, (8, 128))
 report = quantize_model(model, family_for(model), windows, QuantConfig(groupsize=128, batch_size=4), dev)
 out = tempfile.mkdtemp()
 checkpoint.save_packed(model, report, out, 128, False)
 packed = load_quantized_model(out, device_map="cuda", dtype=torch.float32)
 model.to(dev)
-ids = torch.randint(0, 300, (2, 64), device=dev)
+ids = torch.randint(0, vocab, (2, 64), device=dev)
 with torch.no_grad():
     diff = (model(ids).logits - packed(ids).logits).abs().max().item()
 assert diff < 1e-4, diff
