@@ -42,6 +42,10 @@ class TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
+    def close(self) -> None:
+        """Drop the open (memory-mapped) shards: mapped pages count as host RSS."""
+        self._open.clear()
+
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
         fname = self.files[name]
@@ -114,6 +118,7 @@ class BlockLoader:
             return
         if next(block.parameters()).device.type == "meta":
             materialize(block, name, self.source, self.family, self.device, self.dtype)
+            self.source.close()
         else:
             block.to(self.device)
         yield block
