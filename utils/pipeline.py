@@ -235,11 +235,12 @@ def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, d
         for name, acc in accs.items():
             for e in starved:
                 acc.sum[e], acc.n[e] = fb_accs[name].sum[e], fb_accs[name].n[e]
+        all_tokens = int(fb_accs[moe.matrices[0].name].n[starved[0]])
         del fb_accs
         for e in starved:
             report.starved.append({"layer": moe.name, "expert": e, "tokens": int(tokens[e])})
         tqdm.write(f"  {moe.name}: experts {starved} got fewer than {cfg.min_expert_tokens} calibration tokens "
-                   f"({[int(tokens[e]) for e in starved]}); using Hessians from all {int(fb_accs[moe.matrices[0].name].n[starved[0]])} tokens")
+                   f"({[int(tokens[e]) for e in starved]}); using Hessians from all {all_tokens} tokens")
 
     ref = (cfg.router_reference or {}).get(moe.name)
     scores = {
