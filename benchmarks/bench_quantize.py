@@ -36,9 +36,10 @@ def make_checkpoint(a, path):
                         num_local_experts=a.experts, num_experts_per_tok=2, max_position_embeddings=max(4096, a.seqlen),
                         sliding_window=None, dtype="bfloat16")
     cfg.save_pretrained(path)
-    g = torch.Generator().manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are much faster on the GPU
+    g = torch.Generator(device=dev).manual_seed(0)
     H, I, E, hd = a.hidden, a.intermediate, a.experts, a.hidden // a.heads
-    rnd = lambda *shape, std=0.02: (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+    rnd = lambda *shape, std=0.02: (torch.randn(*shape, generator=g, device=dev) * std).to(torch.bfloat16).cpu()
     weight_map, n = {}, a.layers + 1
     for i in range(a.layers):
         p = f"model.layers.{i}."
