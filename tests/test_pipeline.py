@@ -168,3 +168,37 @@ def test_bad_input_one_line_error_nothing_written(case, tiny_mixtral_dir, small_
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     if case == "nonempty_out":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_router_reference_orders_by_norm_change(tiny_mixtral_dir, small_text_dir, tmp_path):
+    from transformers import AutoTokenizer
+    model = load_tiny(tiny_mixtral_dir)
+    factors = torch.tensor([1.3, 0.7, 1.0, 0.5, 1.6, 0.9, 1.1, 0.8])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(factors[:, None])  # the "pre-training" routers
+    ref = tmp_path / "ref"
+    model.save_pretrained(ref)
+    out = tmp_path / "alloc.json"
+    r = run_cli("--model", tiny_mixtral_dir, "--order_type", "router", "--router_reference", str(ref),
+                "--avg_bits", "2.0", "--high_bit_level", "3", "--low_bit_level", "1", "--groupsize", "32",
+                "--dataset", small_text_dir, "--nsamples", "4", "--seqlen", "64", "--allocation_path", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    alloc = json.loads(out.read_text())
+    final = load_tiny(tiny_mixtral_dir)
+    for layer, rec in zip(final.model.layers, alloc["layers"]):
+        norms = layer.mlp.gate.weight.norm(dim=1)
+        change = norms - (norms * factors)           # ||w|| - ||w_ref||
+        assert rec["expert_order"] == torch.argsort(change, stable=True).tolist()
+        assert rec["router_score"] == "norm_change"
+        assert [rec["bits"][e] for e in rec["expert_order"]] == [3] * 4 + [1] * 4
+
+    # a reference with another expert count is refused
+    from transformers import MixtralForCausalLM
+    from utils.tiny import tiny_mixtral_config
+    bad = tmp_path / "bad"
+    MixtralForCausalLM(tiny_mixtral_config(final.config.vocab_size, num_local_experts=4)).save_pretrained(bad)
+    r = run_cli("--model", tiny_mixtral_dir, "--order_type", "router", "--router_reference", str(bad),
+                "--groupsize", "32", "--dataset", small_text_dir, "--nsamples", "4", "--seqlen", "64",
+                "--allocation_path", str(out))
+    assert r.returncode == 2 and "same architecture" in r.stderr
