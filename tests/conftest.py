@@ -6,7 +6,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DATA = os.environ.get("MOEQ_DATA", os.path.join(ROOT, "..", "shared", "data"))
+# Real text (see shared/data/README.md): $MOEQ_DATA, else shared/ beside or inside the checkout.
+DATA = os.environ.get("MOEQ_DATA") or next(
+    (d for d in (os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "shared", "data"))
+     if os.path.isdir(d)), os.path.join(ROOT, "..", "shared", "data"))
 
 torch.set_num_threads(2)
 
