@@ -77,8 +77,11 @@ def _out(o):
 def run_block(block: nn.Module, inputs, kwargs_list, device, act_device, stop_at: nn.Module | None = None):
     """Run ``block`` on every batch. With ``stop_at``, the forward ends when that
     module is reached (its hooks have collected what they need) and nothing is returned."""
+    def stop(*_):
+        raise _Stop
+
     outs = []
-    handle = stop_at.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(_Stop())) if stop_at is not None else None
+    handle = stop_at.register_forward_pre_hook(stop) if stop_at is not None else None
     try:
         for x, kw in zip(inputs, kwargs_list):
             try:
