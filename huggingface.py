@@ -62,3 +62,6 @@ def register() -> None:
     from lm_eval.api.registry import model_registry
     for alias in HF_ALIASES:
         model_registry._objs[alias] = QuantizedHFLM
+
+
+register()  # importing this module (the Python API) is enough to make ``hf`` quantization-aware

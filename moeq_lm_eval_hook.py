@@ -29,6 +29,9 @@ class _Loader(importlib.abc.Loader):
         # lm-eval's own HFLM must be registered first, so that its decorator does not
         # later collide with (or overwrite) ours.
         import lm_eval.models.huggingface  # noqa: F401
+        ours = sys.modules.get("huggingface")
+        if ours is not None and not hasattr(ours, "register"):
+            return  # huggingface.py is being imported right now: it registers itself at its end
         import huggingface
         huggingface.register()
 

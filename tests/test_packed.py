@@ -173,7 +173,9 @@ def test_python_api_and_plain_hf_behaviour(quantized, tiny_mixtral_dir):
         QuantizedHFLM(pretrained=tiny_mixtral_dir, quantized=True, device="cpu")
 
 
-def test_hook_registers_hf_in_a_new_interpreter():
-    code = "from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"
+@pytest.mark.parametrize("first_import", ["", "from huggingface import QuantizedHFLM; "])
+def test_hook_registers_hf_in_a_new_interpreter(first_import):
+    # via the startup hook alone, and when the Python API is imported before lm-eval's models
+    code = first_import + "from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
     assert r.stdout.strip() == "QuantizedHFLM", r.stderr[-2000:]

@@ -111,17 +111,27 @@ class MixtralFamily:
                     return torch.stack(experts)
         raise KeyError(f"tensor {name} not found in the checkpoint {source.path}")
 
-    def embed_forward(self, model: nn.Module, input_ids: torch.Tensor):
-        """Runs the model until the first block's pre-hook stops it."""
-        model.model(input_ids=input_ids, use_cache=False)
+    # -- the layer-by-layer driver's view: stages of blocks fed from the embeddings --
+    def stages(self, model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+        return [self.blocks(model)]
 
-    def input_layer(self, model: nn.Module) -> nn.Module:
+    def num_windows(self, calib: torch.Tensor) -> int:
+        return calib.shape[0]
+
+    def embed_forward(self, model: nn.Module, calib: torch.Tensor, rows: slice, device, stage: int = 0, prev=None):
+        """Runs the model until the first block's pre-hook stops it."""
+        model.model(input_ids=calib[rows].to(device), use_cache=False)
+
+    def passed_on(self, block_output) -> dict:
+        return {}
+
+    def input_layer(self, model: nn.Module, stage: int = 0) -> nn.Module:
         return model.model.layers[0]
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.norm(hidden))
 
-    def pre_block_modules(self, model: nn.Module) -> list[nn.Module]:
+    def pre_block_modules(self, model: nn.Module, stage: int = 0) -> list[nn.Module]:
         """Modules run before the first block (moved to the device for input capture)."""
         return [model.model.embed_tokens, model.model.rotary_emb]
 

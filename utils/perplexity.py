@@ -20,10 +20,12 @@ def perplexity(model, family, windows: torch.Tensor, device, batch_size: int = 1
     from .loading import BlockLoader
     act_device = act_device or device
     loader = loader or BlockLoader(family, device)
-    hidden, kwargs = capture_block_inputs(model, family, windows, batch_size, device, act_device)
-    for name, block in tqdm(family.blocks(model), desc=desc, leave=False):
-        with loader.block(name, block, keep=keep):
-            hidden = run_block(block, hidden, kwargs, device, act_device)
+    hidden = None
+    for stage, blocks in enumerate(family.stages(model)):
+        hidden, kwargs = capture_block_inputs(model, family, windows, batch_size, device, act_device, stage, hidden)
+        for name, block in tqdm(blocks, desc=desc, leave=False):
+            with loader.block(name, block, keep=keep):
+                hidden = run_block(block, hidden, kwargs, device, act_device, family=family)
     post = family.post_block_modules(model)
     homes = [next(m.parameters()).device for m in post]
     for m in post:

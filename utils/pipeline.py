@@ -286,26 +286,35 @@ def quantize_model(model, family, windows: torch.Tensor, cfg: QuantConfig, devic
     act_device = act_device or device
     loader = loader or BlockLoader(family, device)
     report = QuantReport()
-    with phase(report, "capture", device):
-        inputs, kwargs = capture_block_inputs(model, family, windows, cfg.batch_size, device, act_device)
     tqdm.write(f"  {'module':<48} {'bits':>6} {'tokens':>9} {'rel_err':>10} {'sec':>7}")
-    for block_name, block in tqdm(family.blocks(model), desc="quantizing blocks"):
-        with phase(report, "load", device):
-            ctx = loader.block(block_name, block)
-            ctx.__enter__()
-        moe = family.moe(block, block_name)
-        if cfg.attn_bits is not None:
-            _quantize_attention(block_name, block, family, inputs, kwargs, moe, cfg, report, device, act_device)
-        if moe is not None:
-            _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, device, act_device)
-        with phase(report, "output", device):
-            inputs = run_block(block, inputs, kwargs, device, act_device)
-        if not loader.keep:
-            quantized = set(report.module_bits) | {f"{m}.weight" for m in report.module_bits}
-            for name, t in block.state_dict().items():
-                full = f"{block_name}.{name}"
-                if full not in quantized:
-                    report.kept[full] = t.to("cpu", copy=True)
-        with phase(report, "load", device):
-            ctx.__exit__(None, None, None)
+    inputs = None
+    for stage, blocks in enumerate(family.stages(model)):   # decoder-only: one stage; T5: encoder, decoder
+        with phase(report, "capture", device):
+            inputs, kwargs = capture_block_inputs(model, family, windows, cfg.batch_size, device, act_device,
+                                                  stage, inputs)
+        for block_name, block in tqdm(blocks, desc=f"quantizing blocks (stage {stage})"):
+            inputs = _quantize_block(block_name, block, family, inputs, kwargs, cfg, report, device, act_device,
+                                     loader)
     return report
+
+
+def _quantize_block(block_name, block, family, inputs, kwargs, cfg, report, device, act_device, loader):
+    with phase(report, "load", device):
+        ctx = loader.block(block_name, block)
+        ctx.__enter__()
+    moe = family.moe(block, block_name)
+    if cfg.attn_bits is not None:
+        _quantize_attention(block_name, block, family, inputs, kwargs, moe, cfg, report, device, act_device)
+    if moe is not None:
+        _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, device, act_device)
+    with phase(report, "output", device):
+        outputs = run_block(block, inputs, kwargs, device, act_device, family=family)
+    if not loader.keep:
+        quantized = set(report.module_bits) | {f"{m}.weight" for m in report.module_bits}
+        for name, t in block.state_dict().items():
+            full = f"{block_name}.{name}"
+            if full not in quantized:
+                report.kept[full] = t.to("cpu", copy=True)
+    with phase(report, "load", device):
+        ctx.__exit__(None, None, None)
+    return outputs

@@ -6,6 +6,7 @@ calibration activations live on ``act_device`` (the GPU, or the host with
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -36,30 +37,33 @@ def _hooks(*handles):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, family, windows: torch.Tensor, batch_size: int,
-                         device: torch.device, act_device: torch.device):
-    """Run the model's embedding part on ``windows`` (N, S) and keep what the first
-    block receives: a list of hidden-state batches and the keyword arguments it was
-    called with (attention mask, position embeddings ...)."""
+def capture_block_inputs(model: nn.Module, family, calib, batch_size: int, device: torch.device,
+                         act_device: torch.device, stage: int = 0, prev: list | None = None):
+    """Run the model's part before the first block of ``stage`` on the calibration
+    batches and keep what that block receives: a list of hidden-state batches and the
+    keyword arguments it was called with (masks, position embeddings or biases ...).
+    ``prev``: the previous stage's outputs (an encoder's, for a decoder stage)."""
     inputs, kwargs_list = [], []
-    first = family.input_layer(model)
+    first = family.input_layer(model, stage)
+    params = list(inspect.signature(first.forward).parameters)
 
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden.to(act_device))
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "hidden_states")}
-        kwargs_list.append(_to(kwargs, act_device))
+        bound = dict(zip(params, args), **kwargs)  # blocks may be called positionally (T5 stacks)
+        inputs.append(bound.pop(params[0]).to(act_device))
+        bound = {k: v for k, v in bound.items() if k not in ("past_key_values", "use_cache")}
+        kwargs_list.append(_to(bound, act_device))
         raise _Stop
 
-    pre = family.pre_block_modules(model)
+    pre = family.pre_block_modules(model, stage)
     homes = [next(m.parameters(), torch.empty(0)).device for m in pre]
     for m in pre:
         m.to(device)
     try:
         with _hooks(first.register_forward_pre_hook(hook, with_kwargs=True)):
-            for i in range(0, windows.shape[0], batch_size):
+            for b, i in enumerate(range(0, family.num_windows(calib), batch_size)):
                 try:
-                    family.embed_forward(model, windows[i:i + batch_size].to(device))
+                    family.embed_forward(model, calib, slice(i, i + batch_size), device, stage,
+                                         None if prev is None else prev[b].to(device))
                 except _Stop:
                     pass
     finally:
@@ -74,9 +78,12 @@ def _out(o):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs, kwargs_list, device, act_device, stop_at: nn.Module | None = None):
+def run_block(block: nn.Module, inputs, kwargs_list, device, act_device, stop_at: nn.Module | None = None,
+              family=None):
     """Run ``block`` on every batch. With ``stop_at``, the forward ends when that
-    module is reached (its hooks have collected what they need) and nothing is returned."""
+    module is reached (its hooks have collected what they need) and nothing is returned.
+    With ``family``, what a block hands to the next (T5's position biases) is written
+    into ``kwargs_list`` in place."""
     def stop(*_):
         raise _Stop
 
@@ -85,8 +92,10 @@ def run_block(block: nn.Module, inputs, kwargs_list, device, act_device, stop_at
     try:
         for x, kw in zip(inputs, kwargs_list):
             try:
-                y = _out(block(x.to(device), **_to(kw, device)))
-                outs.append(y.to(act_device))
+                full = block(x.to(device), **_to(kw, device))
+                outs.append(_out(full).to(act_device))
+                if family is not None:
+                    kw.update(_to(family.passed_on(full), act_device))
             except _Stop:
                 pass
     finally:
