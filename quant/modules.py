@@ -48,9 +48,15 @@ class QuantLinear(PackedMatrix):
     def __init__(self, in_features: int, out_features: int, bits: int, groupsize: int, bias: bool = False,
                  device="meta", dtype=torch.float16):
         super().__init__(out_features, in_features, bits, groupsize, device)
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, dtype
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (some model code reads ``linear.weight``, e.g. Switch's
+        dtype check before ``wo``); costs one dequantization per access."""
+        return self.dequantize(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype), self.bias)

@@ -23,6 +23,7 @@ class ExpertMatrix:
     name: str                                           # "gate_up_proj", "down_proj", "wi", ...
     get: Callable[[], torch.Tensor]                     # -> (E, out, in)
     set: Callable[[torch.Tensor], None]                 # (E, out, in) -> written into the model
+    linears: list[str] | None = None                    # per-expert nn.Linear paths (Switch), else fused
 
 
 @dataclass
@@ -139,7 +140,109 @@ class MixtralFamily:
         return [model.model.norm, model.lm_head]
 
 
-FAMILIES = [MixtralFamily]
+class SwitchFamily:
+    """transformers-5 Switch Transformer (encoder-decoder, T5 blocks): MoE feed-forward in
+    every ``encoder_sparse_step``-th block of both stacks, experts as separate nn.Linear
+    ``wi``/``wo``, top-1 router ``router.classifier``. Two stages: encoder, then decoder
+    (fed the quantized encoder's output for cross-attention). Dense feed-forwards stay
+    unquantized. Calibration routes top-1 without the expert-capacity cut (it depends on
+    batch layout)."""
+    name = "switch"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return getattr(model.config, "model_type", None) == "switch_transformers"
+
+    def stages(self, model):
+        return [[(f"encoder.block.{i}", b) for i, b in enumerate(model.encoder.block)],
+                [(f"decoder.block.{i}", b) for i, b in enumerate(model.decoder.block)]]
+
+    def blocks(self, model):
+        return [b for stage in self.stages(model) for b in stage]
+
+    def attention_groups(self, block):
+        a = block.layer[0].SelfAttention
+        groups = [[("layer.0.SelfAttention.q", a.q), ("layer.0.SelfAttention.k", a.k), ("layer.0.SelfAttention.v", a.v)],
+                  [("layer.0.SelfAttention.o", a.o)]]
+        if block.is_decoder:
+            c = block.layer[1].EncDecAttention
+            groups += [[("layer.1.EncDecAttention.q", c.q)],
+                       [("layer.1.EncDecAttention.k", c.k), ("layer.1.EncDecAttention.v", c.v)],  # input: encoder output
+                       [("layer.1.EncDecAttention.o", c.o)]]
+        return groups
+
+    def moe(self, block, block_name):
+        ff_index = len(block.layer) - 1
+        mlp = block.layer[ff_index].mlp
+        if not hasattr(mlp, "router"):
+            return None
+        name = f"{block_name}.layer.{ff_index}.mlp"
+        experts = [mlp.experts[f"expert_{e}"] for e in range(mlp.experts.num_experts)]
+
+        def matrix(kind):
+            def set_(w):
+                for e, ex in enumerate(experts):
+                    getattr(ex, kind).weight.data.copy_(w[e].to(getattr(ex, kind).weight.dtype))
+            return ExpertMatrix(kind, lambda: torch.stack([getattr(ex, kind).weight.data for ex in experts]), set_,
+                                [f"{name}.experts.expert_{e}.{kind}" for e in range(len(experts))])
+        return MoEBlock(name, mlp, len(experts), 1, [matrix("wi"), matrix("wo")])
+
+    def router_weight(self, moe):
+        return moe.module.router.classifier.weight.data
+
+    def router_param_name(self, moe):
+        return f"{moe.name}.router.classifier.weight"
+
+    def neuron_input_weights(self, moe):
+        return moe.matrices[0].get()
+
+    def route(self, moe, x):
+        logits = F.linear(x.float(), moe.module.router.classifier.weight.float())
+        probs = logits.softmax(dim=-1)
+        return probs.argmax(dim=-1, keepdim=True), probs
+
+    def expert_inputs(self, moe, expert, x):
+        ex = moe.module.experts[f"expert_{expert}"]
+        return {"wi": x, "wo": ex.act(ex.wi(x))}
+
+    def read_tensor(self, source, name):
+        if name in source:
+            return source.get(name)
+        if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+            return source.get("shared.weight")  # tied to the shared embedding
+        raise KeyError(f"tensor {name} not found in the checkpoint {source.path}")
+
+    # -- driver --
+    def num_windows(self, calib):
+        return calib[0].shape[0]
+
+    def embed_forward(self, model, calib, rows, device, stage=0, prev=None):
+        src, tgt = calib
+        if stage == 0:
+            model.encoder(input_ids=src[rows].to(device))
+        else:
+            enc = model.encoder.final_layer_norm(prev)
+            model.decoder(input_ids=model._shift_right(tgt[rows].to(device)), encoder_hidden_states=enc,
+                          use_cache=False)
+
+    def passed_on(self, out):
+        # T5 blocks compute relative position biases in the first block and pass them on.
+        passed = {"position_bias": out[1]}
+        if len(out) > 2 and out[2] is not None:
+            passed["encoder_decoder_position_bias"] = out[2]
+        return passed
+
+    def input_layer(self, model, stage=0):
+        return (model.encoder if stage == 0 else model.decoder).block[0]
+
+    def pre_block_modules(self, model, stage=0):
+        return [model.shared] if stage == 0 else [model.shared, model.encoder.final_layer_norm]
+
+    def post_block_modules(self, model):
+        return [model.decoder.final_layer_norm, model.lm_head]
+
+
+FAMILIES = [MixtralFamily, SwitchFamily]
 
 
 def family_for(model: nn.Module):

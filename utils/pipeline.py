@@ -267,7 +267,12 @@ def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, d
         del H
         seconds = time.time() - t0
         with phase(report, "pack", device):
-            _record(report, name, res["codes"], res["scale"], res["zero"], bits, True, tuple(W.shape[1:]))
+            if mat.linears is None:  # fused experts: one stacked entry, bits per expert
+                _record(report, name, res["codes"], res["scale"], res["zero"], bits, True, tuple(W.shape[1:]))
+            else:  # separate expert linears (Switch): each its own quantized linear
+                for e, lin in enumerate(mat.linears):
+                    _record(report, lin, res["codes"][e:e + 1], res["scale"][e:e + 1], res["zero"][e:e + 1],
+                            [bits[e]], False, tuple(W.shape[1:]))
         _log(report, name, bits, tokens, res["loss"], seconds)
 
 
