@@ -60,3 +60,90 @@ def test_switch_encoder_and_decoder_moe_quantized_and_packed(tokenizer, small_te
         ref = model(input_ids=src, decoder_input_ids=tgt).logits
         got = packed(input_ids=src, decoder_input_ids=tgt).logits
     assert torch.allclose(ref, got, rtol=0, atol=1e-5), (ref - got).abs().max()
+
+
+def make_switch_dirs(tmp_path, tokenizer, text_dir):
+    """A "fine-tuned" tiny Switch and its "pretrained" reference (router rows scaled by
+    known factors), and a jsonl of source/target pairs cut from real text."""
+    import json
+    model = tiny_switch(len(tokenizer))
+    ft, ref = tmp_path / "finetuned", tmp_path / "pretrained"
+    model.save_pretrained(ft)
+    tokenizer.save_pretrained(ft)
+    factors = torch.tensor([1.3, 0.7, 1.0, 0.5, 1.6, 0.9, 1.1, 0.8])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("router.classifier.weight"):
+                p.mul_(factors[:, None])
+    model.save_pretrained(ref)
+    text = open(os.path.join(text_dir, "train.txt"), encoding="utf-8").read()
+    paras = [p for p in text.split("\n\n") if len(p) > 400]
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for p in paras[:60]:
+            f.write(json.dumps({"source": p[:300], "target": p[300:400]}) + "\n")
+    return str(ft), str(ref), str(tmp_path / "pairs.jsonl"), factors
+
+
+def test_quantize_switch_cli_and_lm_eval_seq2seq(tokenizer, small_text_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    ft, ref, pairs, factors = make_switch_dirs(tmp_path, tokenizer, small_text_dir)
+    out = tmp_path / "switch"
+    cmd = [sys.executable, os.path.join(ROOT, "quantize_switch.py"), "--model", ft, "--reference_model", ref,
+           "--order_type", "combined", "--zeta", "3.0", "--high_bit_level", "3", "--low_bit_level", "2",
+           "--num_high_bit_experts", "4", "--num_low_bit_experts", "4", "--dataset", pairs, "--groupsize", "32",
+           "--nsamples", "8", "--src_len", "32", "--tgt_len", "8", "--min_expert_tokens", "1", "--eval",
+           "--eval_samples", "4", "--pack", "--save", "--saving_path", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("rouge pairs: rouge1 ") and lines[-2].startswith("eval loss pairs: ")
+    alloc = json.loads((out / "bit_allocation.json").read_text())
+    assert len(alloc["layers"]) == 4 and alloc["avg_bits"] == 2.5
+    for layer in alloc["layers"]:
+        assert layer["router_score"] == "norm_change" and sorted(layer["bits"]) == [2] * 4 + [3] * 4
+
+    # lm-eval, seq2seq backend, on the packed checkpoint
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    with open(task_dir / "pairs.jsonl", "w") as f:
+        for line in open(pairs).readlines()[:6]:
+            rec = json.loads(line)
+            f.write(json.dumps({"question": rec["source"][:120], "choices": [rec["target"][:40], "no", "yes"],
+                                "label": 0}) + "\n")
+    (task_dir / "s2s_mc.yaml").write_text("\n".join([
+        "task: s2s_mc", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+        f"    test: {task_dir / 'pairs.jsonl'}", "test_split: test", "output_type: multiple_choice",
+        "doc_to_text: '{{question}}'", "doc_to_choice: '{{choices}}'", "doc_to_target: label",
+        "metric_list:", "  - metric: acc", ""]))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--tasks", "s2s_mc", "--include_path",
+                        str(task_dir), "--model_args", f"pretrained={out},quantized=True,backend=seq2seq,dtype=float32",
+                        "--device", "cpu", "--batch_size", "2"], capture_output=True, text=True, env=env,
+                       cwd=str(tmp_path), timeout=600)
+    assert r.returncode == 0 and "s2s_mc" in r.stdout, r.stderr[-3000:]
+
+
+def test_switch_bad_inputs(tokenizer, small_text_dir, tiny_mixtral_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    ft, ref, pairs, _ = make_switch_dirs(tmp_path, tokenizer, small_text_dir)
+    four = tmp_path / "four_experts"
+    cfg = SwitchTransformersConfig(vocab_size=len(tokenizer), d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=4,
+                                   num_decoder_layers=4, num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2)
+    SwitchTransformersForConditionalGeneration(cfg).save_pretrained(four)
+    base = [sys.executable, os.path.join(ROOT, "quantize_switch.py"), "--dataset", pairs, "--groupsize", "32",
+            "--nsamples", "4", "--src_len", "16", "--tgt_len", "4", "--allocation_path", str(tmp_path / "a.json")]
+    for model, extra, expect in ((ft, ["--reference_model", str(four)], "same architecture"),
+                                 (tiny_mixtral_dir, [], "quantize_mixtral.py"),
+                                 (ft, ["--num_high_bit_experts", "4", "--num_low_bit_experts", "3"], "add up to 7")):
+        r = subprocess.run(base + ["--model", model] + extra, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2, r.stderr[-2000:]
+        err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert len(err) == 1 and expect in err[0], r.stderr[-2000:]

@@ -137,14 +137,144 @@ def router_reference_weights(path: str, model, family) -> dict[str, torch.Tensor
     return out
 
 
+class CausalLMTask:
+    """quantize_mixtral.py: decoder-only LM; calibration windows of text; perplexity."""
+    name = "causal"
+
+    def model_class(self):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM
+
+    def wants_eval(self, a) -> bool:
+        return a.eval_ppl
+
+    def calibration(self, a, tokenizer, config):
+        from utils import data
+        self.seqlen = min(a.seqlen, getattr(config, "max_position_embeddings", a.seqlen) or a.seqlen)
+        try:
+            text = data.load_text(a.dataset)
+            self.eval_text = data.load_text(a.eval_dataset) if a.eval_dataset else text
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e))
+        print(f"calibration text: {text.source}")
+        try:
+            calib = data.calibration_windows(data.tokenize(tokenizer, text.train), a.nsamples, self.seqlen, a.seed)
+            self.test = data.eval_windows(data.tokenize(tokenizer, self.eval_text.test), self.seqlen) \
+                if (a.eval_ppl or a.eval_ppl_fp) else None
+        except ValueError as e:
+            raise UserError(str(e))
+        print(f"calibration: {calib.shape[0]} windows x {self.seqlen} tokens")
+        return calib, {"source": text.source, "nsamples": int(calib.shape[0]), "seqlen": self.seqlen}
+
+    def evaluate_fp(self, a, model, family, loader, device, act_device):
+        if not a.eval_ppl_fp:
+            return
+        from utils.perplexity import perplexity
+        self.ppl_fp = perplexity(model, family, self.test, device, a.batch_size, act_device, desc="ppl (fp)",
+                                 loader=loader, keep=False)
+        print(f"ppl {self.eval_text.name} (unquantized): {self.ppl_fp:.4f}")
+
+    def evaluate(self, a, model, family, device, act_device):
+        from utils.perplexity import perplexity
+        ppl = perplexity(model, family, self.test, device, a.batch_size, act_device, desc="ppl")
+        if getattr(self, "ppl_fp", None) is not None:
+            print(f"ppl delta vs unquantized: {ppl - self.ppl_fp:+.4f}")
+        print(f"ppl {self.eval_text.name}: {ppl:.4f}")
+
+
 def run_causal_lm(a) -> int:
-    """quantize_mixtral.py: quantize a decoder-only MoE language model."""
+    return run(a, CausalLMTask())
+
+
+class Seq2SeqTask:
+    """quantize_switch.py: encoder-decoder MoE; calibration from source/target pairs;
+    evaluation = teacher-forced target loss and ROUGE of greedy generations."""
+    name = "seq2seq"
+
+    def model_class(self):
+        from transformers import AutoModelForSeq2SeqLM
+        return AutoModelForSeq2SeqLM
+
+    def wants_eval(self, a) -> bool:
+        return a.eval
+
+    def calibration(self, a, tokenizer, config):
+        from utils import data
+        try:
+            self.pairs = data.load_pairs(a.dataset)
+            calib = data.pair_windows(tokenizer, self.pairs.train, a.nsamples, a.src_len, a.tgt_len, a.seed)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e))
+        self.tokenizer = tokenizer
+        print(f"calibration pairs: {self.pairs.source}; {a.nsamples} x ({a.src_len} source + {a.tgt_len} target) tokens")
+        return calib, {"source": self.pairs.source, "nsamples": a.nsamples, "src_len": a.src_len, "tgt_len": a.tgt_len}
+
+    def evaluate_fp(self, a, model, family, loader, device, act_device):
+        if a.eval_fp:
+            fp = self.model_class().from_pretrained(resolve_model(a.model), dtype=model.dtype).to(device)
+            self.fp = self._evaluate(a, fp, device, "unquantized")
+            del fp
+
+    def evaluate(self, a, model, family, device, act_device):
+        self._evaluate(a, model.to(device), device, None)
+
+    @torch.no_grad()
+    def _evaluate(self, a, model, device, tag):
+        from rouge_score import rouge_scorer
+        tok, scorer = self.tokenizer, rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        nll = count = 0
+        rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+        pairs = self.pairs.test[: a.eval_samples]
+        for source, target in pairs:
+            src = tok(source, return_tensors="pt", truncation=True, max_length=a.src_len).input_ids.to(device)
+            tgt = tok(target, return_tensors="pt", truncation=True, max_length=a.tgt_len).input_ids.to(device)
+            loss = model(input_ids=src, labels=tgt).loss
+            nll += float(loss) * tgt.shape[1]
+            count += tgt.shape[1]
+            gen = model.generate(src, max_new_tokens=a.tgt_len, do_sample=False)
+            scores = scorer.score(tok.decode(tgt[0], skip_special_tokens=True), tok.decode(gen[0], skip_special_tokens=True))
+            for k in rouge:
+                rouge[k] += scores[k].fmeasure / len(pairs)
+        label = f"{self.pairs.name}" + (f" ({tag})" if tag else "")
+        print(f"eval loss {label}: {nll / count:.4f} over {count} target tokens of {len(pairs)} test pairs")
+        print(f"rouge {label}: " + " ".join(f"{k} {100 * v:.2f}" for k, v in rouge.items()))
+        return nll / count
+
+
+def run_seq2seq(a) -> int:
+    if a.reference_model:
+        a.router_reference = a.reference_model
+    counts = {b: n for b, n in ((a.high_bit_level, a.num_high_bit_experts), (a.mid_bit_level, a.num_mid_bit_experts),
+                                (a.low_bit_level, a.num_low_bit_experts)) if n is not None}
+    if counts:
+        if None in counts:
+            raise UserError("--num_mid_bit_experts needs --mid_bit_level")
+        a.level_counts = counts
+    return run(a, Seq2SeqTask())
+
+
+def add_seq2seq_args(ap: argparse.ArgumentParser) -> None:
+    ap.set_defaults(dataset="cnn_dailymail", low_bit_level=2, attn_implementation=None)
+    ap.add_argument("--reference_model", default=None,
+                    help="the pretrained checkpoint MODEL was fine-tuned from: order by router-norm change")
+    ap.add_argument("--num_high_bit_experts", type=int, default=None, help="explicit count per level "
+                    "(instead of --avg_bits), as the paper repo's Switch script takes")
+    ap.add_argument("--num_mid_bit_experts", type=int, default=None)
+    ap.add_argument("--num_low_bit_experts", type=int, default=None)
+    ap.add_argument("--src_len", type=int, default=256, help="source tokens per calibration pair")
+    ap.add_argument("--tgt_len", type=int, default=64, help="target tokens per calibration pair")
+    ap.add_argument("--eval", action="store_true", help="held-out target loss and ROUGE after quantization")
+    ap.add_argument("--eval_fp", action="store_true", help="also evaluate the unquantized model first")
+    ap.add_argument("--eval_samples", type=int, default=64)
+
+
+def run(a, task) -> int:
+    """Quantize one model: checks, streamed load, calibration, pipeline, atomic save, evaluation."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from utils import checkpoint, data
+    from utils import checkpoint
     from utils.families import family_for
     from utils.loading import BadWeights, BlockLoader, TensorSource, load_skeleton, resolve_local
-    from utils.perplexity import perplexity
     from utils.pipeline import quantize_model, validate_config
 
     cfg = quant_config(a)
@@ -161,7 +291,7 @@ def run_causal_lm(a) -> int:
             checkpoint.check_output_dir(a.saving_path, a.overwrite)
         except FileExistsError as e:
             raise UserError(str(e))
-    for ds in filter(None, (a.dataset, a.eval_dataset)):
+    for ds in filter(None, (a.dataset, getattr(a, "eval_dataset", None))):
         if os.sep in ds and not os.path.exists(ds):
             raise UserError(f"--dataset {ds}: no such file or directory")
     model_path = resolve_model(a.model)
@@ -172,7 +302,12 @@ def run_causal_lm(a) -> int:
     config = AutoConfig.from_pretrained(local)
     tokenizer = AutoTokenizer.from_pretrained(local)
     dtype = _dtype(a, device, config)
-    model = load_skeleton(local, dtype, a.attn_implementation)
+    try:
+        model = load_skeleton(local, dtype, a.attn_implementation, task.model_class())
+    except ValueError as e:  # e.g. a config that is not a causal / seq2seq LM
+        raise UserError(f"--model {model_path} cannot be built as {task.model_class().__name__} "
+                        f"({str(e).splitlines()[0]}): use quantize_mixtral.py for decoder-only models and "
+                        f"quantize_switch.py for Switch Transformers")
     try:
         family = family_for(model)
     except ValueError as e:
@@ -182,9 +317,17 @@ def run_causal_lm(a) -> int:
     except FileNotFoundError as e:
         raise UserError(str(e))
     check_widths(model, family, cfg.groupsize)
+    from utils.pipeline import level_counts_for
+    for name, block in family.blocks(model):
+        moe = family.moe(block, name)
+        if moe is not None:
+            try:
+                level_counts_for(cfg, moe.num_experts)
+            except ValueError as e:
+                raise UserError(str(e))
     # Blocks are streamed from the shards; they stay on the host afterwards only when a
-    # dequantized checkpoint or an in-memory perplexity needs them.
-    keep = (a.save and not a.pack) or (a.eval_ppl and not (a.save and a.pack))
+    # dequantized checkpoint or an in-memory evaluation needs them.
+    keep = (a.save and not a.pack) or (task.wants_eval(a) and not (a.save and a.pack))
     loader = BlockLoader(family, device, source, dtype, keep)
     try:
         loader.materialize_rest(model)
@@ -195,25 +338,11 @@ def run_causal_lm(a) -> int:
     if a.router_reference:
         cfg.router_reference = router_reference_weights(a.router_reference, model, family)
 
-    seqlen = min(a.seqlen, getattr(config, "max_position_embeddings", a.seqlen) or a.seqlen)
+    calib, calib_info = task.calibration(a, tokenizer, config)
     try:
-        text = data.load_text(a.dataset)
-        eval_text = data.load_text(a.eval_dataset) if a.eval_dataset else text
-    except (FileNotFoundError, ValueError) as e:
+        task.evaluate_fp(a, model, family, loader, device, act_device)
+    except BadWeights as e:
         raise UserError(str(e))
-    print(f"calibration text: {text.source}")
-    calib = data.calibration_windows(data.tokenize(tokenizer, text.train), a.nsamples, seqlen, a.seed)
-    print(f"calibration: {calib.shape[0]} windows x {seqlen} tokens")
-    test_windows = data.eval_windows(data.tokenize(tokenizer, eval_text.test), seqlen) if (a.eval_ppl or a.eval_ppl_fp) else None
-
-    ppl_fp = None
-    if a.eval_ppl_fp:
-        try:
-            ppl_fp = perplexity(model, family, test_windows, device, a.batch_size, act_device, desc="ppl (fp)",
-                                loader=loader, keep=False)
-        except BadWeights as e:
-            raise UserError(str(e))
-        print(f"ppl {eval_text.name} (unquantized): {ppl_fp:.4f}")
 
     t0 = time.time()
     try:
@@ -222,17 +351,18 @@ def run_causal_lm(a) -> int:
         raise UserError(str(e))
     quant_seconds = time.time() - t0
     avg = report.avg_expert_bits()
-    print(f"quantized in {quant_seconds:.1f}s; average expert bits {avg:.4f} (target {cfg.avg_bits if cfg.level_counts is None else 'explicit counts'})")
+    print(f"quantized in {quant_seconds:.1f}s; average expert bits {avg:.4f} (target "
+          f"{cfg.avg_bits if cfg.level_counts is None else 'explicit counts ' + str(cfg.level_counts)})")
     if report.starved:
         print(f"experts with fewer than {cfg.min_expert_tokens} calibration tokens (all-token Hessian used): "
               + ", ".join(f"{s['layer']}[{s['expert']}]={s['tokens']}" for s in report.starved))
 
-    allocation = {"avg_bits": avg, "target_avg_bits": cfg.avg_bits, "model": model_path,
+    allocation = {"avg_bits": avg, "target_avg_bits": cfg.avg_bits if cfg.level_counts is None else None,
+                  "level_counts": cfg.level_counts, "model": model_path, "router_reference": a.router_reference,
                   "order_type": cfg.order_type, "zeta": cfg.zeta, "mixed_type": cfg.mixed_type,
                   "levels": {"high": cfg.high_bits, "mid": cfg.mid_bits, "low": cfg.low_bits},
                   "attn_bits": cfg.attn_bits, "groupsize": cfg.groupsize, "sym": cfg.sym, "act_order": cfg.act_order,
-                  "calibration": {"source": text.source, "nsamples": int(calib.shape[0]), "seqlen": seqlen,
-                                  "seed": a.seed},
+                  "calibration": {**calib_info, "seed": a.seed},
                   "quantization_seconds": quant_seconds, "starved_experts": report.starved,
                   "layers": report.layers, "modules": report.modules}
 
@@ -260,15 +390,13 @@ def run_causal_lm(a) -> int:
         checkpoint.write_json(allocation, path)
         print(f"wrote {path}")
 
-    if a.eval_ppl:
+    if task.wants_eval(a):
         if not keep:  # blocks were released: evaluate the packed checkpoint just written
             from inference import load_quantized_model
-            model = load_quantized_model(a.saving_path, dtype=dtype, attn_implementation=a.attn_implementation)
+            model = load_quantized_model(a.saving_path, dtype=dtype, model_class=task.model_class(),
+                                         attn_implementation=a.attn_implementation)
             family = family_for(model)
-        ppl = perplexity(model, family, test_windows, device, a.batch_size, act_device, desc="ppl")
-        if ppl_fp is not None:
-            print(f"ppl delta vs unquantized: {ppl - ppl_fp:+.4f}")
-        print(f"ppl {eval_text.name}: {ppl:.4f}")
+        task.evaluate(a, model, family, device, act_device)
     return 0
 
 

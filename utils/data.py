@@ -96,3 +96,70 @@ def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     if n == 0:
         raise ValueError(f"the test split has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
     return ids[: n * seqlen].view(n, seqlen)
+
+
+# ---- seq2seq pairs (Switch Transformer) --------------------------------------------
+
+@dataclass
+class PairSplits:
+    name: str
+    train: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+    source: str
+
+
+def _read_jsonl(path: str) -> list[tuple[str, str]]:
+    import json
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "source" not in rec or "target" not in rec:
+                raise ValueError(f"{path} line {i + 1}: each record needs 'source' and 'target' fields")
+            pairs.append((rec["source"], rec["target"]))
+    return pairs
+
+
+def load_pairs(dataset: str) -> PairSplits:
+    """``cnn_dailymail`` (hub), a jsonl file of {"source", "target"} (first 90% calibrate,
+    last 10% evaluate), or a directory with train.jsonl and test.jsonl."""
+    if os.path.isdir(dataset):
+        tr, te = os.path.join(dataset, "train.jsonl"), os.path.join(dataset, "test.jsonl")
+        if not (os.path.isfile(tr) and os.path.isfile(te)):
+            raise FileNotFoundError(f"dataset directory {dataset} needs train.jsonl and test.jsonl")
+        return PairSplits(os.path.basename(dataset.rstrip("/")), _read_jsonl(tr), _read_jsonl(te), f"{tr}, {te}")
+    if os.path.isfile(dataset):
+        pairs = _read_jsonl(dataset)
+        cut = max(1, int(len(pairs) * 0.9))
+        return PairSplits(os.path.splitext(os.path.basename(dataset))[0], pairs[:cut], pairs[cut:],
+                          f"{dataset} (first 90% calibrate, last 10% evaluate)")
+    if dataset == "cnn_dailymail":
+        from datasets import load_dataset
+        d = load_dataset("cnn_dailymail", "3.0.0")
+        get = lambda split, n: list(zip(d[split]["article"][:n], d[split]["highlights"][:n]))
+        return PairSplits(dataset, get("train", 5000), get("test", 1000), "hub:cnn_dailymail 3.0.0")
+    raise FileNotFoundError(f"--dataset {dataset!r}: pass a jsonl file of source/target pairs, a directory with "
+                            f"train.jsonl/test.jsonl, or cnn_dailymail (hub)")
+
+
+def pair_windows(tokenizer, pairs, n: int, src_len: int, tgt_len: int, seed: int):
+    """n random pairs whose source and target are at least src_len / tgt_len tokens,
+    truncated to those lengths (no padding, so no pad token enters a Hessian)."""
+    rng = random.Random(seed)
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    src, tgt = [], []
+    for i in order:
+        s = tokenizer(pairs[i][0], add_special_tokens=False)["input_ids"]
+        t = tokenizer(pairs[i][1], add_special_tokens=False)["input_ids"]
+        if len(s) >= src_len and len(t) >= tgt_len:
+            src.append(s[:src_len])
+            tgt.append(t[:tgt_len])
+            if len(src) == n:
+                break
+    if len(src) < n:
+        raise ValueError(f"only {len(src)} pairs have at least {src_len} source and {tgt_len} target tokens, "
+                         f"{n} needed: lower --src_len/--tgt_len or --nsamples")
+    return torch.tensor(src), torch.tensor(tgt)

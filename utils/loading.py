@@ -63,6 +63,7 @@ def resolve_local(model_path: str) -> str:
 
 
 def load_skeleton(path: str, dtype, attn_implementation: str | None = None, model_class=None):
+    """The model with parameters on meta. ``model_class``: an Auto class (causal LM default)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(path)
