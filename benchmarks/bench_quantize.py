@@ -65,7 +65,7 @@ def make_checkpoint(a, path):
 def run(a, path):
     import torch
     from quant.gptq import gptq_quantize
-    from utils.checkpoint import save_packed
+    from utils.checkpoint import ShardWriter, save_packed
     from utils.families import family_for
     from utils.loading import BlockLoader, TensorSource, load_skeleton
     from utils.pipeline import QuantConfig, phase, quantize_model
@@ -91,12 +91,13 @@ def run(a, path):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     act = torch.device("cpu") if a.offload_activations else device
-    t0 = time.time()
-    report = quantize_model(model, family, windows, cfg, device, act, loader)
-    quant_s = time.time() - t0
     out = tempfile.mkdtemp(dir=a.workdir)
+    writer = ShardWriter(out, "2GB")  # packed tensors stream to disk as they are made
+    t0 = time.time()
+    report = quantize_model(model, family, windows, cfg, device, act, loader, writer)
+    quant_s = time.time() - t0
     with phase(report, "save_packed", device):
-        sizes = save_packed(model, report, out, 128, False)
+        sizes = save_packed(model, report, out, 128, False, writer=writer)
     kinds = {}
     for row in report.modules:
         kind = row["name"].split(".")[-1].split("[")[0]

@@ -202,3 +202,22 @@ def test_router_reference_orders_by_norm_change(tiny_mixtral_dir, small_text_dir
                 "--groupsize", "32", "--dataset", small_text_dir, "--nsamples", "4", "--seqlen", "64",
                 "--allocation_path", str(out))
     assert r.returncode == 2 and "same architecture" in r.stderr
+
+
+def test_cli_packed_checkpoint_equals_dequantized_one(tiny_mixtral_dir, small_text_dir, tmp_path):
+    """The packed output is streamed to disk while quantizing; the same run saved dequantized
+    must give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from inference import load_quantized_model
+    common = ["--model", tiny_mixtral_dir, *SEED_FLAGS, "--groupsize", "32", "--dataset", small_text_dir,
+              "--nsamples", "8", "--seqlen", "64", "--save", "--max_shard_size", "100KB"]
+    r1 = run_cli(*common, "--saving_path", str(tmp_path / "deq"))
+    r2 = run_cli(*common, "--pack", "--saving_path", str(tmp_path / "packed"))
+    assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr[-2000:], r2.stderr[-2000:])
+    assert len(list((tmp_path / "packed").glob("model-*-of-*.safetensors"))) > 1
+    deq = AutoModelForCausalLM.from_pretrained(str(tmp_path / "deq")).eval()
+    packed = load_quantized_model(str(tmp_path / "packed"), dtype=torch.float32)
+    ids = torch.randint(0, deq.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(deq(ids).logits, packed(ids).logits, rtol=0, atol=1e-5)

@@ -56,30 +56,52 @@ def _parse_size(size: str | int) -> int:
     return int(s)
 
 
-def save_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_size: str | int = "5GB") -> list[str]:
-    """safetensors shards in insertion order, plus the standard index when there are several."""
-    limit = _parse_size(max_shard_size)
-    shards, cur, cur_bytes = [], {}, 0
-    for name, t in tensors.items():
+class ShardWriter:
+    """Writes tensors to safetensors shards of at most ``max_shard_size`` as they come, so
+    a packed model never has to be in memory at once; ``finish`` names the shards
+    model-XXXXX-of-YYYYY (or model.safetensors when one) and writes the standard index."""
+
+    def __init__(self, out_dir: str, max_shard_size: str | int = "5GB"):
+        self.out_dir, self.limit = out_dir, _parse_size(max_shard_size)
+        self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
-        if cur and cur_bytes + nbytes > limit:
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[name] = t.contiguous()
-        cur_bytes += nbytes
-    if cur or not shards:
-        shards.append(cur)
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for fname, shard in zip(files, shards):
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    if len(files) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
-                   os.path.join(out_dir, "model.safetensors.index.json"))
-    return files
+        if self.pending and self.pending_bytes + nbytes > self.limit:
+            self._flush()
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        fname = f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.out_dir, fname), metadata={"format": "pt"})
+        self.weight_map.update({k: fname for k in self.pending})
+        self.files.append(fname)
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for old, new in zip(self.files, final):
+            os.rename(os.path.join(self.out_dir, old), os.path.join(self.out_dir, new))
+        rename = dict(zip(self.files, final))
+        if n > 1:
+            write_json({"metadata": {"total_size": self.total},
+                        "weight_map": {k: rename[v] for k, v in self.weight_map.items()}},
+                       os.path.join(self.out_dir, "model.safetensors.index.json"))
+        return final
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_size: str | int = "5GB",
+                 writer: ShardWriter | None = None) -> list[str]:
+    """safetensors shards in insertion order, plus the standard index when there are several."""
+    writer = writer or ShardWriter(out_dir, max_shard_size)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    return writer.finish()
 
 
 def unquantized_state(model, quantized_modules) -> dict[str, torch.Tensor]:
@@ -104,11 +126,13 @@ def quantization_config(report, groupsize: int, sym: bool) -> dict:
             "sym": sym, "modules": {k: {"bits": v} for k, v in report.module_bits.items()}}
 
 
-def save_packed(model, report, out_dir: str, groupsize: int, sym: bool, max_shard_size="5GB") -> dict:
-    """Packed tensors + unquantized ones + config with quantization_config. Returns size figures."""
+def save_packed(model, report, out_dir: str, groupsize: int, sym: bool, max_shard_size="5GB",
+                writer: ShardWriter | None = None) -> dict:
+    """Packed tensors + unquantized ones + config with quantization_config. Returns size
+    figures. ``writer``: the ShardWriter the pipeline already streamed packed tensors to."""
     rest = {**unquantized_state(model, report.module_bits), **report.kept}
-    tensors = {**rest, **report.packed}
-    files = save_sharded(tensors, out_dir, max_shard_size)
+    tensors = {**report.packed, **rest}
+    files = save_sharded(tensors, out_dir, max_shard_size, writer)
     cfg = model.config.to_dict()
     cfg["quantization_config"] = quantization_config(report, groupsize, sym)
     write_json(cfg, os.path.join(out_dir, "config.json"))

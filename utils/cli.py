@@ -344,11 +344,19 @@ def run(a, task) -> int:
     except BadWeights as e:
         raise UserError(str(e))
 
+    # Packed output streams into the (temporary) checkpoint directory while quantizing.
+    tmp = checkpoint.temp_dir_for(a.saving_path) if a.save else None
+    writer = checkpoint.ShardWriter(tmp, a.max_shard_size) if a.save and a.pack else None
     t0 = time.time()
     try:
-        report = quantize_model(model, family, calib, cfg, device, act_device, loader)
-    except BadWeights as e:
-        raise UserError(str(e))
+        report = quantize_model(model, family, calib, cfg, device, act_device, loader, writer)
+    except BaseException as e:
+        if tmp:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, BadWeights):
+            raise UserError(str(e))
+        raise
     quant_seconds = time.time() - t0
     avg = report.avg_expert_bits()
     print(f"quantized in {quant_seconds:.1f}s; average expert bits {avg:.4f} (target "
@@ -367,12 +375,11 @@ def run(a, task) -> int:
                   "layers": report.layers, "modules": report.modules}
 
     if a.save:
-        tmp = checkpoint.temp_dir_for(a.saving_path)
         try:
             checkpoint.write_json(allocation, os.path.join(tmp, "bit_allocation.json"))
             tokenizer.save_pretrained(tmp)
             if a.pack:
-                sizes = checkpoint.save_packed(model, report, tmp, cfg.groupsize, cfg.sym, a.max_shard_size)
+                sizes = checkpoint.save_packed(model, report, tmp, cfg.groupsize, cfg.sym, a.max_shard_size, writer)
                 print(f"packed checkpoint: {sizes['disk_bytes'] / 2**20:.2f} MiB on disk, theoretical "
                       f"{sizes['theoretical_bytes'] / 2**20:.2f} MiB (codes {sizes['code_bytes'] / 2**20:.2f} + "
                       f"scales/zeros {sizes['overhead_bytes'] / 2**20:.2f} + unquantized "

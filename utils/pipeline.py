@@ -61,6 +61,7 @@ class QuantReport:
     module_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # module path -> (rows, cols)
     kept: dict[str, torch.Tensor] = field(default_factory=dict)   # unquantized tensors of released blocks
     timings: dict[str, float] = field(default_factory=dict)       # phase -> seconds (see ``phase``)
+    sink: object = None        # a checkpoint.ShardWriter: packed tensors go to disk instead of ``packed``
 
     def avg_expert_bits(self) -> float:
         bits = [b for layer in self.layers for b in layer["bits"]]
@@ -128,7 +129,10 @@ def _record(report, name, codes, scale, zero, bits, stacked, shape):
     for i, b in enumerate(bits):
         prefix = f"{name}.{i}" if stacked else name
         for suffix, t in pack_matrix(codes[i], scale[i], zero[i], b).items():
-            report.packed[f"{prefix}.{suffix}"] = t.cpu()
+            if report.sink is not None:
+                report.sink.add(f"{prefix}.{suffix}", t.cpu())  # streamed to disk: host RAM stays flat
+            else:
+                report.packed[f"{prefix}.{suffix}"] = t.cpu()
     report.module_bits[name] = list(bits) if stacked else bits[0]
     report.module_shapes[name] = shape
 
@@ -284,13 +288,13 @@ def check_finite(model) -> None:
 
 @torch.no_grad()
 def quantize_model(model, family, windows: torch.Tensor, cfg: QuantConfig, device, act_device=None,
-                   loader: BlockLoader | None = None) -> QuantReport:
+                   loader: BlockLoader | None = None, sink=None) -> QuantReport:
     """Quantizes ``model`` block by block (weights replaced by their dequantized values,
     or released when ``loader`` streams and does not keep blocks) and returns the
     report with the packed codes."""
     act_device = act_device or device
     loader = loader or BlockLoader(family, device)
-    report = QuantReport()
+    report = QuantReport(sink=sink)
     tqdm.write(f"  {'module':<48} {'bits':>6} {'tokens':>9} {'rel_err':>10} {'sec':>7}")
     inputs = None
     for stage, blocks in enumerate(family.stages(model)):   # decoder-only: one stage; T5: encoder, decoder
