@@ -92,7 +92,7 @@ def run(a, path):
         torch.cuda.reset_peak_memory_stats()
     act = torch.device("cpu") if a.offload_activations else device
     out = tempfile.mkdtemp(dir=a.workdir)
-    writer = ShardWriter(out, "2GB")  # packed tensors stream to disk as they are made
+    writer = ShardWriter(out, a.shard_size)  # packed tensors stream to disk as they are made
     t0 = time.time()
     report = quantize_model(model, family, windows, cfg, device, act, loader, writer)
     quant_s = time.time() - t0
@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--offload_activations", action="store_true")
     ap.add_argument("--reference_experts", type=int, default=2)
+    ap.add_argument("--shard_size", default="2GB", help="packed shard size (host RAM holds up to one pending shard)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--_stage", choices=["make", "run"], default=None, help=argparse.SUPPRESS)
