@@ -75,3 +75,13 @@ def test_unknown_order_type():
 def test_bits_follow_order():
     order = [2, 0, 3, 1]
     assert bits_per_expert(order, {3: 1, 2: 2, 1: 1}) == [2, 1, 3, 2]
+
+
+def test_uniform_allocation_and_explicit_counts():
+    from utils.pipeline import QuantConfig, level_counts_for
+    assert level_counts_for(QuantConfig(mixed_type="uniform", avg_bits=3), 8) == {3: 8}
+    with pytest.raises(ValueError, match="integer"):
+        level_counts_for(QuantConfig(mixed_type="uniform", avg_bits=2.5), 8)
+    assert level_counts_for(QuantConfig(level_counts={3: 32, 2: 32}), 64) == {3: 32, 2: 32}
+    with pytest.raises(ValueError, match="add up to 63"):
+        level_counts_for(QuantConfig(level_counts={3: 32, 2: 31}), 64)
