@@ -87,8 +87,3 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     q = unpack_codes(qweight, bits, cols).float().view(rows, groups, cols // groups)
     w = scales.float()[..., None] * (q - zero[..., None])
     return w.view(rows, cols).to(dtype)
-
-
-def unpack_matrix(tensors: dict[str, torch.Tensor], bits: int, cols: int, dtype=torch.float32) -> torch.Tensor:
-    zeros = tensors["zeros"] if bits == 1 else tensors["qzeros"]
-    return dequantize_packed(tensors["qweight"], tensors["scales"], zeros, bits, cols, dtype)

@@ -280,12 +280,6 @@ def _quantize_moe(block_name, block, family, moe, inputs, kwargs, cfg, report, d
         _log(report, name, bits, tokens, res["loss"], seconds)
 
 
-def check_finite(model) -> None:
-    for name, p in model.named_parameters():
-        if p.device.type != "meta" and not torch.isfinite(p).all():
-            raise ValueError(f"weight {name} contains NaN or inf: the checkpoint is corrupt; re-download or re-export it")
-
-
 @torch.no_grad()
 def quantize_model(model, family, windows: torch.Tensor, cfg: QuantConfig, device, act_device=None,
                    loader: BlockLoader | None = None, sink=None) -> QuantReport:
