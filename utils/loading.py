@@ -98,6 +98,17 @@ def release(module: nn.Module) -> None:
     for sub in module.modules():
         for name, p in list(sub.named_parameters(recurse=False)):
             sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    trim_host_heap()
+
+
+def trim_host_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: per-block
+    tensors of a few MB to tens of MB are served from the heap, not mmap)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class BlockLoader:
