@@ -166,5 +166,6 @@ def load_quantized_model(path: str, device_map=None, dtype="auto", model_class=N
     else:
         model.to(next(iter(device_map.values())))
     model.eval()
+    model.hf_device_map = device_map
     model.quantization_info = qc
     return model
