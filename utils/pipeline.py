@@ -98,6 +98,7 @@ def validate_config(cfg: QuantConfig) -> None:
     else:
         for b in (cfg.high_bits, cfg.low_bits) + ((cfg.mid_bits,) if cfg.mid_bits is not None else ()):
             check_bits(b)
+        # range and spacing checks do not depend on the expert count: any count will do here
         allocation.level_counts(8, cfg.avg_bits, cfg.high_bits, cfg.low_bits, cfg.mid_bits)
 
 
