@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -62,6 +62,21 @@ def make_checkpoint(a, path):
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
+_PEAK = [0.0]  # the whole run's peak: resetting VmHWM below also resets what getrusage reports
+
+
+def _host_peak_gib(reset: bool = False) -> float:
+    """Peak RSS of this process since the last reset (Linux: VmHWM; writing 5 to
+    clear_refs resets it), so each block's peak can be read on its own."""
+    with open("/proc/self/status") as f:
+        hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 2**20
+    _PEAK[0] = max(_PEAK[0], hwm)
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    return hwm
+
+
 def run(a, path):
     import torch
     from quant.gptq import gptq_quantize
@@ -74,7 +89,18 @@ def run(a, path):
     t0 = time.time()
     model = load_skeleton(path, torch.bfloat16, "sdpa")
     family = family_for(model)
-    loader = BlockLoader(family, device, TensorSource(path), torch.bfloat16, keep=False)
+    block_rss = []   # per block: peak host RSS while it was quantized, pending packed shard bytes
+
+    class TracingLoader(BlockLoader):
+        @contextmanager
+        def block(self, name, block, keep=None):
+            _host_peak_gib(reset=True)
+            with super().block(name, block, keep) as b:
+                yield b
+            block_rss.append({"block": name, "peak_rss_gib": _host_peak_gib(),
+                              "pending_shard_mib": writer.pending_bytes / 2**20})
+
+    loader = TracingLoader(family, device, TensorSource(path), torch.bfloat16, keep=False)
     loader.materialize_rest(model)
     setup = time.time() - t0
     windows = torch.randint(0, a.vocab, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
@@ -108,7 +134,7 @@ def run(a, path):
         "setup_s": setup, "quantize_s": quant_s, "phases_s": report.timings,
         "per_layer_s": (quant_s - report.timings.get("capture", 0) - report.timings.get("callback", 0)) / a.layers,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": max(_PEAK[0], _host_peak_gib()), "per_block_rss": block_rss,
         "mean_rel_err": {k: sum(v) / len(v) for k, v in kinds.items()},
         "reference_check": reference, "packed_gib": sizes["disk_bytes"] / 2**30,
         "packed_vs_theory": sizes["disk_bytes"] / sizes["theoretical_bytes"],
@@ -164,6 +190,9 @@ def main():
     print(f"  per layer          {res['per_layer_s']:8.2f} s   (total quantize {res['quantize_s']:.1f} s, "
           f"projection to 32 layers {res['projected_32_layers_min']:.1f} min)")
     print(f"peak GPU memory {res['peak_gpu_gib']} GiB; peak host RSS {res['peak_rss_gib']:.2f} GiB")
+    for b in res["per_block_rss"]:
+        print(f"  {b['block']:<18} peak host RSS {b['peak_rss_gib']:.3f} GiB "
+              f"(packed shard pending: {b['pending_shard_mib']:.0f} MiB)")
     print("mean relative output error: " + ", ".join(f"{k} {v:.4g}" for k, v in res["mean_rel_err"].items()))
     for k, (batched, single) in res["reference_check"].items():
         print(f"  {k}: batched {batched:.6g} vs one-expert GPTQ {single:.6g} ({(batched / single - 1) * 100:+.3f}%)")

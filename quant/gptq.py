@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import check_bits, dequantize, group_params, quantize_codes
+from .quantizer import check_bits, dequantize, group_params, quantize_codes, rtn
 
 
 @dataclass
@@ -190,6 +190,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
     col_group = torch.arange(C, device=Q.device) // gs
     deq = dequantize(Q, scale[:, :, col_group], zero[:, :, col_group])
     return GPTQResult(Q.to(torch.uint8), scale, zero, deq, output_error(weight.to(deq.dtype), deq, hessian.to(deq.dtype)))
+
+
+def rtn_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], groupsize: int = 128,
+                 sym: bool = False, percdamp: float = 0.0, act_order: bool = False) -> GPTQResult:
+    """Round-to-nearest, the baseline GPTQ is compared with: same grid, no error
+    feedback (``percdamp`` and ``act_order`` do not apply). The Hessian only measures
+    the resulting output error."""
+    parts = [rtn(w, b, groupsize, sym) for w, b in zip(weight.float(), bits)]
+    codes, scale, zero, deq = (torch.stack(t) for t in zip(*parts))
+    return GPTQResult(codes, scale, zero, deq, output_error(weight.float(), deq, hessian.float()))
+
+
+QUANTIZERS = {"gptq": gptq_quantize, "rtn": rtn_quantize}
 
 
 def _tf32(enabled: bool):

@@ -54,6 +54,28 @@ def test_expert_hessians_equal_brute_force(tiny_mixtral_dir, tokenizer, small_te
         assert torch.allclose(accs["down_proj"].hessian(e).double(), H2 / n, rtol=1e-4, atol=1e-6)
 
 
+def test_rtn_method_rounds_every_matrix_of_the_original_weights(tiny_mixtral_dir, tokenizer, small_text_dir):
+    # RTN does not look at the data: each quantized matrix must be exactly rtn(original)
+    # at its allocated width, whatever the calibration (GPTQ rows would differ).
+    from quant.quantizer import rtn
+    model = load_tiny(tiny_mixtral_dir)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig(method="rtn", order_type="router", avg_bits=2.0, attn_bits=3, groupsize=32, batch_size=4)
+    report = quantize_model(model, family_for(model), calib(tokenizer, small_text_dir), cfg, torch.device("cpu"))
+    state = model.state_dict()
+    for layer in report.layers:
+        for kind in ("gate_up_proj", "down_proj"):
+            name = f"{layer['name']}.experts.{kind}"
+            for e, bits in enumerate(layer["bits"]):
+                assert torch.equal(state[name][e], rtn(original[name][e], bits, 32)[3]), (name, e)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(state[q], rtn(original[q], 3, 32)[3])
+    gptq = load_tiny(tiny_mixtral_dir)
+    quantize_model(gptq, family_for(gptq), calib(tokenizer, small_text_dir), QuantConfig(
+        order_type="router", avg_bits=2.0, attn_bits=3, groupsize=32, batch_size=4), torch.device("cpu"))
+    assert not torch.equal(gptq.state_dict()[q], state[q])
+
+
 class NeverRoutesTo7(MixtralFamily):
     """The stock router, except that expert 7 never receives a token."""
     def route(self, moe, x):

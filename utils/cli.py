@@ -25,6 +25,8 @@ class UserError(Exception):
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True, help="local checkpoint directory, hub id, or an alias: "
                     + ", ".join(MODEL_ALIASES))
+    ap.add_argument("--method", default="gptq", choices=["gptq", "rtn"],
+                    help="gptq, or rtn: round-to-nearest on the same grid (the baseline)")
     ap.add_argument("--mixed_type", default="mixed", choices=["mixed", "uniform"])
     ap.add_argument("--order_type", default="combined", help="expert ranking: " + ", ".join(ORDER_TYPES))
     ap.add_argument("--zeta", type=float, default=3.0, help="MaxVar reordering threshold (combined order)")
@@ -78,7 +80,7 @@ def resolve_model(name: str) -> str:
 
 def quant_config(a, router_reference=None):
     from utils.pipeline import QuantConfig
-    return QuantConfig(mixed_type=a.mixed_type, order_type=a.order_type, zeta=a.zeta, avg_bits=a.avg_bits,
+    return QuantConfig(method=a.method, mixed_type=a.mixed_type, order_type=a.order_type, zeta=a.zeta, avg_bits=a.avg_bits,
                        high_bits=a.high_bit_level, mid_bits=a.mid_bit_level, low_bits=a.low_bit_level,
                        level_counts=getattr(a, "level_counts", None),
                        attn_bits=None if a.attn_bit_level >= 16 else a.attn_bit_level, groupsize=a.groupsize,
@@ -367,7 +369,7 @@ def run(a, task) -> int:
 
     allocation = {"avg_bits": avg, "target_avg_bits": cfg.avg_bits if cfg.level_counts is None else None,
                   "level_counts": cfg.level_counts, "model": model_path, "router_reference": a.router_reference,
-                  "order_type": cfg.order_type, "zeta": cfg.zeta, "mixed_type": cfg.mixed_type,
+                  "method": cfg.method, "order_type": cfg.order_type, "zeta": cfg.zeta, "mixed_type": cfg.mixed_type,
                   "levels": {"high": cfg.high_bits, "mid": cfg.mid_bits, "low": cfg.low_bits},
                   "attn_bits": cfg.attn_bits, "groupsize": cfg.groupsize, "sym": cfg.sym, "act_order": cfg.act_order,
                   "calibration": {**calib_info, "seed": a.seed},

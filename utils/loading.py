@@ -101,12 +101,30 @@ def release(module: nn.Module) -> None:
     trim_host_heap()
 
 
+def _libc():
+    import ctypes
+    return ctypes.CDLL("libc.so.6")
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> None:
+    """Serve every host allocation of ``threshold`` bytes or more by its own mmap.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is
+    freed, so later per-block tensors of a few MiB come from the heap; a heap fragmented
+    by one block's buffers is not reused exactly by the next one, and the process's peak
+    RSS crept up by ~70 MB per block on a CPU run (benchmarks/bench_quantize.py reports
+    the peak per block). A fixed threshold returns such buffers to the OS on free."""
+    try:
+        _libc().mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it disables the dynamic raise)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def trim_host_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise: per-block
     tensors of a few MB to tens of MB are served from the heap, not mmap)."""
     try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -118,6 +136,8 @@ class BlockLoader:
 
     def __init__(self, family, device, source: TensorSource | None = None, dtype=None, keep: bool = True):
         self.family, self.device, self.source, self.dtype, self.keep = family, device, source, dtype, keep
+        if source is not None:
+            limit_heap_retention()
 
     @contextmanager
     def block(self, name: str, block: nn.Module, keep: bool | None = None):

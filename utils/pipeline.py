@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quant import allocation
-from quant.gptq import gptq_quantize, output_error
+from quant.gptq import QUANTIZERS, output_error
 from quant.packing import pack_matrix
 from quant.quantizer import check_bits
 
@@ -30,6 +30,7 @@ from .sequential import HessianAccumulator, capture_block_inputs, input_hessian_
 
 @dataclass
 class QuantConfig:
+    method: str = "gptq"                 # "gptq" | "rtn" (round-to-nearest baseline)
     mixed_type: str = "mixed"            # "mixed" | "uniform"
     order_type: str = "combined"
     zeta: float = 3.0
@@ -83,6 +84,8 @@ def level_counts_for(cfg: QuantConfig, num_experts: int) -> dict[int, int]:
 
 def validate_config(cfg: QuantConfig) -> None:
     """Reject bad settings before any model is loaded."""
+    if cfg.method not in QUANTIZERS:
+        raise ValueError(f"unknown --method {cfg.method!r}: choose one of {', '.join(QUANTIZERS)}")
     if cfg.order_type not in allocation.ORDER_TYPES:
         raise ValueError(f"unknown --order_type {cfg.order_type!r}: choose one of {', '.join(allocation.ORDER_TYPES)}")
     if cfg.mixed_type not in ("mixed", "uniform"):
@@ -149,7 +152,7 @@ def _log(report, name, bits, tokens, loss, seconds):
 def _gptq_experts(weight, hessian, bits, cfg):
     """GPTQ a stack of experts (E, R, C), each at its own bits, in batches of cfg.expert_batch."""
     step = cfg.expert_batch or weight.shape[0]
-    parts = [gptq_quantize(weight[i:i + step], hessian[i:i + step], bits[i:i + step], cfg.groupsize, cfg.sym,
+    parts = [QUANTIZERS[cfg.method](weight[i:i + step], hessian[i:i + step], bits[i:i + step], cfg.groupsize, cfg.sym,
                            cfg.percdamp, cfg.act_order) for i in range(0, weight.shape[0], step)]
     return {attr: torch.cat([getattr(p, attr) for p in parts]) for attr in ("codes", "scale", "zero", "weight", "loss")}
 
@@ -175,7 +178,7 @@ def _quantize_attention(block_name, block, family, inputs, kwargs, moe, cfg, rep
         stacked = torch.cat(weights)[None]
         t0 = time.time()
         with phase(report, "gptq_attention", device):
-            res = gptq_quantize(stacked, acc.hessian(0)[None], [cfg.attn_bits], cfg.groupsize, cfg.sym,
+            res = QUANTIZERS[cfg.method](stacked, acc.hessian(0)[None], [cfg.attn_bits], cfg.groupsize, cfg.sym,
                                 cfg.percdamp, cfg.act_order)
         seconds = _sync_time(stacked) - t0
         row = 0
