@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""The paper's comparison grid on any causal MoE checkpoint(s): one command, one table.
+
+    python reproduce_tables.py --model runs/mixtral-s0/trained runs/mixtral-s1/trained runs/mixtral-s2/trained \\
+        --router_reference runs/mixtral-s0/init runs/mixtral-s1/init runs/mixtral-s2/init \\
+        --dataset ../shared/data/python-docs \\
+        --eval_dataset ../shared/data/python-docs ../shared/data/wikitext-2 --out results/grid
+
+Rows (``--grid paper``): unquantized; RTN and GPTQ uniform at 2/3/4 bits; mixed at an
+average of 2.0 and 2.5 bits per expert with three levels (3/2/1) and two levels (3/1 at
+2.0, 3/2 at 2.5), each with every expert order: router, router change (needs
+``--router_reference``), variance, combined (zeta 3), random (``--random_seeds``),
+frequency, routing_weight, reverse_router; and a zeta sweep of the combined order at
+2.0 bits, 3/2/1. ``--rows`` keeps the rows whose id matches one of its globs.
+
+Each row: the model is streamed from its checkpoint, quantized by the same pipeline
+as quantize_mixtral.py (attention at ``--attn_bits``, group ``--groupsize``), its packed
+checkpoint is written to a temporary directory to measure its size, and perplexity is
+measured on the test split of every ``--eval_dataset`` (windows of ``--seqlen``) on the
+fake-quantized weights, which equal the packed checkpoint's dequantized weights bit
+for bit (tests/test_packed.py). Rows with several models (training seeds) or random
+seeds are reported as mean +- sample standard deviation over all their runs.
+
+Results go to ``--out``: ``runs.jsonl`` (one line per model x row, appended as they
+finish: a rerun skips what is there), then ``results.json``, ``table.md`` and
+``bits_vs_ppl.png``. ``--report_only`` rebuilds the last three from runs.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from quant import allocation  # noqa: E402
+from utils.cli import UserError, router_reference_weights  # noqa: E402
+
+ORDERS = ["router", "router_change", "variance", "combined", "random", "frequency", "routing_weight",
+          "reverse_router"]
+# (average bits, levels high/mid/low; mid None = two levels)
+MIXED_SETTINGS = [(2.0, (3, 2, 1)), (2.0, (3, None, 1)), (2.5, (3, 2, 1)), (2.5, (3, None, 2))]
+
+
+def level_name(levels) -> str:
+    return "/".join(str(b) for b in levels if b is not None)
+
+
+def paper_rows(random_seeds: int, zetas: list[float]) -> list[dict]:
+    """The grid: one dict per row (``id`` plus what it changes in the QuantConfig)."""
+    rows = [{"id": "unquantized", "group": "unquantized", "method": None}]
+    for method in ("rtn", "gptq"):
+        for bits in (2, 3, 4):
+            rows.append({"id": f"{method}-uniform-{bits}", "group": f"{method} uniform", "method": method,
+                         "avg_bits": bits, "levels": (bits, None, bits), "order": "uniform"})
+    for avg, levels in MIXED_SETTINGS:
+        for order in ORDERS:
+            seeds = range(random_seeds) if order == "random" else [0]
+            for seed in seeds:
+                suffix = f"-seed{seed}" if order == "random" else ""
+                rows.append({"id": f"mixed-{avg}-{level_name(levels)}-{order}{suffix}",
+                             "group": f"mixed {avg} bits, {level_name(levels)}", "method": "gptq", "avg_bits": avg,
+                             "levels": levels, "order": order, "seed": seed})
+    for zeta in zetas:
+        if zeta != 3.0:  # zeta 3 is the combined row above
+            rows.append({"id": f"mixed-2.0-3/2/1-combined-zeta{zeta:g}", "group": "zeta sweep (2.0 bits, 3/2/1)",
+                         "method": "gptq", "avg_bits": 2.0, "levels": (3, 2, 1), "order": "combined", "zeta": zeta})
+    return rows
+
+
+def select_rows(rows: list[dict], patterns: list[str] | None) -> list[dict]:
+    if not patterns:
+        return rows
+    keep = [r for r in rows if any(fnmatch.fnmatchcase(r["id"], p) for p in patterns)]
+    if not keep:
+        raise UserError(f"--rows {' '.join(patterns)} matches no row id; ids look like "
+                        f"{', '.join(r['id'] for r in rows[:3])}, ... (see --list_rows)")
+    return keep
+
+
+def quant_config(row: dict, a, num_experts: int, reference):
+    from utils.pipeline import QuantConfig
+    high, mid, low = row["levels"]
+    if row["order"] == "uniform":
+        counts = {int(row["avg_bits"]): num_experts}
+    else:
+        counts = allocation.level_counts(num_experts, row["avg_bits"], high, low, mid)
+    order = {"router_change": "router", "uniform": "router"}.get(row["order"], row["order"])
+    return QuantConfig(method=row["method"], order_type=order, zeta=row.get("zeta", 3.0), avg_bits=row["avg_bits"],
+                       high_bits=high, mid_bits=mid, low_bits=low, level_counts={b: n for b, n in counts.items() if n},
+                       attn_bits=None if a.attn_bits >= 16 else a.attn_bits, groupsize=a.groupsize,
+                       seed=row.get("seed", 0), batch_size=a.batch_size, min_expert_tokens=a.min_expert_tokens,
+                       router_reference=reference if row["order"] == "router_change" else None)
+
+
+class ModelData:
+    """Per model: tokenizer, calibration windows and evaluation windows (made once)."""
+
+    def __init__(self, path: str, a):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from utils import data
+        self.path = path
+        self.config = AutoConfig.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        seqlen = min(a.seqlen, getattr(self.config, "max_position_embeddings", a.seqlen) or a.seqlen)
+        try:
+            calib_text = data.load_text(a.dataset)
+            self.calib = data.calibration_windows(data.tokenize(self.tokenizer, calib_text.train), a.nsamples,
+                                                  seqlen, a.calib_seed)
+            self.evals = {}
+            for ds in a.eval_dataset:
+                text = data.load_text(ds)
+                windows = data.eval_windows(data.tokenize(self.tokenizer, text.test), seqlen)
+                self.evals[text.name] = windows[: a.eval_windows] if a.eval_windows else windows
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e))
+        self.calib_source = calib_text.source
+        self.seqlen = seqlen
+
+
+def load_streamed(path: str, dtype, device):
+    """The model from its shards, block by block (blocks stay on the host after use)."""
+    from utils.families import family_for
+    from utils.loading import BlockLoader, TensorSource, load_skeleton
+    model = load_skeleton(path, dtype, "sdpa")
+    family = family_for(model)
+    loader = BlockLoader(family, device, TensorSource(path), dtype, keep=True)
+    loader.materialize_rest(model)
+    return model, family, loader
+
+
+def run_row(row: dict, md: ModelData, reference_path: str | None, a, device, dtype) -> dict:
+    from utils import checkpoint
+    from utils.perplexity import perplexity
+    from utils.pipeline import quantize_model
+    model, family, loader = load_streamed(md.path, dtype, device)
+    out = {"model": md.path, "row": row["id"]}
+    if row["method"] is not None:
+        moes = [family.moe(b, n) for n, b in family.blocks(model)]
+        num_experts = next(m.num_experts for m in moes if m is not None)
+        reference = None
+        if row["order"] == "router_change":
+            reference = router_reference_weights(reference_path, model, family)
+        cfg = quant_config(row, a, num_experts, reference)
+        t0 = time.time()
+        report = quantize_model(model, family, md.calib, cfg, device, device, loader)
+        out["quant_seconds"] = time.time() - t0
+        tmp = tempfile.mkdtemp(prefix="grid-packed-", dir=a.tmp_dir)
+        try:
+            sizes = checkpoint.save_packed(model, report, tmp, cfg.groupsize, cfg.sym)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        out.update({"avg_bits": report.avg_expert_bits(), "packed_mib": sizes["disk_bytes"] / 2**20,
+                    "level_counts": {str(b): n for b, n in cfg.level_counts.items()},
+                    "bits": [layer["bits"] for layer in report.layers],
+                    "starved_experts": len(report.starved)})
+    else:
+        stored = getattr(md.config, "dtype", None) or "float32"   # the checkpoint's storage width
+        out.update({"avg_bits": float(torch.finfo(getattr(torch, str(stored).replace("torch.", ""))).bits),
+                    "quant_seconds": 0.0,
+                    "packed_mib": sum(os.path.getsize(os.path.join(md.path, f)) for f in os.listdir(md.path)
+                                      if f.endswith(".safetensors")) / 2**20})
+    out["ppl"] = {name: perplexity(model, family, windows, device, a.batch_size, loader=loader, desc=f"ppl {name}")
+                  for name, windows in md.evals.items()}
+    if a.tasks:
+        out["tasks"] = lm_eval_scores(model, md.tokenizer, a)
+    return out
+
+
+def lm_eval_scores(model, tokenizer, a) -> dict:
+    """lm-eval accuracies of the in-memory model (stock HFLM on the fake-quantized weights)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    model.to(a.device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=a.batch_size)
+    res = lm_eval.simple_evaluate(model=lm, tasks=a.tasks, task_manager=TaskManager(include_path=a.include_path),
+                                  limit=a.task_limit)["results"]
+    model.to("cpu")
+    return {f"{task}/{metric.split(',')[0]}": value for task, metrics in res.items()
+            for metric, value in metrics.items() if metric.split(",")[0] in ("acc", "acc_norm")}
+
+
+def read_runs(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", required=True, help="one or more checkpoints (e.g. training seeds)")
+    ap.add_argument("--router_reference", nargs="*", default=None,
+                    help="each model's checkpoint before training (same order): enables the router_change rows")
+    ap.add_argument("--dataset", required=True, help="calibration text (train split): directory, file or hub name")
+    ap.add_argument("--eval_dataset", nargs="+", default=None, help="perplexity on the test split of each "
+                    "(default: --dataset)")
+    ap.add_argument("--out", required=True, help="results directory")
+    ap.add_argument("--grid", choices=["paper"], default="paper")
+    ap.add_argument("--rows", nargs="*", default=None, help="glob(s) of row ids to run, e.g. 'gptq-*' unquantized")
+    ap.add_argument("--list_rows", action="store_true", help="print the row ids and exit")
+    ap.add_argument("--random_seeds", type=int, default=3)
+    ap.add_argument("--zetas", default="1,2,3,5,10", help="zeta values of the sweep (comma separated)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib_seed", type=int, default=0)
+    ap.add_argument("--eval_windows", type=int, default=0, help="evaluate only the first N test windows (0: all)")
+    ap.add_argument("--attn_bits", type=int, default=4, help="attention linears (16: keep fp)")
+    ap.add_argument("--groupsize", type=int, default=128)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--min_expert_tokens", type=int, default=16)
+    ap.add_argument("--tasks", nargs="*", default=None, help="lm-eval tasks (accuracy columns)")
+    ap.add_argument("--include_path", default=None, help="lm-eval --include_path for local task yamls")
+    ap.add_argument("--task_limit", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--tmp_dir", default=None, help="where packed checkpoints are written to be measured")
+    ap.add_argument("--report_only", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        return _main(a, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(a, argv) -> int:
+    from utils import tables
+    zetas = [float(z) for z in a.zetas.split(",") if z.strip()]
+    rows = select_rows(paper_rows(a.random_seeds, zetas), a.rows)
+    if a.list_rows:
+        print("\n".join(r["id"] for r in rows))
+        return 0
+    if a.router_reference and len(a.router_reference) != len(a.model):
+        raise UserError(f"--router_reference got {len(a.router_reference)} paths for {len(a.model)} models: "
+                        f"give one per model, in the same order")
+    if not a.router_reference:
+        dropped = [r["id"] for r in rows if r.get("order") == "router_change"]
+        rows = [r for r in rows if r.get("order") != "router_change"]
+        if dropped:
+            print(f"no --router_reference: skipping {len(dropped)} router_change rows")
+    for path in a.model + (a.router_reference or []):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{path} is not a checkpoint directory (no config.json): pass local checkpoints")
+    a.eval_dataset = a.eval_dataset or [a.dataset]
+    os.makedirs(a.out, exist_ok=True)
+    runs_path = os.path.join(a.out, "runs.jsonl")
+    device = torch.device(a.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(a.dtype) or getattr(torch, a.dtype)
+    command = "python reproduce_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not a.report_only:
+        done = {(r["model"], r["row"]) for r in read_runs(runs_path)}
+        todo = [(m, r) for m in a.model for r in rows if (m, r["id"]) not in done]
+        print(f"{len(rows)} rows x {len(a.model)} models: {len(todo)} to run, {len(done)} already in {runs_path}")
+        data_cache: dict[str, ModelData] = {}
+        t_all = time.time()
+        for i, (model_path, row) in enumerate(todo):
+            if model_path not in data_cache:
+                data_cache.clear()
+                data_cache[model_path] = ModelData(model_path, a)
+            md = data_cache[model_path]
+            ref = a.router_reference[a.model.index(model_path)] if a.router_reference else None
+            t0 = time.time()
+            result = run_row(row, md, ref, a, device, dtype)
+            result.update({"row_seconds": time.time() - t0, "group": row["group"], "order": row.get("order"),
+                           "method": row["method"], "device": tables.device_name(device), "command": command,
+                           "calibration": {"source": md.calib_source, "nsamples": a.nsamples, "seqlen": md.seqlen,
+                                           "seed": a.calib_seed},
+                           "eval_windows": {k: int(v.shape[0]) for k, v in md.evals.items()},
+                           "attn_bits": a.attn_bits, "groupsize": a.groupsize})
+            with open(runs_path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            ppl = " ".join(f"{k} {v:.3f}" for k, v in result["ppl"].items())
+            print(f"[{i + 1}/{len(todo)}] {row['id']:<40} {os.path.basename(os.path.dirname(model_path.rstrip('/')))}"
+                  f": avg bits {result['avg_bits']:.3f}, ppl {ppl}, {result['quant_seconds']:.1f}s quantize, "
+                  f"{result['row_seconds']:.1f}s row", flush=True)
+        print(f"grid ran in {time.time() - t_all:.1f}s")
+    runs = [r for r in read_runs(runs_path) if r["row"] in {x["id"] for x in rows} and r["model"] in a.model]
+    if not runs:
+        raise UserError(f"no results in {runs_path} for these models and rows")
+    summary = tables.write_report(runs, rows, a.out, command)
+    print(open(summary).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
