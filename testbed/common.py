@@ -101,13 +101,16 @@ def train(model, batches: Iterator, loss_fn: Callable, steps: int, lr: float, de
 
 @torch.no_grad()
 def causal_lm_loss(model, windows: torch.Tensor, device, batch: int = 16) -> float:
-    """Mean next-token loss of a causal LM over fixed (n, seqlen) windows."""
+    """Mean next-token cross entropy of a causal LM over fixed (n, seqlen) windows
+    (from the logits: a model's .loss may include a router aux loss)."""
     total, count = 0.0, 0
+    dev = torch.device(device)
     for i in range(0, windows.shape[0], batch):
-        ids = windows[i:i + batch].to(device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-            out = model(input_ids=ids, labels=ids)
-        total += out.loss.float().item() * ids[:, 1:].numel()
+        ids = windows[i:i + batch].to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(input_ids=ids).logits
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                   ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
     return total / count
 

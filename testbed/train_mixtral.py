@@ -144,7 +144,11 @@ def main(argv=None) -> int:
     print(f"model: {n_params / 1e6:.2f}M parameters ({p['layers']} layers, {a.experts} experts, top-{a.top_k}, "
           f"hidden {p['hidden']}); device {device_name(a.device)}")
     os.makedirs(a.out, exist_ok=True)
+    # Saved checkpoints do not ask for router logits: with them, transformers adds the
+    # aux loss to .loss, which would then not be the language-model loss.
+    model.config.output_router_logits = False
     save_model(model, tok, os.path.join(a.out, "init"))
+    model.config.output_router_logits = True
     init_state = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("mlp.gate.weight")}
 
     def lm_loss(m, batch):
@@ -158,6 +162,7 @@ def main(argv=None) -> int:
                   desc="train mixtral")
     train_s = time.time() - t0
     model.to("cpu")
+    model.config.output_router_logits = False
     save_model(model, tok, os.path.join(a.out, "trained"))
 
     change = router_norm_change(init_state, model)

@@ -1,0 +1,119 @@
+"""The Mixtral testbed (training) and the results grid (reproduce_tables.py), on tiny
+configs: seconds, not minutes."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA
+
+SMOKE = ["--data", os.path.join(DATA, "python-docs"), "--preset", "smoke", "--train_bytes", "200000"]
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    from testbed.train_mixtral import main
+    out = str(tmp_path_factory.mktemp("testbed") / "s0")
+    assert main(SMOKE + ["--out", out, "--seed", "0", "--steps", "24"]) == 0
+    return out
+
+
+def test_training_saves_init_and_trained_and_learns(testbed):
+    for d in ("init", "trained"):
+        assert os.path.isfile(os.path.join(testbed, d, "config.json"))
+        assert os.path.isfile(os.path.join(testbed, d, "tokenizer.json"))
+    curve = json.load(open(os.path.join(testbed, "loss_curve.json")))
+    assert curve[-1]["step"] == 24 and "val_loss" in curve[-1]
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"] - 0.3
+    info = json.load(open(os.path.join(testbed, "train_info.json")))
+    # the router reference really is the initial model: its router rows give the recorded norms
+    from conftest import load_tiny
+    init, trained = load_tiny(os.path.join(testbed, "init")), load_tiny(os.path.join(testbed, "trained"))
+    for row in info["router_norm_change"]:
+        i = row["layer"]
+        assert torch.allclose(init.model.layers[i].mlp.gate.weight.norm(dim=1), torch.tensor(row["init_norm"]))
+        assert torch.allclose(trained.model.layers[i].mlp.gate.weight.norm(dim=1), torch.tensor(row["trained_norm"]))
+        assert max(abs(c) for c in row["change"]) > 1e-3
+
+
+def test_training_is_deterministic(testbed, tmp_path):
+    from testbed.train_mixtral import main
+    for seed, same in ((0, True), (1, False)):
+        out = str(tmp_path / f"s{seed}")
+        assert main(SMOKE + ["--out", out, "--seed", str(seed), "--steps", "24"]) == 0
+        a = load_file(os.path.join(testbed, "trained", "model.safetensors"))
+        b = load_file(os.path.join(out, "trained", "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, seed
+
+
+def direct_perplexity(model_dir, windows):
+    """exp(mean next-token loss) straight from transformers: what the grid's ppl must equal."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1], w[1:]).item()
+                  for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_two_row_grid_with_lm_eval_and_resume(testbed, tmp_path):
+    from reproduce_tables import ModelData, main
+    from test_packed import write_tasks
+    tasks = write_tasks(tmp_path)
+    out = str(tmp_path / "grid")
+    args = ["--model", os.path.join(testbed, "trained"), "--router_reference", os.path.join(testbed, "init"),
+            "--dataset", os.path.join(DATA, "python-docs"), "--eval_dataset", os.path.join(DATA, "python-docs"),
+            "--out", out, "--rows", "unquantized", "gptq-uniform-3", "--nsamples", "8", "--seqlen", "64",
+            "--groupsize", "32", "--eval_windows", "6", "--tasks", "moeq_mc", "--include_path", tasks]
+    assert main(args) == 0
+    runs = [json.loads(line) for line in open(os.path.join(out, "runs.jsonl"))]
+    assert [r["row"] for r in runs] == ["unquantized", "gptq-uniform-3"]
+    fp, q = runs
+    # perplexity is traceable: the same windows through stock transformers give the same number
+    a = SimpleNamespace(dataset=os.path.join(DATA, "python-docs"), eval_dataset=[os.path.join(DATA, "python-docs")],
+                        nsamples=8, seqlen=64, calib_seed=0, eval_windows=6)
+    windows = ModelData(os.path.join(testbed, "trained"), a).evals["python-docs"]
+    assert fp["ppl"]["python-docs"] == pytest.approx(direct_perplexity(os.path.join(testbed, "trained"), windows),
+                                                     rel=1e-4)
+    assert q["avg_bits"] == 3.0 and q["bits"] == [[3] * 8, [3] * 8]
+    assert q["packed_mib"] < fp["packed_mib"] / 2
+    assert q["ppl"]["python-docs"] != fp["ppl"]["python-docs"]
+    assert 0.0 <= q["tasks"]["moeq_mc/acc"] <= 1.0
+    for f in ("table.md", "results.json", "bits_vs_ppl.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| gptq-uniform-3 | 3.000 |" in table and "moeq_mc/acc" in table
+    # a rerun finds both rows done and runs nothing
+    assert main(args) == 0
+    assert len(open(os.path.join(out, "runs.jsonl")).read().splitlines()) == 2
+
+
+def test_aggregation_means_spread_and_beats_random():
+    from reproduce_tables import paper_rows
+    from utils.tables import aggregate
+    rows = paper_rows(random_seeds=2, zetas=[3.0])
+    run = lambda model, row, ppl: {"model": model, "row": row, "ppl": {"x": ppl}, "avg_bits": 2.0,
+                                   "packed_mib": 1.0, "quant_seconds": 1.0}
+    runs = [run("m0", "mixed-2.0-3/2/1-random-seed0", 10.0), run("m0", "mixed-2.0-3/2/1-random-seed1", 12.0),
+            run("m1", "mixed-2.0-3/2/1-random-seed0", 20.0), run("m1", "mixed-2.0-3/2/1-random-seed1", 22.0),
+            run("m0", "mixed-2.0-3/2/1-router", 10.5), run("m1", "mixed-2.0-3/2/1-router", 21.5)]
+    lines = {line["id"]: line for line in aggregate(runs, rows)}
+    rnd = lines["mixed-2.0-3/2/1-random"]["ppl"]["x"]
+    assert rnd["n"] == 4 and rnd["mean"] == 16.0
+    assert rnd["sd"] == pytest.approx(torch.tensor([10.0, 12, 20, 22]).std().item())
+    # router beats its own model's random mean on m0 (10.5 < 11) but not on m1 (21.5 > 21)
+    assert lines["mixed-2.0-3/2/1-router"]["beats_random"] == {"eval": "x", "wins": 1, "models": 2}
+
+
+def test_grid_rows_cover_the_paper_settings():
+    from reproduce_tables import paper_rows
+    ids = [r["id"] for r in paper_rows(random_seeds=3, zetas=[1, 3, 5])]
+    assert len(ids) == len(set(ids))
+    for expected in ("unquantized", "rtn-uniform-2", "gptq-uniform-4", "mixed-2.5-3/2-router_change",
+                     "mixed-2.0-3/1-combined", "mixed-2.0-3/2/1-random-seed2", "mixed-2.0-3/2/1-combined-zeta5"):
+        assert expected in ids
+    assert "mixed-2.0-3/2/1-combined-zeta3" not in ids   # the combined row is zeta 3
