@@ -249,7 +249,7 @@ def _main(a, argv) -> int:
         rows = [r for r in rows if r.get("order") != "router_change"]
         if dropped:
             print(f"no --router_reference: skipping {len(dropped)} router_change rows")
-    for path in a.model + (a.router_reference or []):
+    for path in [] if a.report_only else a.model + (a.router_reference or []):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"{path} is not a checkpoint directory (no config.json): pass local checkpoints")
     a.eval_dataset = a.eval_dataset or [a.dataset]

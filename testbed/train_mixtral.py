@@ -48,7 +48,7 @@ def build_model(p: dict, vocab_size: int, experts: int, top_k: int, aux_coef: fl
                         num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
                         num_key_value_heads=p["kv_heads"], num_local_experts=experts, num_experts_per_tok=top_k,
                         max_position_embeddings=max(2048, p["seqlen"]), sliding_window=None,
-                        tie_word_embeddings=False, output_router_logits=True, router_aux_loss_coef=aux_coef,
+                        tie_word_embeddings=False, output_router_logits=aux_coef > 0, router_aux_loss_coef=aux_coef,
                         bos_token_id=0, eos_token_id=1, pad_token_id=1, dtype="float32")
     return MixtralForCausalLM(cfg)
 
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     # aux loss to .loss, which would then not be the language-model loss.
     model.config.output_router_logits = False
     save_model(model, tok, os.path.join(a.out, "init"))
-    model.config.output_router_logits = True
+    model.config.output_router_logits = a.aux_loss_coef > 0
     init_state = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("mlp.gate.weight")}
 
     def lm_loss(m, batch):
