@@ -30,7 +30,7 @@ def router_norm(router_weight: torch.Tensor, reference: torch.Tensor | None = No
         if reference.shape != router_weight.shape:
             raise ValueError(f"router reference has shape {tuple(reference.shape)}, the model's router "
                              f"{tuple(router_weight.shape)}: pass a checkpoint of the same architecture")
-        norms = norms - reference.float().norm(dim=1)
+        norms = norms - reference.to(norms.device).float().norm(dim=1)  # references are read to the host
     return norms.tolist()
 
 

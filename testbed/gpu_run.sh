@@ -6,7 +6,8 @@
 # Locally: copy runs.jsonl into a results folder and rebuild the table with
 #   python reproduce_tables.py --model runs/mixtral-gpu-s{0,1,2}/trained --dataset x --out DIR --report_only
 set -uo pipefail
-out=${1:?usage: testbed/gpu_run.sh OUT}
+out=${1:?usage: testbed/gpu_run.sh OUT [reproduce_tables.py args]}
+shift
 data=${MOEQ_DATA:-../shared/data}
 steps=${STEPS:-1000}
 mkdir -p "$out" logs
