@@ -59,7 +59,24 @@ def aggregate(runs: list[dict], rows: list[dict]) -> list[dict]:
             line["tasks"] = {t: stats([r.get("tasks", {}).get(t) for r in g["runs"]]) for t in tasks}
         lines.append(line)
     _beats_random(lines, runs)
+    _paired_delta(lines, runs)
     return lines
+
+
+def _paired_delta(lines: list[dict], runs: list[dict]) -> None:
+    """Perplexity minus the same model's unquantized perplexity, per run: training seeds
+    differ far more from each other than rows do, so differences are compared in pairs."""
+    base = {r["model"]: r["ppl"] for r in runs if r["row"] == "unquantized"}
+    by_line = {}
+    for r in runs:
+        by_line.setdefault(base_id(r["row"]), []).append(r)
+    for line in lines:
+        if line["id"] == "unquantized":
+            continue
+        paired = [r for r in by_line.get(line["id"], []) if r["model"] in base]
+        if paired:
+            line["delta_ppl"] = {e: stats([r["ppl"][e] - base[r["model"]][e] for r in paired if e in base[r["model"]]])
+                                 for e in line["ppl"]}
 
 
 def _beats_random(lines: list[dict], runs: list[dict]) -> None:
@@ -108,10 +125,11 @@ def markdown(lines: list[dict], runs: list[dict], command: str) -> str:
            + ", ".join(f"{k}: {v} windows" for k, v in first["eval_windows"].items()) + ")",
            "- values: mean ± sample sd over models (training seeds) and, for `random`, random-order seeds; "
            "`beats random`: on how many models the row's perplexity (first eval set) is below the mean of the "
-           "random orders of the same setting",
+           "random orders of the same setting; `Δ ppl`: the row's perplexity minus the unquantized one of the same model "
+           "(paired, so the spread between training seeds cancels)",
            "- avg bits: expert weights only (the unquantized row: the checkpoint's storage width); packed MiB: "
            "size of the packed checkpoint on disk (unquantized: the checkpoint's safetensors)", ""]
-    head = ["row", "avg bits"] + [f"ppl {e}" for e in evals] + tasks + ["packed MiB", "quantize s", "beats random",
+    head = ["row", "avg bits"] + [f"ppl {e}" for e in evals] + [f"Δ ppl {e}" for e in evals] + tasks + ["packed MiB", "quantize s", "beats random",
                                                                          "runs"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     group = None
@@ -121,6 +139,7 @@ def markdown(lines: list[dict], runs: list[dict], command: str) -> str:
             out.append(f"| **{group}** |" + " |" * (len(head) - 1))
         br = line.get("beats_random")
         cells = [line["id"], _fmt(line["avg_bits"], 3)] + [_fmt(line["ppl"].get(e, {"n": 0})) for e in evals] \
+            + [_fmt(line.get("delta_ppl", {}).get(e, {"n": 0})) for e in evals] \
             + [_fmt(line.get("tasks", {}).get(t, {"n": 0}), 3) for t in tasks] \
             + [_fmt(line["packed_mib"]), _fmt(line["quant_seconds"], 1),
                f"{br['wins']}/{br['models']}" if br else "", str(line["runs"])]
@@ -140,10 +159,11 @@ def pivot(lines: list[dict], eval_name: str) -> str:
             settings.append(setting)
         if line["order"] not in orders:
             orders.append(line["order"])
-        cell[(line["order"], setting)] = line["ppl"].get(eval_name, {"n": 0})
+        cell[(line["order"], setting)] = line.get("delta_ppl", line["ppl"]).get(eval_name, {"n": 0})
     if not settings:
         return ""
-    out = [f"## Expert order x setting: perplexity on {eval_name} (lower is better)", "",
+    out = [f"## Expert order x setting: perplexity increase over unquantized on {eval_name} (paired; lower is "
+           f"better)", "",
            "| order | " + " | ".join(s.replace("-", " bits, ") for s in settings) + " |",
            "|---|" + "---|" * len(settings)]
     for order in orders:
