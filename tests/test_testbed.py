@@ -100,13 +100,17 @@ def test_aggregation_means_spread_and_beats_random():
                                    "packed_mib": 1.0, "quant_seconds": 1.0}
     runs = [run("m0", "mixed-2.0-3/2/1-random-seed0", 10.0), run("m0", "mixed-2.0-3/2/1-random-seed1", 12.0),
             run("m1", "mixed-2.0-3/2/1-random-seed0", 20.0), run("m1", "mixed-2.0-3/2/1-random-seed1", 22.0),
-            run("m0", "mixed-2.0-3/2/1-router", 10.5), run("m1", "mixed-2.0-3/2/1-router", 21.5)]
+            run("m0", "mixed-2.0-3/2/1-router", 10.5), run("m1", "mixed-2.0-3/2/1-router", 21.5),
+            run("m0", "unquantized", 9.0), run("m1", "unquantized", 19.0)]
     lines = {line["id"]: line for line in aggregate(runs, rows)}
     rnd = lines["mixed-2.0-3/2/1-random"]["ppl"]["x"]
     assert rnd["n"] == 4 and rnd["mean"] == 16.0
     assert rnd["sd"] == pytest.approx(torch.tensor([10.0, 12, 20, 22]).std().item())
     # router beats its own model's random mean on m0 (10.5 < 11) but not on m1 (21.5 > 21)
     assert lines["mixed-2.0-3/2/1-router"]["beats_random"] == {"eval": "x", "wins": 1, "models": 2}
+    # paired with each model's own unquantized perplexity: 1.5 and 2.5
+    delta = lines["mixed-2.0-3/2/1-router"]["delta_ppl"]["x"]
+    assert delta["mean"] == 2.0 and delta["n"] == 2 and delta["sd"] == pytest.approx(0.5 ** 0.5)
 
 
 def test_grid_rows_cover_the_paper_settings():
