@@ -172,38 +172,43 @@ def pivot(lines: list[dict], eval_name: str) -> str:
 
 
 def plot(lines: list[dict], path: str) -> bool:
-    """Average expert bits vs perplexity, one panel per eval set. False without matplotlib."""
+    """Average expert bits vs perplexity increase over unquantized (paired, mean ± sd),
+    one panel per eval set; three-level settings as x, two-level ones as + (shifted
+    right). False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    evals = sorted({name for line in lines for name in line["ppl"]})
+    evals = sorted({name for line in lines for name in line.get("delta_ppl", {})})
     if not evals:
         return False
     fig, axes = plt.subplots(1, len(evals), figsize=(6.5 * len(evals), 4.8), squeeze=False)
-    orders = [o for o in dict.fromkeys(line["order"] for line in lines if line["id"].startswith("mixed-"))]
+    mixed = [line for line in lines if line["id"].startswith("mixed-") and "zeta" not in line["id"]]
+    orders = list(dict.fromkeys(line["order"] for line in mixed))
+    colors = {o: f"C{k + 2}" for k, o in enumerate(orders)}
     for ax, ev in zip(axes[0], evals):
+        y = lambda p: p["delta_ppl"][ev]["mean"]
+        err = lambda p: p["delta_ppl"][ev]["sd"]
         for method, style in (("rtn", "s--"), ("gptq", "o-")):
-            pts = [line for line in lines if line["id"].startswith(f"{method}-uniform-")]
+            pts = [line for line in lines if line["id"].startswith(f"{method}-uniform-") and ev in line.get("delta_ppl", {})]
             if pts:
-                ax.errorbar([p["avg_bits"]["mean"] for p in pts], [p["ppl"][ev]["mean"] for p in pts],
-                            yerr=[p["ppl"][ev]["sd"] for p in pts], fmt=style, capsize=3, label=f"{method} uniform")
+                ax.errorbar([p["avg_bits"]["mean"] for p in pts], [y(p) for p in pts], yerr=[err(p) for p in pts],
+                            fmt=style, capsize=3, label=f"{method} uniform")
         for k, order in enumerate(orders):
-            pts = [line for line in lines if line["id"].startswith("mixed-") and line["order"] == order
-                   and "zeta" not in line["id"] and ev in line["ppl"]]
-            if pts:
-                dx = (k - len(orders) / 2) * 0.012   # side by side at the same average
-                ax.errorbar([p["avg_bits"]["mean"] + dx for p in pts], [p["ppl"][ev]["mean"] for p in pts],
-                            yerr=[p["ppl"][ev]["sd"] for p in pts], fmt="x", capsize=2, label=f"mixed: {order}")
-        fp = next((line for line in lines if line["id"] == "unquantized" and ev in line["ppl"]), None)
-        if fp:
-            ax.axhline(fp["ppl"][ev]["mean"], color="k", ls=":", label="unquantized")
-        ax.set_yscale("log")
-        ax.set_xlabel("average bits per expert weight")
-        ax.set_ylabel(f"perplexity ({ev} test)")
-        ax.set_title(ev)
+            for two_level in (False, True):
+                pts = [line for line in mixed if line["order"] == order and ev in line.get("delta_ppl", {})
+                       and (line["id"].count("/") == 1) == two_level]
+                if pts:
+                    dx = (k - len(orders) / 2) * 0.012 + (0.15 if two_level else 0.0)
+                    ax.errorbar([p["avg_bits"]["mean"] + dx for p in pts], [y(p) for p in pts],
+                                yerr=[err(p) for p in pts], fmt="+" if two_level else "x", color=colors[order],
+                                capsize=2, label=f"mixed: {order}" if not two_level else None)
+        ax.axhline(0.0, color="k", ls=":", label="unquantized")
+        ax.set_xlabel("average bits per expert weight (mixed: x three levels, + two levels, shifted right)")
+        ax.set_ylabel(f"perplexity increase over unquantized ({ev} test)")
+        ax.set_title(f"{ev} (paired mean ± sd over runs)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
