@@ -192,8 +192,14 @@ def lm_eval_scores(model, tokenizer, a) -> dict:
 def read_runs(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
+    runs = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            try:
+                runs.append(json.loads(line)) if line.strip() else None
+            except json.JSONDecodeError:  # a run killed mid-write (e.g. by a time limit): that row runs again
+                print(f"{path}:{n}: unreadable line skipped")
+    return runs
 
 
 def main(argv=None) -> int:
