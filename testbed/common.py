@@ -7,6 +7,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from typing import Callable, Iterator
 
 # cuBLAS needs this before CUDA is initialised to be deterministic.
@@ -70,18 +71,8 @@ def train(model, batches: Iterator, loss_fn: Callable, steps: int, lr: float, de
     curve, running, n, t0 = [], 0.0, 0, time.time()
     bar = tqdm(range(steps), desc=desc)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        batch = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}: lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running += loss.item()
+        with deterministic_attention(device):
+            running += _step(model, opt, loss_fn, next(batches), step, steps, lr, warmup, device, desc)
         n += 1
         last = step == steps - 1
         if (step + 1) % log_every == 0 or last:
@@ -97,6 +88,30 @@ def train(model, batches: Iterator, loss_fn: Callable, steps: int, lr: float, de
             running, n = 0.0, 0
     model.eval()
     return curve
+
+
+def deterministic_attention(device: torch.device):
+    """On CUDA, the math kernel for scaled_dot_product_attention: the cuDNN, flash and
+    memory-efficient backward passes accumulate with atomics, so the same seed gave
+    different weights (valid loss 3.418 vs 3.422 after 800 steps on an H100)."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _step(model, opt, loss_fn, batch, step: int, steps: int, lr: float, warmup: int, device, desc: str) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, steps, lr, warmup)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = loss_fn(model, batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}: lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
 
 
 @torch.no_grad()
