@@ -202,6 +202,17 @@ def read_runs(path: str) -> list[dict]:
     return runs
 
 
+def append_run(path: str, result: dict) -> None:
+    """One line per run; after a line cut short by a kill, start on a fresh line."""
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(result) + "\n").encode())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", required=True, help="one or more checkpoints (e.g. training seeds)")
@@ -284,8 +295,7 @@ def _main(a, argv) -> int:
                                            "seed": a.calib_seed},
                            "eval_windows": {k: int(v.shape[0]) for k, v in md.evals.items()},
                            "attn_bits": a.attn_bits, "groupsize": a.groupsize})
-            with open(runs_path, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_run(runs_path, result)
             ppl = " ".join(f"{k} {v:.3f}" for k, v in result["ppl"].items())
             print(f"[{i + 1}/{len(todo)}] {row['id']:<40} {os.path.basename(os.path.dirname(model_path.rstrip('/')))}"
                   f": avg bits {result['avg_bits']:.3f}, ppl {ppl}, {result['quant_seconds']:.1f}s quantize, "

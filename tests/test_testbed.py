@@ -90,6 +90,15 @@ def test_two_row_grid_with_lm_eval_and_resume(testbed, tmp_path):
     # a rerun finds both rows done and runs nothing
     assert main(args) == 0
     assert len(open(os.path.join(out, "runs.jsonl")).read().splitlines()) == 2
+    # a run killed while writing its line: the cut line is skipped, that row runs again
+    # and its new line stands on its own
+    lines = open(os.path.join(out, "runs.jsonl")).read().splitlines()
+    with open(os.path.join(out, "runs.jsonl"), "w") as f:
+        f.write(lines[0] + "\n" + lines[1][:40])
+    assert main(args) == 0
+    rerun = [json.loads(line) for line in open(os.path.join(out, "runs.jsonl")).read().splitlines()[2:]]
+    assert [r["row"] for r in rerun] == ["gptq-uniform-3"]
+    assert rerun[0]["ppl"]["python-docs"] == pytest.approx(q["ppl"]["python-docs"], rel=1e-5)
 
 
 def test_aggregation_means_spread_and_beats_random():
