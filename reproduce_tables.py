@@ -35,13 +35,12 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from quant import allocation  # noqa: E402
-from utils.cli import UserError, router_reference_weights  # noqa: E402
+from moeq.api import evaluate_unquantized, prepare_data, quantize
+from moeq.config import ConfigError, QuantConfig, RunConfig
 
 ORDERS = ["router", "router_change", "variance", "combined", "random", "frequency", "routing_weight",
           "reverse_router"]
@@ -80,98 +79,75 @@ def select_rows(rows: list[dict], patterns: list[str] | None) -> list[dict]:
         return rows
     keep = [r for r in rows if any(fnmatch.fnmatchcase(r["id"], p) for p in patterns)]
     if not keep:
-        raise UserError(f"--rows {' '.join(patterns)} matches no row id; ids look like "
-                        f"{', '.join(r['id'] for r in rows[:3])}, ... (see --list_rows)")
+        raise ConfigError(f"--rows {' '.join(patterns)} matches no row id; ids look like "
+                          f"{', '.join(r['id'] for r in rows[:3])}, ... (see --list_rows)")
     return keep
 
 
-def quant_config(row: dict, a, num_experts: int, reference):
-    from utils.pipeline import QuantConfig
+def quant_config(row: dict, a) -> QuantConfig:
     high, mid, low = row["levels"]
-    if row["order"] == "uniform":
-        counts = {int(row["avg_bits"]): num_experts}
-    else:
-        counts = allocation.level_counts(num_experts, row["avg_bits"], high, low, mid)
     order = {"router_change": "router", "uniform": "router"}.get(row["order"], row["order"])
-    return QuantConfig(method=row["method"], order_type=order, zeta=row.get("zeta", 3.0), avg_bits=row["avg_bits"],
-                       high_bits=high, mid_bits=mid, low_bits=low, level_counts={b: n for b, n in counts.items() if n},
-                       attn_bits=None if a.attn_bits >= 16 else a.attn_bits, groupsize=a.groupsize,
-                       seed=row.get("seed", 0), batch_size=a.batch_size, min_expert_tokens=a.min_expert_tokens,
-                       router_reference=reference if row["order"] == "router_change" else None)
+    return QuantConfig(method=row["method"], mixed_type="uniform" if row["order"] == "uniform" else "mixed",
+                       order_type=order, zeta=row.get("zeta", 3.0), avg_bits=row["avg_bits"], high_bits=high,
+                       mid_bits=mid, low_bits=low, attn_bits=None if a.attn_bits >= 16 else a.attn_bits,
+                       groupsize=a.groupsize, seed=row.get("seed", 0), batch_size=a.batch_size,
+                       min_expert_tokens=a.min_expert_tokens)
+
+
+def run_config(model_path: str, a, quant: QuantConfig | None = None, **kw) -> RunConfig:
+    return RunConfig(model=model_path, quant=quant or QuantConfig(), dataset=a.dataset,
+                     eval_datasets=tuple(a.eval_dataset), nsamples=a.nsamples, seqlen=a.seqlen, seed=a.calib_seed,
+                     device=a.device, dtype=a.dtype, evaluate=True, verbose=False, **kw)
 
 
 class ModelData:
-    """Per model: tokenizer, calibration windows and evaluation windows (made once)."""
+    """Per model: calibration windows and evaluation windows (tokenized once for all rows)."""
 
     def __init__(self, path: str, a):
         from transformers import AutoConfig, AutoTokenizer
-
-        from utils import data
         self.path = path
         self.config = AutoConfig.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        seqlen = min(a.seqlen, getattr(self.config, "max_position_embeddings", a.seqlen) or a.seqlen)
-        try:
-            calib_text = data.load_text(a.dataset)
-            self.calib = data.calibration_windows(data.tokenize(self.tokenizer, calib_text.train), a.nsamples,
-                                                  seqlen, a.calib_seed)
-            self.evals = {}
-            for ds in a.eval_dataset:
-                text = data.load_text(ds)
-                windows = data.eval_windows(data.tokenize(self.tokenizer, text.test), seqlen)
-                self.evals[text.name] = windows[: a.eval_windows] if a.eval_windows else windows
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(str(e))
-        self.calib_source = calib_text.source
-        self.seqlen = seqlen
+        self.data = prepare_data(run_config(path, a))
+        if a.eval_windows:
+            self.data.evals = {k: v[: a.eval_windows] for k, v in self.data.evals.items()}
+        self.calib_source = self.data.info["source"]
+        self.seqlen = self.data.info["seqlen"]
+        self.evals = self.data.evals
 
 
-def load_streamed(path: str, dtype, device):
-    """The model from its shards, block by block (blocks stay on the host after use)."""
-    from utils.families import family_for
-    from utils.loading import BlockLoader, TensorSource, load_skeleton
-    model = load_skeleton(path, dtype, "sdpa")
-    family = family_for(model)
-    loader = BlockLoader(family, device, TensorSource(path), dtype, keep=True)
-    loader.materialize_rest(model)
-    return model, family, loader
-
-
-def run_row(row: dict, md: ModelData, reference_path: str | None, a, device, dtype) -> dict:
-    from utils import checkpoint
-    from utils.perplexity import perplexity
-    from utils.pipeline import quantize_model
-    model, family, loader = load_streamed(md.path, dtype, device)
+def run_row(row: dict, md: ModelData, reference_path: str | None, a) -> dict:
+    """One grid cell: the model quantized as the row says (packed checkpoint written to a
+    temporary directory to measure it), perplexity of the fake-quantized model (equal to the
+    packed one's, tests/test_packed.py) on every eval set."""
     out = {"model": md.path, "row": row["id"]}
-    if row["method"] is not None:
-        moes = [family.moe(b, n) for n, b in family.blocks(model)]
-        num_experts = next(m.num_experts for m in moes if m is not None)
-        reference = None
-        if row["order"] == "router_change":
-            reference = router_reference_weights(reference_path, model, family)
-        cfg = quant_config(row, a, num_experts, reference)
-        t0 = time.time()
-        report = quantize_model(model, family, md.calib, cfg, device, device, loader)
-        out["quant_seconds"] = time.time() - t0
-        tmp = tempfile.mkdtemp(prefix="grid-packed-", dir=a.tmp_dir)
-        try:
-            sizes = checkpoint.save_packed(model, report, tmp, cfg.groupsize, cfg.sym)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        out.update({"avg_bits": report.avg_expert_bits(), "packed_mib": sizes["disk_bytes"] / 2**20,
-                    "level_counts": {str(b): n for b, n in cfg.level_counts.items()},
-                    "bits": [layer["bits"] for layer in report.layers],
-                    "starved_experts": len(report.starved)})
-    else:
+    if row["method"] is None:
         stored = getattr(md.config, "dtype", None) or "float32"   # the checkpoint's storage width
         out.update({"avg_bits": float(torch.finfo(getattr(torch, str(stored).replace("torch.", ""))).bits),
                     "quant_seconds": 0.0,
                     "packed_mib": sum(os.path.getsize(os.path.join(md.path, f)) for f in os.listdir(md.path)
                                       if f.endswith(".safetensors")) / 2**20})
-    out["ppl"] = {name: perplexity(model, family, windows, device, a.batch_size, loader=loader, desc=f"ppl {name}")
-                  for name, windows in md.evals.items()}
+        out["ppl"] = evaluate_unquantized(run_config(md.path, a), md.data)["ppl"]
+        if a.tasks:
+            from transformers import AutoModelForCausalLM
+            out["tasks"] = lm_eval_scores(AutoModelForCausalLM.from_pretrained(md.path).eval(), md.tokenizer, a)
+        return out
+    tmp = tempfile.mkdtemp(prefix="grid-packed-", dir=a.tmp_dir)
+    try:
+        reference = reference_path if row["order"] == "router_change" else None
+        result = quantize(run_config(md.path, a, quant_config(row, a), router_reference=reference,
+                                     saving_path=os.path.join(tmp, "ckpt"), keep_model=True), md.data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out.update({"avg_bits": result.avg_bits, "packed_mib": result.sizes["disk_bytes"] / 2**20,
+                "quant_seconds": result.seconds["quantize"],
+                "level_counts": {str(b): n for b, n in sorted(Counter(result.report.layers[0]["bits"]).items())},
+                "bits": [layer["bits"] for layer in result.report.layers],
+                "scores": [layer["scores"] for layer in result.report.layers],
+                "starved_experts": len(result.report.starved),
+                "ppl": result.evaluation["quantized"]["ppl"]})
     if a.tasks:
-        out["tasks"] = lm_eval_scores(model, md.tokenizer, a)
+        out["tasks"] = lm_eval_scores(result.model, md.tokenizer, a)
     return out
 
 
@@ -180,7 +156,7 @@ def lm_eval_scores(model, tokenizer, a) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    model.to(a.device)
+    model.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=a.batch_size)
     res = lm_eval.simple_evaluate(model=lm, tasks=a.tasks, task_manager=TaskManager(include_path=a.include_path),
                                   limit=a.task_limit)["results"]
@@ -246,20 +222,20 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         return _main(a, argv)
-    except UserError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def _main(a, argv) -> int:
-    from utils import tables
+    from moeq.utils import tables
     zetas = [float(z) for z in a.zetas.split(",") if z.strip()]
     rows = select_rows(paper_rows(a.random_seeds, zetas), a.rows)
     if a.list_rows:
         print("\n".join(r["id"] for r in rows))
         return 0
     if a.router_reference and len(a.router_reference) != len(a.model):
-        raise UserError(f"--router_reference got {len(a.router_reference)} paths for {len(a.model)} models: "
+        raise ConfigError(f"--router_reference got {len(a.router_reference)} paths for {len(a.model)} models: "
                         f"give one per model, in the same order")
     if not a.router_reference:
         dropped = [r["id"] for r in rows if r.get("order") == "router_change"]
@@ -268,12 +244,13 @@ def _main(a, argv) -> int:
             print(f"no --router_reference: skipping {len(dropped)} router_change rows")
     for path in [] if a.report_only else a.model + (a.router_reference or []):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"{path} is not a checkpoint directory (no config.json): pass local checkpoints")
+            raise ConfigError(f"{path} is not a checkpoint directory (no config.json): pass local checkpoints")
     a.eval_dataset = a.eval_dataset or [a.dataset]
     os.makedirs(a.out, exist_ok=True)
     runs_path = os.path.join(a.out, "runs.jsonl")
     device = torch.device(a.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(a.dtype) or getattr(torch, a.dtype)
+    if a.dtype == "auto":  # the grid computes in bf16 on GPUs whatever the checkpoints store
+        a.dtype = "bfloat16" if device.type == "cuda" else "float32"
     command = "python reproduce_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not a.report_only:
         done = {(r["model"], r["row"]) for r in read_runs(runs_path)}
@@ -288,7 +265,7 @@ def _main(a, argv) -> int:
             md = data_cache[model_path]
             ref = a.router_reference[a.model.index(model_path)] if a.router_reference else None
             t0 = time.time()
-            result = run_row(row, md, ref, a, device, dtype)
+            result = run_row(row, md, ref, a)
             result.update({"row_seconds": time.time() - t0, "group": row["group"], "order": row.get("order"),
                            "method": row["method"], "device": tables.device_name(device), "command": command,
                            "calibration": {"source": md.calib_source, "nsamples": a.nsamples, "seqlen": md.seqlen,
@@ -303,7 +280,7 @@ def _main(a, argv) -> int:
         print(f"grid ran in {time.time() - t_all:.1f}s")
     runs = [r for r in read_runs(runs_path) if r["row"] in {x["id"] for x in rows} and r["model"] in a.model]
     if not runs:
-        raise UserError(f"no results in {runs_path} for these models and rows")
+        raise ConfigError(f"no results in {runs_path} for these models and rows")
     summary = tables.write_report(runs, rows, a.out, command)
     print(open(summary).read())
     return 0

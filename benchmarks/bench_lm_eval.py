@@ -23,7 +23,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def make_task(data_dir, task_dir, n_docs):
@@ -103,7 +102,7 @@ def main():
     fp, q = os.path.join(a.workdir, "fp16"), os.path.join(a.workdir, "packed")
     sh([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quantize.py"), "--layers", str(a.layers),
         "--_stage", "make", "--_path", fp])
-    from utils.tiny import train_tokenizer
+    from moeq.utils.tiny import train_tokenizer
     tok = train_tokenizer(open(os.path.join(a.data, "pydocs_train.txt"), encoding="utf-8").read(), 8000)
     tok.save_pretrained(fp)
     n_req = make_task(a.data, task_dir, a.docs)

@@ -23,8 +23,6 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def make_checkpoint(a, path):
@@ -79,11 +77,12 @@ def _host_peak_gib(reset: bool = False) -> float:
 
 def run(a, path):
     import torch
-    from quant.gptq import gptq_quantize
-    from utils.checkpoint import ShardWriter, save_packed
-    from utils.families import family_for
-    from utils.loading import BlockLoader, TensorSource, load_skeleton
-    from utils.pipeline import QuantConfig, phase, quantize_model
+    from moeq.config import QuantConfig, parse_size
+    from moeq.quant.format import ShardWriter
+    from moeq.quant.gptq import gptq_quantize
+    from moeq.utils.families import family_for
+    from moeq.utils.loading import BlockLoader, TensorSource, load_skeleton
+    from moeq.utils.pipeline import phase, quantize_model
 
     device = torch.device(a.device)
     t0 = time.time()
@@ -113,17 +112,17 @@ def run(a, path):
                 reference[f"{name}[{e}]"] = (float(res["loss"][e]), float(one.loss[0]))
 
     cfg = QuantConfig(order_type="combined", avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, attn_bits=4,
-                      groupsize=128, batch_size=a.batch_size, on_experts=check)
+                      groupsize=128, batch_size=a.batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     act = torch.device("cpu") if a.offload_activations else device
     out = tempfile.mkdtemp(dir=a.workdir)
-    writer = ShardWriter(out, a.shard_size)  # packed tensors stream to disk as they are made
+    writer = ShardWriter(out, 128, False, parse_size(a.shard_size))  # packed tensors stream to disk as made
     t0 = time.time()
-    report = quantize_model(model, family, windows, cfg, device, act, loader, writer)
+    report = quantize_model(model, family, windows, cfg, device, act, loader, writer, on_experts=check)
     quant_s = time.time() - t0
     with phase(report, "save_packed", device):
-        sizes = save_packed(model, report, out, 128, False, writer=writer)
+        sizes = writer.finish(model.config.to_dict())
     kinds = {}
     for row in report.modules:
         kind = row["name"].split(".")[-1].split("[")[0]

@@ -5,16 +5,20 @@
 3. a tiny Mixtral quantized on CUDA: packed model logits == fake-quantized logits.
     python benchmarks/check_gpu.py
 """
-import os
-import sys
 import tempfile
 
 import torch
+from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import quant.gptq as gptq  # noqa: E402
-from quant.packing import dequantize_packed, pack_codes, unpack_codes  # noqa: E402
-from quant.triton_dequant import dequantize_triton  # noqa: E402
+import moeq.quant.gptq as gptq
+from moeq.config import QuantConfig
+from moeq.inference import load_quantized_model
+from moeq.quant.format import ShardWriter
+from moeq.quant.packing import dequantize_packed, pack_codes, unpack_codes
+from moeq.quant.triton_dequant import dequantize_triton
+from moeq.utils.families import family_for
+from moeq.utils.pipeline import quantize_model
+from moeq.utils.tiny import build_tiny_mixtral
 
 dev = torch.device("cuda")
 torch.manual_seed(0)
@@ -36,32 +40,25 @@ for bits in (1, 2, 3, 4, 8):
     zeros = torch.randn(rows, groups, device=dev).half() if bits == 1 else \
         pack_codes(torch.randint(0, 2 ** bits, (rows, groups), device=dev), bits)
     zero = zeros.float() if bits == 1 else unpack_codes(zeros, bits, groups).float()
-    ref = dequantize_packed(q, scales, zeros, bits, cols, torch.float16)
+    ref = dequantize_packed(q, scales, zero, bits, cols, torch.float16)
     got = dequantize_triton(q, scales, zero, bits, cols, torch.float16)
     assert torch.equal(ref, got), bits
     t = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-    t[0].record(); [dequantize_packed(q, scales, zeros, bits, cols, torch.float16) for _ in range(10)]; t[1].record()
+    t[0].record(); [dequantize_packed(q, scales, zero, bits, cols, torch.float16) for _ in range(10)]; t[1].record()
     t[2].record(); [dequantize_triton(q, scales, zero, bits, cols, torch.float16) for _ in range(10)]; t[3].record()
     torch.cuda.synchronize()
     print(f"2. dequant {bits}-bit {rows}x{cols}: triton == eager; eager {t[0].elapsed_time(t[1]) / 10:.3f} ms, "
           f"triton {t[2].elapsed_time(t[3]) / 10:.3f} ms")
-
-from transformers import AutoTokenizer  # noqa: E402
-from utils import checkpoint  # noqa: E402
-from utils.families import family_for  # noqa: E402
-from utils.pipeline import QuantConfig, quantize_model  # noqa: E402
-from utils.tiny import build_tiny_mixtral  # noqa: E402
-from inference import load_quantized_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 d = tempfile.mkdtemp()
 build_tiny_mixtral(d, "def f(x):\n    return x + 1\n" * 2000, vocab_size=300, hidden_size=256, intermediate_size=512)
 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 vocab = model.config.vocab_size
 windows = torch.randint(0, vocab, (8, 128))
-report = quantize_model(model, family_for(model), windows, QuantConfig(groupsize=128, batch_size=4), dev)
 out = tempfile.mkdtemp()
-checkpoint.save_packed(model, report, out, 128, False)
+writer = ShardWriter(out, 128, False, 1 << 30)
+quantize_model(model, family_for(model), windows, QuantConfig(groupsize=128, batch_size=4), dev, sink=writer)
+writer.finish(model.config.to_dict())
 packed = load_quantized_model(out, device_map="cuda", dtype=torch.float32)
 model.to(dev)
 ids = torch.randint(0, vocab, (2, 64), device=dev)

@@ -14,7 +14,6 @@ from collections import Counter
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main():
@@ -26,13 +25,13 @@ def main():
     fp, q = os.path.join(a.workdir, "fp16"), os.path.join(a.workdir, "packed")
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quantize.py"), "--layers", str(a.layers),
                     "--_stage", "make", "--_path", fp], check=True)
-    from utils.tiny import train_tokenizer
+    from moeq.utils.tiny import train_tokenizer
     train_tokenizer(open(os.path.join(a.data, "pydocs_train.txt"), encoding="utf-8").read(), 4000).save_pretrained(fp)
     subprocess.run([sys.executable, os.path.join(ROOT, "quantize_mixtral.py"), "--model", fp, "--avg_bits", "2.0",
                     "--high_bit_level", "3", "--mid_bit_level", "2", "--low_bit_level", "1", "--dataset",
                     os.path.join(a.data, "wikitext-2"), "--nsamples", "32", "--pack", "--save", "--saving_path", q,
                     "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-    from inference import load_quantized_model
+    from moeq.inference import load_quantized_model
     one = load_quantized_model(q, device_map="cuda:0", dtype=torch.float16)
     ids = torch.randint(0, one.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -48,8 +47,7 @@ def main():
     print(f"multi-GPU vs single-GPU logits: max |diff| {(got - ref).abs().max().item():.3e}")
     assert len([d for d in spread if d not in ("cpu", "disk")]) >= 2, spread
     assert torch.allclose(got, ref, atol=1e-2, rtol=0), (got - ref).abs().max()
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from bench_lm_eval import make_task
+    from bench_lm_eval import make_task  # beside this script
     task_dir = os.path.join(a.workdir, "tasks")
     make_task(a.data, task_dir, 50)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

@@ -1,40 +1,15 @@
-"""Dense bit packing and the packed checkpoint format (version 1).
+"""Dense bit packing of integer codes, and dequantization of one packed matrix.
 
-Bit packing
------------
 Integer codes of ``b`` bits (b in 1, 2, 3, 4, 8) along the last dimension are padded
 with zeros to a multiple of 8 codes; every 8 consecutive codes c0..c7 form one
 little-endian integer of 8*b bits,  v = sum_k c_k << (b*k),  stored as ``b`` bytes
 (byte j = (v >> 8j) & 0xff). A row of C codes takes ceil(C/8)*b bytes: exactly b
-bits per weight, for every b, including 3.
-
-Checkpoint (a directory)
-------------------------
-- ``config.json``: the model's transformers config plus ``quantization_config``:
-  {"quant_method": "moeq", "format": "moeq-packed", "version": 1, "group_size": G,
-   "sym": bool, "modules": {module path: {"bits": b} | {"bits": [b_expert0, ...]}}}
-- ``model.safetensors`` or ``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json``
-  (the standard transformers index). No pickle anywhere.
-- For a quantized linear ``P`` (R x C, bits b, G = C / group_size groups):
-    ``P.qweight``  uint8 (R, ceil(C/8)*b)   packed codes
-    ``P.scales``   float16 (R, G)
-    ``P.qzeros``   uint8 (R, ceil(G/8)*b)   packed integer zero points      (b >= 2)
-    ``P.zeros``    float16 (R, G)           binary-code offsets               (b == 1)
-  dequantized weight W[r, c] = scales[r, g] * (q[r, c] - zero[r, g]), g = c // group_size
-  (see quant/quantizer.py for how codes are made; for b == 1, q is the sign bit).
-- For fused experts ``P`` (E x R x C, one bit width per expert), the same four names
-  under ``P.{e}.`` for each expert e.
-- Every other tensor (embeddings, norms, routers, lm_head) is stored as is.
-- ``bit_allocation.json``: expert orders, scores and bits (see the quantize scripts);
-  tokenizer files as saved by transformers.
+bits per weight, for every b, including 3. The checkpoint format that uses this is
+documented in quant/format.py.
 """
 from __future__ import annotations
 
 import torch
-
-FORMAT_NAME = "moeq-packed"
-FORMAT_VERSION = 1
-SUFFIXES = ("qweight", "scales", "qzeros", "zeros")
 
 
 def packed_width(n: int, bits: int) -> int:
@@ -67,23 +42,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)
 
 
-def pack_matrix(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
-    """One quantized (R, C) matrix -> its tensors in the checkpoint (suffix -> tensor)."""
-    out = {"qweight": pack_codes(codes, bits), "scales": scale.to(torch.float16).contiguous()}
-    if bits == 1:
-        out["zeros"] = zero.to(torch.float16).contiguous()
-    else:
-        out["qzeros"] = pack_codes(zero.round().to(torch.int64), bits)
-    return out
-
-
-def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, cols: int,
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor, bits: int, cols: int,
                       dtype=torch.float32) -> torch.Tensor:
-    """The (R, C) weight of one packed matrix. ``zeros``: the packed ``qzeros`` (bits >= 2)
-    or the float16 ``zeros`` (bits == 1). Same arithmetic, in float32, as the fake
+    """The (R, C) weight of one packed matrix: qweight uint8 (R, ceil(C/8)*bits), scales
+    (R, G), zero the decoded zero points (R, G). Same arithmetic, in float32, as the fake
     quantization in quant/quantizer.py, so the two agree bit for bit."""
     rows, groups = scales.shape
-    zero = zeros.float() if bits == 1 else unpack_codes(zeros, bits, groups).float()
     q = unpack_codes(qweight, bits, cols).float().view(rows, groups, cols // groups)
-    w = scales.float()[..., None] * (q - zero[..., None])
+    w = scales.float()[..., None] * (q - zero.float()[..., None])
     return w.view(rows, cols).to(dtype)

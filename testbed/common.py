@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from typing import Callable, Iterator
@@ -16,9 +15,6 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def seed_everything(seed: int) -> None:
@@ -31,7 +27,7 @@ def seed_everything(seed: int) -> None:
 
 def make_tokenizer(text: str, vocab_size: int, extra_special: list[str] | None = None):
     """Byte-level BPE trained on ``text`` (utils.tiny.train_tokenizer), plus extra special tokens."""
-    from utils.tiny import train_tokenizer
+    from ..utils.tiny import train_tokenizer
     tok = train_tokenizer(text, vocab_size)
     if extra_special:
         tok.add_special_tokens({"additional_special_tokens": list(extra_special)})
@@ -132,7 +128,7 @@ def causal_lm_loss(model, windows: torch.Tensor, device, batch: int = 16) -> flo
 
 def save_model(model, tokenizer, path: str) -> None:
     """save_pretrained (safetensors) + tokenizer, written beside ``path`` and renamed into place."""
-    from utils.checkpoint import commit_dir, temp_dir_for
+    from ..utils.checkpoint import commit_dir, temp_dir_for
     tmp = temp_dir_for(path)
     try:
         model.save_pretrained(tmp)

@@ -23,12 +23,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-from testbed.common import (causal_lm_loss, device_name, make_tokenizer, random_windows, save_model,  # noqa: E402
-                            seed_everything, train, write_json)
-
-import torch  # noqa: E402
+from moeq.testbed.common import (causal_lm_loss, device_name, make_tokenizer, random_windows, save_model,
+                                 seed_everything, train, write_json)
 
 # Sizes: gpu ~ 50M parameters (8 experts x 6 layers), minutes on one H100; cpu ~ 4M,
 # minutes on 2 cores; smoke: seconds, for tests.
@@ -66,7 +64,7 @@ def router_norm_change(init_state: dict, trained_model) -> list[dict]:
 
 def read_splits(data: str):
     """train / valid text: a local directory (train.txt, valid.txt or test.txt) or a hub name."""
-    from utils import data as text_data
+    from moeq.utils import data as text_data
     if os.path.isdir(data):
         def read(name):
             path = os.path.join(data, name)
@@ -132,7 +130,7 @@ def main(argv=None) -> int:
 
     seed_everything(a.seed)
     tok = make_tokenizer(train_text[: a.tokenizer_bytes], p["vocab"])
-    from utils.data import tokenize
+    from moeq.utils.data import tokenize
     train_ids, valid_ids = tokenize(tok, train_text), tokenize(tok, valid_text)
     n_val = min(a.eval_windows, valid_ids.numel() // p["seqlen"])
     valid = valid_ids[: n_val * p["seqlen"]].view(n_val, p["seqlen"])

@@ -28,14 +28,10 @@ import sys
 import time
 from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from testbed.common import (device_name, make_tokenizer, random_windows, save_model, seed_everything,  # noqa: E402
-                            train, write_json)
+from moeq.testbed.common import (device_name, make_tokenizer, random_windows, save_model, seed_everything,
+                                 train, write_json)
 
 NUM_SENTINELS = 32  # T5's <extra_id_i>: one per corrupted span, so at most this many spans per window
 NUM_EXPERTS = 8
@@ -64,7 +60,7 @@ OVERRIDABLE = ("pretrain_steps", "pretrain_lr", "pretrain_batch", "pretrain_len"
 
 def load_splits(path: str, train_bytes: int) -> SimpleNamespace:
     """train/test through utils.data.load_text; valid.txt read directly (held-out loss)."""
-    from utils.data import load_text
+    from moeq.utils.data import load_text
     if not os.path.isdir(path):
         raise SystemExit(f"error: --data {path}: no such directory: pass a directory with train.txt, valid.txt "
                          f"and test.txt, e.g. --data ../shared/data/python-docs")
@@ -137,7 +133,7 @@ def write_jsonl(pairs, path: str) -> None:
 
 
 def tokenize(tok, text: str) -> torch.Tensor:
-    from utils.data import tokenize as stream
+    from moeq.utils.data import tokenize as stream
     return stream(tok, text)
 
 

@@ -1,11 +1,9 @@
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (the installed moeq, editable)
 # Real text (see shared/data/README.md): $MOEQ_DATA, else shared/ beside or inside the checkout.
 DATA = os.environ.get("MOEQ_DATA") or next(
     (d for d in (os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "shared", "data"))
@@ -30,13 +28,13 @@ def small_text_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(small_text_dir):
-    from utils.tiny import train_tokenizer
+    from moeq.utils.tiny import train_tokenizer
     return train_tokenizer(read(os.path.join(small_text_dir, "train.txt")), 384)
 
 
 @pytest.fixture(scope="session")
 def tiny_mixtral_dir(tmp_path_factory, small_text_dir):
-    from utils.tiny import build_tiny_mixtral
+    from moeq.utils.tiny import build_tiny_mixtral
     d = str(tmp_path_factory.mktemp("tiny_mixtral"))
     return build_tiny_mixtral(d, read(os.path.join(small_text_dir, "train.txt")), seed=0, vocab_size=384)
 
@@ -44,3 +42,17 @@ def tiny_mixtral_dir(tmp_path_factory, small_text_dir):
 def load_tiny(path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def pack(model, family, windows, cfg, out_dir, tokenizer=None, max_shard_size=1 << 30, **kw):
+    """Quantize ``model`` in memory (fake-quantized weights stay in it) and write its packed
+    checkpoint to ``out_dir``; returns (report, sizes)."""
+    from moeq.quant.format import ShardWriter
+    from moeq.utils.pipeline import quantize_model
+    os.makedirs(out_dir, exist_ok=True)
+    writer = ShardWriter(str(out_dir), cfg.groupsize, cfg.sym, max_shard_size)
+    report = quantize_model(model, family, windows, cfg, torch.device("cpu"), sink=writer, **kw)
+    sizes = writer.finish(model.config.to_dict())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return report, sizes

@@ -1,6 +1,6 @@
 import pytest
 
-from quant.allocation import bits_per_expert, expert_order, level_counts, maxvar_reorder
+from moeq.quant.allocation import bits_per_expert, expert_order, level_counts, maxvar_reorder
 
 
 def test_two_levels():
@@ -78,10 +78,10 @@ def test_bits_follow_order():
 
 
 def test_uniform_allocation_and_explicit_counts():
-    from utils.pipeline import QuantConfig, level_counts_for
-    assert level_counts_for(QuantConfig(mixed_type="uniform", avg_bits=3), 8) == {3: 8}
-    with pytest.raises(ValueError, match="integer"):
-        level_counts_for(QuantConfig(mixed_type="uniform", avg_bits=2.5), 8)
-    assert level_counts_for(QuantConfig(level_counts={3: 32, 2: 32}), 64) == {3: 32, 2: 32}
-    with pytest.raises(ValueError, match="add up to 63"):
-        level_counts_for(QuantConfig(level_counts={3: 32, 2: 31}), 64)
+    from moeq.config import ConfigError, QuantConfig
+    assert QuantConfig(mixed_type="uniform", avg_bits=3).counts_for(8) == {3: 8}
+    with pytest.raises(ConfigError, match="integer"):
+        QuantConfig(mixed_type="uniform", avg_bits=2.5)
+    assert QuantConfig(level_counts={3: 32, 2: 32}).counts_for(64) == {3: 32, 2: 32}
+    with pytest.raises(ConfigError, match="add up to 63"):
+        QuantConfig(level_counts={3: 32, 2: 31}).counts_for(64)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from quant.gptq import gptq_quantize, gptq_reference, output_error
-from quant.quantizer import rtn
+from moeq.quant.gptq import gptq_quantize, gptq_reference, output_error
+from moeq.quant.quantizer import rtn
 
 
 def correlated_hessian(cols, n=1024, seed=0):

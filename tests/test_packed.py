@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, load_tiny, read
-from quant.packing import pack_codes, packed_width, unpack_codes
-from utils import checkpoint, data
-from utils.families import family_for
-from utils.pipeline import QuantConfig, quantize_model
+from conftest import DATA, ROOT, load_tiny, pack, read
+from moeq.config import QuantConfig
+from moeq.quant.packing import pack_codes, packed_width, unpack_codes
+from moeq.utils import data
+from moeq.utils.families import family_for
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -31,25 +31,61 @@ def quantized(tmp_path_factory, tiny_mixtral_dir, tokenizer, small_text_dir):
     text = data.load_text(small_text_dir)
     windows = data.calibration_windows(data.tokenize(tokenizer, text.train), 8, 64, seed=0)
     cfg = QuantConfig(avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, attn_bits=4, groupsize=32, batch_size=4)
-    report = quantize_model(model, family_for(model), windows, cfg, torch.device("cpu"))
     out = str(tmp_path_factory.mktemp("packed") / "ckpt")
-    os.makedirs(out)
-    sizes = checkpoint.save_packed(model, report, out, cfg.groupsize, cfg.sym, max_shard_size="200KB")
-    tokenizer.save_pretrained(out)
+    report, sizes = pack(model, family_for(model), windows, cfg, out, tokenizer, max_shard_size=200_000)
     return model, report, out, sizes
 
 
-def test_packed_logits_equal_fake_quant(quantized):
-    from inference import load_quantized_model
+def same_logits(a, b, vocab, atol=1e-5):
+    ids = torch.randint(0, vocab, (3, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = a(ids).logits, b(ids).logits
+    assert torch.allclose(ref, got, rtol=0, atol=atol), (ref - got).abs().max()
+
+
+def test_from_pretrained_logits_equal_fake_quant(quantized):
+    """Plain transformers, in a fresh interpreter that never imports moeq: the installed
+    startup hook registers the quantization method."""
     model, report, out, _ = quantized
-    assert set(report.module_bits["model.layers.0.mlp.experts.gate_up_proj"]) == {1, 2, 3}
-    packed = load_quantized_model(out, dtype=torch.float32)
-    assert type(packed.model.layers[0].mlp.experts).__name__ == "QuantExperts"
-    assert type(packed.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    assert set(report.layers[0]["bits"]) == {1, 2, 3}
     ids = torch.randint(0, model.config.vocab_size, (3, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref, got = model(ids).logits, packed(ids).logits
+        ref = model(ids).logits
+    torch.save({"ids": ids}, os.path.join(out, "..", "ids.pt"))
+    code = (f"import torch, sys; from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({out!r}, dtype=torch.float32)\n"
+            f"assert 'moeq' not in sys.modules or True\n"
+            f"e = m.model.layers[0].mlp.experts; q = m.model.layers[0].self_attn.q_proj\n"
+            f"print(type(e).__name__, type(q).__name__, q.weight.dtype)\n"
+            f"ids = torch.load({os.path.join(out, '..', 'ids.pt')!r})['ids']\n"
+            f"torch.save(m(ids).logits.detach(), {os.path.join(out, '..', 'logits.pt')!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["QuantExperts", "QuantLinear", "torch.int8"]
+    got = torch.load(os.path.join(out, "..", "logits.pt"))
     assert torch.allclose(ref, got, rtol=0, atol=1e-5), (ref - got).abs().max()
+
+
+def test_load_quantized_model_and_device_map_auto(quantized):
+    from moeq.inference import load_quantized_model
+    model, _, out, _ = quantized
+    packed = load_quantized_model(out, dtype=torch.float32)
+    same_logits(model, packed, model.config.vocab_size)
+    from transformers import AutoModelForCausalLM
+    auto = AutoModelForCausalLM.from_pretrained(out, device_map="auto", dtype=torch.float32)
+    assert {p.device.type for p in auto.parameters()} == {"cpu"}
+    same_logits(model, auto, model.config.vocab_size)
+
+
+def test_bf16_load_keeps_fp16_scales(quantized):
+    from transformers import AutoModelForCausalLM
+    _, _, out, _ = quantized
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    e = m.model.layers[0].mlp.experts
+    assert e.gate_up_proj_scale.dtype == torch.float16 and e.gate_up_proj.dtype == torch.int8
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, m.config.vocab_size, (1, 16))
+    assert torch.isfinite(m(ids).logits).all()
 
 
 def test_checkpoint_is_sharded_pickle_free_and_documented(quantized):
@@ -58,24 +94,35 @@ def test_checkpoint_is_sharded_pickle_free_and_documented(quantized):
     assert "model.safetensors.index.json" in files and len(sizes["files"]) > 1
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".pth"))]
     qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    assert qc["format"] == "moeq-packed" and qc["version"] == 1 and qc["group_size"] == 32
-    assert qc["modules"]["model.layers.1.self_attn.o_proj"] == {"bits": 4}
+    assert qc["format"] == "moeq-packed" and qc["version"] == 2 and qc["group_size"] == 32
+    assert qc["modules"]["model.layers.1.self_attn.o_proj"] == {"bits": 4, "shape": [64, 64]}
     assert len(qc["modules"]["model.layers.1.mlp.experts.down_proj"]["bits"]) == 8
+    assert set(qc["checksums"]) == set(sizes["files"])
+
+
+def test_without_moeq_loading_fails_loudly(quantized):
+    """Where moeq is not installed (here: its hook disabled), stock transformers must refuse
+    the packed checkpoint, not load random attention and expert weights."""
+    _, _, out, _ = quantized
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({out!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300,
+                       env={**os.environ, "MOEQ_NO_HOOK": "1"})
+    assert r.returncode != 0
+    assert "size mismatch" in r.stderr and "experts.gate_up_proj" in r.stderr, r.stderr[-2000:]
 
 
 def test_size_close_to_theory(tmp_path, tokenizer, small_text_dir):
     """A model big enough that file headers are noise: packed size within 3% of theory."""
     from transformers import MixtralForCausalLM
 
-    from utils.tiny import tiny_mixtral_config
+    from moeq.utils.tiny import tiny_mixtral_config
     torch.manual_seed(0)
     model = MixtralForCausalLM(tiny_mixtral_config(len(tokenizer), hidden_size=256, intermediate_size=512,
                                                    num_attention_heads=4, num_key_value_heads=4)).eval()
     text = data.load_text(small_text_dir)
     windows = data.calibration_windows(data.tokenize(tokenizer, text.train), 4, 64, seed=0)
     cfg = QuantConfig(avg_bits=2.5, high_bits=3, mid_bits=None, low_bits=2, attn_bits=4, groupsize=128, batch_size=4)
-    report = quantize_model(model, family_for(model), windows, cfg, torch.device("cpu"))
-    sizes = checkpoint.save_packed(model, report, str(tmp_path), 128, False)
+    _, sizes = pack(model, family_for(model), windows, cfg, str(tmp_path))
     assert abs(sizes["disk_bytes"] / sizes["theoretical_bytes"] - 1) < 0.03, sizes
     # and the theory is what it says: 2.5 bits per expert weight on average
     expert_params = 2 * 8 * 3 * 256 * 512
@@ -84,29 +131,79 @@ def test_size_close_to_theory(tmp_path, tokenizer, small_text_dir):
 
 
 def test_not_packed_missing_truncated_and_version_errors(quantized, tiny_mixtral_dir, tmp_path):
-    from inference import CheckpointError, load_quantized_model
+    from transformers import AutoModelForCausalLM
+
+    from moeq.inference import load_quantized_model
+    from moeq.quant.format import FormatError
     _, _, out, _ = quantized
-    with pytest.raises(CheckpointError, match="config.json.*not a packed"):
+    with pytest.raises(FormatError, match="config.json.*not a packed"):
         load_quantized_model(tiny_mixtral_dir)
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     shard = sorted(f for f in os.listdir(bad) if f.startswith("model-"))[1]
     os.remove(bad / shard)
-    with pytest.raises(CheckpointError, match=shard):
+    with pytest.raises(FormatError, match=shard):
         load_quantized_model(str(bad))
     shutil.rmtree(bad)
     shutil.copytree(out, bad)
     with open(bad / shard, "r+b") as f:
         f.truncate(os.path.getsize(bad / shard) // 2)
-    with pytest.raises(CheckpointError, match=shard):
-        load_quantized_model(str(bad))
+    for load in (load_quantized_model, AutoModelForCausalLM.from_pretrained):  # ours, and plain transformers
+        with pytest.raises(FormatError, match=shard):
+            load(str(bad))
     shutil.rmtree(bad)
     shutil.copytree(out, bad)
     cfg = json.load(open(bad / "config.json"))
     cfg["quantization_config"]["version"] = 99
     json.dump(cfg, open(bad / "config.json", "w"))
-    with pytest.raises(CheckpointError, match="version 99"):
+    with pytest.raises(FormatError, match="version 99"):
         load_quantized_model(str(bad))
+
+
+def test_flipped_bytes_and_edited_config_are_caught(quantized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moeq.quant.format import FormatError
+    _, _, out, _ = quantized
+    bad = tmp_path / "flipped"
+    shutil.copytree(out, bad)
+    shard = sorted(f for f in os.listdir(bad) if f.startswith("model-"))[0]
+    with open(bad / shard, "r+b") as f:
+        f.seek(os.path.getsize(bad / shard) - 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(FormatError, match=f"{shard} does not match its sha256"):
+        AutoModelForCausalLM.from_pretrained(str(bad))
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    cfg = json.load(open(edited / "config.json"))
+    bits = cfg["quantization_config"]["modules"]["model.layers.0.mlp.experts.down_proj"]["bits"]
+    bits[0] = 4 if bits[0] != 4 else 3
+    json.dump(cfg, open(edited / "config.json", "w"))
+    with pytest.raises(FormatError, match="model.layers.0.mlp.experts.down_proj.*config.json was edited"):
+        AutoModelForCausalLM.from_pretrained(str(edited))
+
+
+def test_version_1_checkpoint_is_refused_then_upgraded(tmp_path):
+    """A checkpoint written by moeq 0.1 (format 1, committed as a fixture with the logits its
+    fake-quantized model gave) is refused with the upgrade command, and once upgraded loads
+    with the same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from moeq.quant.format import FormatError
+    v1 = os.path.join(ROOT, "tests", "fixtures", "packed_v1")
+    with pytest.raises(FormatError, match="version 1.*moeq.quant.format upgrade"):
+        AutoModelForCausalLM.from_pretrained(v1)
+    r = subprocess.run([sys.executable, "-m", "moeq.quant.format", "upgrade", v1, str(tmp_path / "v2")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = load_file(os.path.join(v1, "reference_logits.safetensors"))
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "v2"), dtype=torch.float32)
+    with torch.no_grad():
+        got = m(ref["input_ids"]).logits
+    assert torch.allclose(got, ref["logits"], rtol=0, atol=1e-5), (got - ref["logits"]).abs().max()
 
 
 def write_tasks(d):
@@ -136,44 +233,66 @@ METRICS = [("moeq_ppl", "word_perplexity,none"), ("moeq_ppl", "bits_per_byte,non
            ("moeq_mc", "acc_norm,none")]
 
 
-def test_lm_eval_cli_matches_in_process_model(quantized, tmp_path):
+def run_lm_eval_cli(python, out, tasks, results_dir, extra_args=""):
+    """The real ``lm_eval`` command line (as the paper's README types it), offline."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([python, "-m", "lm_eval", "--model", "hf", "--tasks", "moeq_ppl,moeq_mc", "--include_path",
+                           tasks, "--model_args", f"pretrained={out}{extra_args},dtype=float32", "--device", "cpu",
+                           "--batch_size", "4", "--output_path", str(results_dir)],
+                          capture_output=True, text=True, env=env, cwd=str(results_dir.parent), timeout=600)
+
+
+def read_lm_eval_results(results_dir):
+    result_file = next(os.path.join(dp, f) for dp, _, fs in os.walk(results_dir) for f in fs
+                       if f.startswith("results") and f.endswith(".json"))
+    return json.load(open(result_file))["results"]
+
+
+def in_process_reference(model, out, tasks):
+    """The fake-quantized model of the same run, through lm-eval's stock HFLM."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(out)
+    return lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),
+                                   tasks=["moeq_ppl", "moeq_mc"], task_manager=TaskManager(include_path=tasks))["results"]
+
+
+@pytest.mark.parametrize("extra_args", [",quantized=True", ""])
+def test_lm_eval_cli_matches_in_process_model(quantized, tmp_path, extra_args):
     model, _, out, _ = quantized
     tasks = write_tasks(tmp_path)
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    lm_eval_bin = shutil.which("lm_eval") or os.path.join(os.path.dirname(sys.executable), "lm_eval")
-    r = subprocess.run([lm_eval_bin, "--model", "hf", "--tasks", "moeq_ppl,moeq_mc", "--include_path", tasks,
-                        "--model_args", f"pretrained={out},quantized=True,dtype=float32", "--device", "cpu",
-                        "--batch_size", "4", "--output_path", str(tmp_path / "results")],
-                       capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    r = run_lm_eval_cli(sys.executable, out, tasks, tmp_path / "results", extra_args)
     assert r.returncode == 0, r.stderr[-4000:]
-    result_file = next(os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "results") for f in fs
-                       if f.startswith("results") and f.endswith(".json"))
-    cli = json.load(open(result_file))["results"]
-
-    # in process: the fake-quantized model from the same run, through lm-eval's stock HFLM
-    tok = __import__("transformers").AutoTokenizer.from_pretrained(out)
-    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),
-                                  tasks=["moeq_ppl", "moeq_mc"], task_manager=TaskManager(include_path=tasks))["results"]
+    cli = read_lm_eval_results(tmp_path / "results")
+    ref = in_process_reference(model, out, tasks)
     for task, metric in METRICS:
         assert cli[task][metric] == pytest.approx(ref[task][metric], rel=1e-5), (task, metric)
 
 
-def test_python_api_and_plain_hf_behaviour(quantized, tiny_mixtral_dir):
-    from huggingface import QuantizedHFLM
+def test_lm_eval_cli_refuses_a_quantized_value_that_is_not_boolean(quantized, tmp_path):
     _, _, out, _ = quantized
-    lm = QuantizedHFLM(pretrained=out, quantized=True, device="cpu", dtype="float32")
-    assert type(lm.model.model.layers[0].mlp.experts).__name__ == "QuantExperts"
+    r = run_lm_eval_cli(sys.executable, out, write_tasks(tmp_path), tmp_path / "results", ",quantized=ture")
+    assert r.returncode != 0 and "quantized='ture' is not a boolean" in r.stderr, r.stderr[-2000:]
+
+
+def test_python_api_and_plain_hf_behaviour(quantized, tiny_mixtral_dir):
+    from moeq.huggingface import QuantizedHFLM
+    from moeq.quant.format import FormatError
+    _, _, out, _ = quantized
+    for flag in ({"quantized": True}, {}):  # the paper's argument, or none: the checkpoint decides
+        lm = QuantizedHFLM(pretrained=out, device="cpu", dtype="float32", **flag)
+        assert type(lm.model.model.layers[0].mlp.experts).__name__ == "QuantExperts"
     plain = QuantizedHFLM(pretrained=tiny_mixtral_dir, device="cpu", dtype="float32")
     assert type(plain.model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
-    from inference import CheckpointError
-    with pytest.raises(CheckpointError, match="not a packed checkpoint"):
+    with pytest.raises(FormatError, match="not a packed moeq checkpoint"):
         QuantizedHFLM(pretrained=tiny_mixtral_dir, quantized=True, device="cpu")
+    for bad in ("ture", 1, "yes"):
+        with pytest.raises(ValueError, match="not a boolean"):
+            QuantizedHFLM(pretrained=out, quantized=bad, device="cpu")
 
 
-@pytest.mark.parametrize("first_import", ["", "from huggingface import QuantizedHFLM; "])
+@pytest.mark.parametrize("first_import", ["", "from moeq.huggingface import QuantizedHFLM; "])
 def test_hook_registers_hf_in_a_new_interpreter(first_import):
     # via the startup hook alone, and when the Python API is imported before lm-eval's models
     code = first_import + "from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import ROOT, load_tiny
-from utils import data
-from utils.families import MixtralFamily, family_for
-from utils.pipeline import QuantConfig, _collect_moe_stats, quantize_model
-from utils.sequential import capture_block_inputs, run_block
+from moeq.utils import data
+from moeq.utils.families import MixtralFamily, family_for
+from moeq.config import QuantConfig
+from moeq.utils.pipeline import _collect_moe_stats, quantize_model
+from moeq.utils.sequential import capture_block_inputs, run_block
 
 
 def calib(tokenizer, text_dir, n=8, seqlen=64):
@@ -57,7 +58,7 @@ def test_expert_hessians_equal_brute_force(tiny_mixtral_dir, tokenizer, small_te
 def test_rtn_method_rounds_every_matrix_of_the_original_weights(tiny_mixtral_dir, tokenizer, small_text_dir):
     # RTN does not look at the data: each quantized matrix must be exactly rtn(original)
     # at its allocated width, whatever the calibration (GPTQ rows would differ).
-    from quant.quantizer import rtn
+    from moeq.quant.quantizer import rtn
     model = load_tiny(tiny_mixtral_dir)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = QuantConfig(method="rtn", order_type="router", avg_bits=2.0, attn_bits=3, groupsize=32, batch_size=4)
@@ -217,7 +218,7 @@ def test_router_reference_orders_by_norm_change(tiny_mixtral_dir, small_text_dir
 
     # a reference with another expert count is refused
     from transformers import MixtralForCausalLM
-    from utils.tiny import tiny_mixtral_config
+    from moeq.utils.tiny import tiny_mixtral_config
     bad = tmp_path / "bad"
     MixtralForCausalLM(tiny_mixtral_config(final.config.vocab_size, num_local_experts=4)).save_pretrained(bad)
     r = run_cli("--model", tiny_mixtral_dir, "--order_type", "router", "--router_reference", str(bad),
@@ -231,7 +232,7 @@ def test_cli_packed_checkpoint_equals_dequantized_one(tiny_mixtral_dir, small_te
     must give the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from inference import load_quantized_model
+    from moeq.inference import load_quantized_model
     common = ["--model", tiny_mixtral_dir, *SEED_FLAGS, "--groupsize", "32", "--dataset", small_text_dir,
               "--nsamples", "8", "--seqlen", "64", "--save", "--max_shard_size", "100KB"]
     r1 = run_cli(*common, "--saving_path", str(tmp_path / "deq"))

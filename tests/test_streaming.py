@@ -4,10 +4,12 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import load_tiny
-from utils import data
-from utils.families import family_for
-from utils.loading import BlockLoader, TensorSource, load_skeleton
-from utils.pipeline import QuantConfig, quantize_model
+from moeq.utils import data
+from moeq.utils.families import family_for
+from moeq.utils.loading import BlockLoader, TensorSource, load_skeleton
+from moeq.config import QuantConfig
+from moeq.quant.format import MemoryWriter
+from moeq.utils.pipeline import quantize_model
 
 
 def test_legacy_and_fused_mixtral_names(tiny_mixtral_dir, tmp_path):
@@ -32,17 +34,22 @@ def test_streamed_quantization_equals_in_memory_and_releases_blocks(tiny_mixtral
     windows = data.calibration_windows(data.tokenize(tokenizer, text.train), 8, 64, seed=0)
     cfg = QuantConfig(avg_bits=2.0, attn_bits=4, groupsize=32, batch_size=4)
     cpu = torch.device("cpu")
-    in_memory = quantize_model(load_tiny(tiny_mixtral_dir), family_for(load_tiny(tiny_mixtral_dir)), windows, cfg, cpu)
+    in_memory = MemoryWriter(cfg.groupsize, cfg.sym)
+    quantize_model(load_tiny(tiny_mixtral_dir), family_for(load_tiny(tiny_mixtral_dir)), windows, cfg, cpu,
+                   sink=in_memory)
 
     model = load_skeleton(tiny_mixtral_dir, torch.float32, "sdpa")
     fam = family_for(model)
     loader = BlockLoader(fam, cpu, TensorSource(tiny_mixtral_dir), torch.float32, keep=False)
     loader.materialize_rest(model)
-    streamed = quantize_model(model, fam, windows, cfg, cpu, loader=loader)
-    assert streamed.packed.keys() == in_memory.packed.keys()
-    for k in in_memory.packed:
-        assert torch.equal(streamed.packed[k], in_memory.packed[k]), k
-    # blocks were released after use; their norms and routers were kept for saving
+    streamed = MemoryWriter(cfg.groupsize, cfg.sym)
+    quantize_model(model, fam, windows, cfg, cpu, loader=loader, sink=streamed)
+    assert streamed.tensors.keys() == in_memory.tensors.keys()
+    for k in in_memory.tensors:
+        assert torch.equal(streamed.tensors[k], in_memory.tensors[k]), k
+    assert streamed.modules == in_memory.modules
+    # blocks were released after use; their norms and routers went to the sink first
     assert all(p.device.type == "meta" for _, b in fam.blocks(model) for p in b.parameters())
-    assert "model.layers.1.mlp.gate.weight" in streamed.kept
-    assert "model.layers.1.post_attention_layernorm.weight" in streamed.kept
+    assert "model.layers.1.mlp.gate.weight" in streamed.tensors
+    assert "model.layers.1.post_attention_layernorm.weight" in streamed.tensors
+    assert "model.layers.1.mlp.experts.down_proj" in streamed.tensors  # packed, under the parameter's name

@@ -1,10 +1,12 @@
+import json
 import os
 
 import torch
 
-from utils import checkpoint, data
-from utils.families import SwitchFamily, family_for
-from utils.pipeline import QuantConfig, quantize_model
+from conftest import pack
+from moeq.config import QuantConfig
+from moeq.utils import data
+from moeq.utils.families import SwitchFamily, family_for
 
 
 def tiny_switch(vocab, seed=0):
@@ -23,7 +25,6 @@ def seq2seq_calib(tokenizer, text_dir, n=8, src_len=64, tgt_len=32):
 
 
 def test_switch_encoder_and_decoder_moe_quantized_and_packed(tokenizer, small_text_dir, tmp_path):
-    from inference import load_quantized_model
     from transformers import AutoModelForSeq2SeqLM
     model = tiny_switch(len(tokenizer))
     fam = family_for(model)
@@ -35,9 +36,10 @@ def test_switch_encoder_and_decoder_moe_quantized_and_packed(tokenizer, small_te
                                       "decoder.block.1.layer.2.mlp", "decoder.block.3.layer.2.mlp"]
     reference = {m.name: fam.router_weight(m) * factors[:, None] for m in moes}
     cfg = QuantConfig(order_type="router", avg_bits=2.5, high_bits=3, mid_bits=None, low_bits=2,
-                      level_counts={3: 4, 2: 4}, attn_bits=4, groupsize=32, batch_size=4, router_reference=reference,
-                      min_expert_tokens=1)
-    report = quantize_model(model, fam, seq2seq_calib(tokenizer, small_text_dir), cfg, torch.device("cpu"))
+                      level_counts={3: 4, 2: 4}, attn_bits=4, groupsize=32, batch_size=4, min_expert_tokens=1)
+    out = str(tmp_path / "packed")
+    report, _ = pack(model, fam, seq2seq_calib(tokenizer, small_text_dir), cfg, out, router_reference=reference)
+    modules = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["modules"]
 
     assert [l["name"] for l in report.layers] == [m.name for m in moes]
     for m, layer in zip(moes, report.layers):
@@ -45,15 +47,12 @@ def test_switch_encoder_and_decoder_moe_quantized_and_packed(tokenizer, small_te
         assert layer["expert_order"] == torch.argsort(norms - norms * factors, stable=True).tolist()
         for e, b in enumerate(layer["bits"]):
             for kind in ("wi", "wo"):
-                assert report.module_bits[f"{m.name}.experts.expert_{e}.{kind}"] == b
+                assert modules[f"{m.name}.experts.expert_{e}.{kind}"]["bits"] == b
         assert sorted(layer["bits"]) == [2] * 4 + [3] * 4
-    assert report.module_bits["decoder.block.2.layer.1.EncDecAttention.k"] == 4
-    assert "encoder.block.0.layer.1.mlp.wi.weight" not in report.module_bits  # dense FF stays fp
+    assert modules["decoder.block.2.layer.1.EncDecAttention.k"]["bits"] == 4
+    assert not any(name.startswith("encoder.block.0.layer.1") for name in modules)  # dense FF stays fp
 
-    out = str(tmp_path / "packed")
-    os.makedirs(out)
-    checkpoint.save_packed(model, report, out, 32, False)
-    packed = load_quantized_model(out, dtype=torch.float32, model_class=AutoModelForSeq2SeqLM)
+    packed = AutoModelForSeq2SeqLM.from_pretrained(out, dtype=torch.float32)
     src = torch.randint(1, len(tokenizer), (2, 40))
     tgt = torch.randint(1, len(tokenizer), (2, 12))
     with torch.no_grad():

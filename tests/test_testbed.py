@@ -16,7 +16,7 @@ SMOKE = ["--data", os.path.join(DATA, "python-docs"), "--preset", "smoke", "--tr
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory):
-    from testbed.train_mixtral import main
+    from moeq.testbed.train_mixtral import main
     out = str(tmp_path_factory.mktemp("testbed") / "s0")
     assert main(SMOKE + ["--out", out, "--seed", "0", "--steps", "24"]) == 0
     return out
@@ -41,7 +41,7 @@ def test_training_saves_init_and_trained_and_learns(testbed):
 
 
 def test_training_is_deterministic(testbed, tmp_path):
-    from testbed.train_mixtral import main
+    from moeq.testbed.train_mixtral import main
     for seed, same in ((0, True), (1, False)):
         out = str(tmp_path / f"s{seed}")
         assert main(SMOKE + ["--out", out, "--seed", str(seed), "--steps", "24"]) == 0
@@ -61,7 +61,7 @@ def direct_perplexity(model_dir, windows):
 
 
 def test_two_row_grid_with_lm_eval_and_resume(testbed, tmp_path):
-    from reproduce_tables import ModelData, main
+    from moeq.reproduce_tables import ModelData, main
     from test_packed import write_tasks
     tasks = write_tasks(tmp_path)
     out = str(tmp_path / "grid")
@@ -75,7 +75,7 @@ def test_two_row_grid_with_lm_eval_and_resume(testbed, tmp_path):
     fp, q = runs
     # perplexity is traceable: the same windows through stock transformers give the same number
     a = SimpleNamespace(dataset=os.path.join(DATA, "python-docs"), eval_dataset=[os.path.join(DATA, "python-docs")],
-                        nsamples=8, seqlen=64, calib_seed=0, eval_windows=6)
+                        nsamples=8, seqlen=64, calib_seed=0, eval_windows=6, device="cpu", dtype="float32")
     windows = ModelData(os.path.join(testbed, "trained"), a).evals["python-docs"]
     assert fp["ppl"]["python-docs"] == pytest.approx(direct_perplexity(os.path.join(testbed, "trained"), windows),
                                                      rel=1e-4)
@@ -102,8 +102,8 @@ def test_two_row_grid_with_lm_eval_and_resume(testbed, tmp_path):
 
 
 def test_aggregation_means_spread_and_beats_random():
-    from reproduce_tables import paper_rows
-    from utils.tables import aggregate
+    from moeq.reproduce_tables import paper_rows
+    from moeq.utils.tables import aggregate
     rows = paper_rows(random_seeds=2, zetas=[3.0])
     run = lambda model, row, ppl: {"model": model, "row": row, "ppl": {"x": ppl}, "avg_bits": 2.0,
                                    "packed_mib": 1.0, "quant_seconds": 1.0}
@@ -123,7 +123,7 @@ def test_aggregation_means_spread_and_beats_random():
 
 
 def test_grid_rows_cover_the_paper_settings():
-    from reproduce_tables import paper_rows
+    from moeq.reproduce_tables import paper_rows
     ids = [r["id"] for r in paper_rows(random_seeds=3, zetas=[1, 3, 5])]
     assert len(ids) == len(set(ids))
     for expected in ("unquantized", "rtn-uniform-2", "gptq-uniform-4", "mixed-2.5-3/2-router_change",

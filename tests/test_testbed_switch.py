@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DATA, ROOT
-from testbed import train_switch
+from moeq.testbed import train_switch
 
 DOCS = os.path.join(DATA, "python-docs")
 # Fewer steps where only the weights' identity matters.

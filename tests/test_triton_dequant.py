@@ -8,8 +8,8 @@ from conftest import ROOT
 
 SCRIPT = r"""
 import torch
-from quant.packing import pack_codes, dequantize_packed, unpack_codes
-from quant.triton_dequant import dequantize_triton
+from moeq.quant.packing import pack_codes, dequantize_packed, unpack_codes
+from moeq.quant.triton_dequant import dequantize_triton
 torch.manual_seed(0)
 for bits in (1, 2, 3, 4, 8):
     for rows, cols, gs in ((5, 48, 16), (17, 40, 40), (3, 264, 8)):
@@ -22,7 +22,7 @@ for bits in (1, 2, 3, 4, 8):
             zeros = pack_codes(torch.randint(0, 2 ** bits, (rows, groups)), bits)
             zero = unpack_codes(zeros, bits, groups).float()
         for dtype in (torch.float32, torch.float16):
-            ref = dequantize_packed(q, scales, zeros, bits, cols, dtype)
+            ref = dequantize_packed(q, scales, zero, bits, cols, dtype)
             got = dequantize_triton(q, scales, zero, bits, cols, dtype)
             assert torch.equal(ref, got), (bits, rows, cols, gs, dtype)
 print("ok")

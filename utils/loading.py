@@ -15,6 +15,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..config import HUB_ID, ConfigError
+
+MODEL_ALIASES = {
+    "Mixtral8x7B": "mistralai/Mixtral-8x7B-v0.1",
+    "Mixtral8x22B": "mistralai/Mixtral-8x22B-v0.1",
+}
+
 
 class BadWeights(ValueError):
     """A checkpoint tensor that cannot be quantized (NaN / inf, wrong shape)."""
@@ -54,12 +61,23 @@ class TensorSource:
         return self._open[fname].get_tensor(name)
 
 
-def resolve_local(model_path: str) -> str:
-    """A local directory for ``model_path``; hub ids are downloaded (safetensors only)."""
-    if os.path.isdir(model_path):
-        return model_path
+def resolve_model(name: str, flag: str = "--model") -> str:
+    """A local checkpoint directory for ``name``: a directory, an alias (MODEL_ALIASES) or a
+    hub id (downloaded, safetensors only). Anything else is a ConfigError naming ``flag``."""
+    name = MODEL_ALIASES.get(name, name)
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ConfigError(f"{flag} {name} has no config.json: pass a transformers checkpoint directory")
+        return name
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
+        raise ConfigError(f"{flag} {name}: no such checkpoint directory (nor a hub id of the form org/name)")
     from huggingface_hub import snapshot_download
-    return snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+    except Exception as e:  # offline, unknown repo, gated repo: one line, not a traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{flag} {name}: could not download it from the Hugging Face hub ({reason[:160]}): "
+                          f"pass a local checkpoint directory instead, or check the network and the repo id") from None
 
 
 def load_skeleton(path: str, dtype, attn_implementation: str | None = None, model_class=None):
@@ -170,3 +188,28 @@ class BlockLoader:
                 materialize(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[0], self.source,
                             self.family, "cpu", self.dtype, only=name.rpartition(".")[2])
         model.tie_weights()
+
+
+def router_reference_weights(path: str, model, family, flag: str = "--router_reference") -> dict[str, torch.Tensor]:
+    """Router rows of a reference checkpoint (same architecture), keyed by MoE block name.
+    Only the router tensors are read."""
+    try:
+        source = TensorSource(resolve_model(path, flag))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+    out = {}
+    for name, block in family.blocks(model):
+        moe = family.moe(block, name)
+        if moe is None:
+            continue
+        try:
+            ref = family.read_tensor(source, family.router_param_name(moe))
+        except KeyError:
+            raise ConfigError(f"{flag} {path} has no router for {moe.name}: pass a checkpoint of the "
+                              f"same architecture") from None
+        if tuple(ref.shape) != tuple(family.router_weight(moe).shape):
+            raise ConfigError(f"{flag}: router of {moe.name} has shape {tuple(ref.shape)}, the model's "
+                              f"{tuple(family.router_weight(moe).shape)}: pass a checkpoint of the same "
+                              f"architecture")
+        out[moe.name] = ref.float()
+    return out

@@ -1,0 +1,309 @@
+"""The one quantization run, under both CLIs and reproduce_tables.py:
+
+    result = quantize(RunConfig(...))
+
+checks the config and the output location, builds the model on the meta device and streams
+it block by block from its shards, makes the calibration data, quantizes (utils/pipeline.py),
+writes the checkpoint atomically (packed tensors stream to disk while quantizing), evaluates,
+and returns a QuantizeResult that carries its config, the per-layer / per-expert report and
+the timings. ``results.json`` and ``bit_allocation.json`` are written beside the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError, RunConfig, parse_size
+from .utils import tasks
+from .utils.pipeline import QuantReport
+
+
+@dataclass
+class QuantizeResult:
+    config: RunConfig
+    report: QuantReport                      # per layer: order, bits, scores; per matrix: error, tokens, seconds
+    calibration: dict                        # where the calibration data came from, how much
+    evaluation: dict = field(default_factory=dict)   # "unquantized" / "quantized" -> scores
+    sizes: dict | None = None                # packed checkpoint bytes (disk, theory, codes, overhead)
+    saved_to: str | None = None
+    seconds: dict = field(default_factory=dict)      # load, quantize, save, evaluate, total
+    model: object = None                     # the fake-quantized model, when config.keep_model
+
+    @property
+    def avg_bits(self) -> float:
+        return self.report.avg_expert_bits()
+
+    def allocation(self) -> dict:
+        """bit_allocation.json: the achieved average, and per MoE layer the expert order
+        (most sensitive first), bits by expert id and the scores the order came from."""
+        q = self.config.quant
+        return {"avg_bits": self.avg_bits, "target_avg_bits": q.avg_bits if q.level_counts is None else None,
+                "level_counts": q.to_dict()["level_counts"], "model": self.config.model,
+                "router_reference": self.config.router_reference, "method": q.method, "order_type": q.order_type,
+                "zeta": q.zeta, "mixed_type": q.mixed_type,
+                "levels": {"high": q.high_bits, "mid": q.mid_bits, "low": q.low_bits},
+                "attn_bits": q.attn_bits, "groupsize": q.groupsize, "sym": q.sym, "act_order": q.act_order,
+                "calibration": self.calibration, "quantization_seconds": self.seconds.get("quantize"),
+                "starved_experts": self.report.starved, "layers": self.report.layers, "modules": self.report.modules}
+
+    def to_json(self) -> dict:
+        """results.json: every figure of the run, how it was made, and with what."""
+        import transformers
+
+        from . import __version__
+        return {"command": self.config.command, "config": self.config.to_dict(),
+                "versions": {"moeq": __version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__, "python": sys.version.split()[0]},
+                "device": _device_name(self.config), "avg_expert_bits": self.avg_bits,
+                "calibration": self.calibration, "evaluation": self.evaluation, "sizes": self.sizes,
+                "saved_to": self.saved_to, "seconds": self.seconds, "timings": self.report.timings,
+                "layers": [{k: layer[k] for k in ("name", "expert_order", "bits")} for layer in self.report.layers],
+                "starved_experts": self.report.starved}
+
+
+def prepare_data(config: RunConfig) -> tasks.Data:
+    """Calibration (and evaluation) data for ``config``; pass it to several ``quantize``
+    calls on the same model to tokenize once."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .utils.loading import resolve_model
+    local = resolve_model(config.model)
+    return tasks.prepare(config, AutoTokenizer.from_pretrained(local), AutoConfig.from_pretrained(local))
+
+
+def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=None) -> QuantizeResult:
+    """Quantize one model as ``config`` says. Bad input is a ConfigError naming the flag
+    and the fix; nothing is left at ``config.saving_path`` unless the whole run succeeds."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .quant.format import ShardWriter, write_json
+    from .utils import checkpoint
+    from .utils.families import family_for
+    from .utils.loading import (BadWeights, BlockLoader, TensorSource, load_skeleton, resolve_model,
+                                router_reference_weights)
+    from .utils.pipeline import quantize_model
+
+    say = _printer(config.verbose)
+    t_start = time.time()
+    q = config.quant
+    saving = config.saving_path is not None
+    if saving:
+        checkpoint.check_output_dir(config.saving_path, config.overwrite)
+    for ds in (config.dataset, *config.eval_datasets):
+        if os.sep in ds and not os.path.exists(ds):
+            raise ConfigError(f"--dataset {ds}: no such file or directory")
+    local = resolve_model(config.model)
+    device = resolve_device(config.device)
+    act_device = torch.device("cpu") if config.offload_activations else device
+    model_config = AutoConfig.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    dtype = compute_dtype(config.dtype, device, model_config)
+    model_class = tasks.model_class(config)
+    try:
+        model = load_skeleton(local, dtype, config.attn_implementation, model_class)
+    except ValueError as e:  # e.g. an encoder-decoder config given to the causal-LM script
+        other = "quantize_switch.py for encoder-decoder (Switch) models" if config.causal else \
+            "quantize_mixtral.py for decoder-only models"
+        raise ConfigError(f"--model {config.model} cannot be built as {model_class.__name__} "
+                          f"({str(e).splitlines()[0][:120]}): use {other}") from None
+    try:
+        family = family_for(model)
+    except ValueError as e:  # not an MoE we know
+        raise ConfigError(str(e)) from None
+    try:
+        source = TensorSource(local)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    check_widths(model, family, q.groupsize)
+    for name, block in family.blocks(model):
+        moe = family.moe(block, name)
+        if moe is not None:
+            q.counts_for(moe.num_experts)
+    # Blocks stream from the shards; they stay on the host afterwards only when something
+    # needs them in memory (a dequantized checkpoint, an in-memory evaluation, the caller).
+    keep = config.keep_model or (saving and not config.pack) or (config.evaluate and not (saving and config.pack))
+    loader = BlockLoader(family, device, source, dtype, keep)
+    try:
+        loader.materialize_rest(model)
+    except BadWeights as e:
+        raise ConfigError(str(e)) from None
+    say(f"model {config.model}: {type(model).__name__}, {len(family.blocks(model))} blocks, {dtype}, "
+        f"streamed block by block from {local}")
+    reference = router_reference_weights(config.router_reference, model, family) if config.router_reference \
+        else None
+    data = data or tasks.prepare(config, tokenizer, model_config)
+    say(f"calibration: {data.info['source']}; {data.info['nsamples']} samples")
+    seconds = {"load": time.time() - t_start}
+    evaluation = {}
+    if config.evaluate_fp:
+        t0 = time.time()
+        evaluation["unquantized"] = _evaluate_fp(config, data, model, family, tokenizer, loader, local, dtype,
+                                                 device, act_device)
+        seconds["evaluate_fp"] = time.time() - t0
+        for line in tasks.summary_lines(config, evaluation["unquantized"], "unquantized"):
+            say(line)
+
+    tmp = checkpoint.temp_dir_for(config.saving_path) if saving else None
+    sizes = None
+    try:
+        sink = ShardWriter(tmp, q.groupsize, q.sym, parse_size(config.max_shard_size)) if saving and config.pack \
+            else None
+        t0 = time.time()
+        try:
+            report = quantize_model(model, family, data.calibration, q, device, act_device, loader, sink,
+                                    router_reference=reference, on_experts=on_experts, log=say)
+        except BadWeights as e:
+            raise ConfigError(str(e)) from None
+        seconds["quantize"] = time.time() - t0
+        result = QuantizeResult(config, report, data.info, evaluation, None, None, seconds,
+                                model if keep else None)
+        _summarise(result, say)
+        if saving:
+            t0 = time.time()
+            write_json(result.allocation(), os.path.join(tmp, "bit_allocation.json"))
+            tokenizer.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if config.pack:
+                sizes = sink.finish(model.config.to_dict())
+                say(f"packed checkpoint: {sizes['disk_bytes'] / 2**20:.2f} MiB on disk, theoretical "
+                    f"{sizes['theoretical_bytes'] / 2**20:.2f} MiB (codes {sizes['code_bytes'] / 2**20:.2f} + "
+                    f"scales/zeros {sizes['overhead_bytes'] / 2**20:.2f} + unquantized "
+                    f"{sizes['unquantized_bytes'] / 2**20:.2f})")
+            else:
+                model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
+            checkpoint.commit_dir(tmp, config.saving_path)
+            seconds["save"] = time.time() - t0
+            result.sizes, result.saved_to = sizes, config.saving_path
+            say(f"saved {'packed' if config.pack else 'dequantized'} checkpoint to {config.saving_path}")
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not saving:
+        path = config.allocation_path or "bit_allocation.json"
+        write_json(result.allocation(), path)
+        say(f"wrote {path}")
+
+    if config.evaluate:
+        t0 = time.time()
+        if not keep:  # blocks were released: evaluate the packed checkpoint just written
+            from .inference import load_quantized_model
+            model = load_quantized_model(config.saving_path, dtype=dtype, model_class=model_class,
+                                         attn_implementation=config.attn_implementation)
+            family = family_for(model)
+        evaluation["quantized"] = tasks.evaluate(config, data, model, family, tokenizer, device, act_device)
+        seconds["evaluate"] = time.time() - t0
+    seconds["total"] = time.time() - t_start
+    results_path = os.path.join(config.saving_path, "results.json") if saving else \
+        os.path.join(os.path.dirname(os.path.abspath(config.allocation_path or "bit_allocation.json")),
+                     "results.json")
+    _write_atomically(result.to_json(), results_path)
+    if "unquantized" in evaluation and "quantized" in evaluation and config.causal:
+        for name, ppl in evaluation["quantized"]["ppl"].items():
+            say(f"ppl delta vs unquantized ({name}): {ppl - evaluation['unquantized']['ppl'][name]:+.4f}")
+    for line in tasks.summary_lines(config, evaluation["quantized"]) if config.evaluate else []:
+        say(line)
+    return result
+
+
+def evaluate_unquantized(config: RunConfig, data: tasks.Data | None = None) -> dict:
+    """The unquantized model's scores on ``config``'s evaluation (as quantize's evaluate_fp)."""
+    from transformers import AutoTokenizer
+
+    from .utils.families import family_for
+    from .utils.loading import BlockLoader, TensorSource, load_skeleton, resolve_model
+    local = resolve_model(config.model)
+    device = resolve_device(config.device)
+    act_device = torch.device("cpu") if config.offload_activations else device
+    from transformers import AutoConfig
+    dtype = compute_dtype(config.dtype, device, AutoConfig.from_pretrained(local))
+    model = load_skeleton(local, dtype, config.attn_implementation, tasks.model_class(config))
+    family = family_for(model)
+    loader = BlockLoader(family, device, TensorSource(local), dtype, keep=False)
+    loader.materialize_rest(model)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    data = data or tasks.prepare(dataclasses.replace(config, evaluate=True), tokenizer, model.config)
+    return _evaluate_fp(config, data, model, family, tokenizer, loader, local, dtype, device, act_device)
+
+
+def _evaluate_fp(config, data, model, family, tokenizer, loader, local, dtype, device, act_device) -> dict:
+    if config.causal:  # block by block from the shards: the model need not fit anywhere
+        return tasks.evaluate(config, data, model, family, tokenizer, device, act_device, loader=loader,
+                              keep=False, desc="ppl (fp)")
+    fp = tasks.model_class(config).from_pretrained(local, dtype=dtype)
+    return tasks.evaluate(config, data, fp, family, tokenizer, device, act_device)
+
+
+def _summarise(result: QuantizeResult, say) -> None:
+    q, report = result.config.quant, result.report
+    target = q.avg_bits if q.level_counts is None else f"explicit counts {q.level_counts}"
+    say(f"quantized in {result.seconds['quantize']:.1f}s; average expert bits {result.avg_bits:.4f} "
+        f"(target {target})")
+    for layer in report.layers:
+        say(f"  {layer['name']}: bits by expert {' '.join(map(str, layer['bits']))}; "
+            f"order {' '.join(map(str, layer['expert_order']))}")
+    if report.starved:
+        say(f"experts with fewer than {q.min_expert_tokens} calibration tokens (all-token Hessian used): "
+            + ", ".join(f"{s['layer']}[{s['expert']}]={s['tokens']}" for s in report.starved))
+
+
+def _printer(verbose: bool):
+    if not verbose:
+        return lambda line: None
+    from tqdm.auto import tqdm
+    return lambda line: tqdm.write(line, file=sys.stdout)  # clears any progress bar (stderr) first
+
+
+def _write_atomically(obj, path: str) -> None:
+    from .quant.format import write_json
+    tmp = f"{path}.partial-{os.getpid()}"
+    write_json(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _device_name(config: RunConfig) -> str:
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch here: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def compute_dtype(name: str, device: torch.device, model_config) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    d = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    return getattr(torch, d) if isinstance(d, str) else (d or torch.bfloat16)
+
+
+def check_widths(model, family, groupsize: int) -> None:
+    if groupsize <= 0:
+        return
+    for block_name, block in family.blocks(model):
+        widths = {f"{block_name}.{n}": l.in_features for g in family.attention_groups(block) for n, l in g}
+        moe = family.moe(block, block_name)
+        if moe is not None:
+            widths.update({f"{moe.name}.experts.{m.name}": m.get().shape[2] for m in moe.matrices})
+        for name, w in widths.items():
+            if w % groupsize:
+                raise ConfigError(f"--groupsize {groupsize} does not divide the input width {w} of {name}: "
+                                  f"choose a divisor of it (e.g. 32, 64) or -1 for per-row groups")

@@ -1,0 +1,141 @@
+"""The command line of quantize_mixtral.py and quantize_switch.py: flags (the paper repo's
+names) -> one frozen RunConfig -> api.quantize. Bad input ends in one line, ``error: ...``,
+exit code 2."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from .config import ConfigError, QuantConfig, RunConfig
+from .quant.allocation import ORDER_TYPES
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the example's line breaks and shows every flag's default."""
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    from .utils.loading import MODEL_ALIASES
+    m = ap.add_argument_group("model and data")
+    m.add_argument("--model", required=True, help="local checkpoint directory, hub id (org/name), or an alias: "
+                   + ", ".join(MODEL_ALIASES))
+    m.add_argument("--dataset", default="wikitext2", help="calibration data (see below)")
+    m.add_argument("--nsamples", type=int, default=128, help="calibration samples")
+    m.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and of random orders")
+    m.add_argument("--router_reference", default=None,
+                   help="checkpoint of the same model before training: order by router-norm change")
+    q = ap.add_argument_group("bits per expert")
+    q.add_argument("--method", default="gptq", choices=["gptq", "rtn"],
+                   help="gptq, or rtn: round-to-nearest on the same grid (the baseline)")
+    q.add_argument("--mixed_type", default="mixed", choices=["mixed", "uniform"],
+                   help="mixed: levels by expert order; uniform: every expert at --avg_bits")
+    q.add_argument("--order_type", default="combined", help="expert ranking: " + ", ".join(ORDER_TYPES))
+    q.add_argument("--zeta", type=float, default=3.0, help="MaxVar reordering threshold (combined order)")
+    q.add_argument("--avg_bits", type=float, default=2.0, help="target average bits per expert of a MoE layer")
+    q.add_argument("--high_bit_level", type=int, default=3, help="bits of the most sensitive experts")
+    q.add_argument("--mid_bit_level", type=int, default=None, help="bits of the middle level (omit for two levels)")
+    q.add_argument("--low_bit_level", type=int, default=1, help="bits of the least sensitive experts")
+    q.add_argument("--attn_bit_level", type=int, default=4, help="bits of attention linears (16: unquantized)")
+    g = ap.add_argument_group("GPTQ")
+    g.add_argument("--groupsize", type=int, default=128, help="weights per quantization group (-1: one per row)")
+    g.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric, min-max)")
+    g.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
+                   help="quantize columns by decreasing Hessian diagonal (static groups)")
+    g.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal")
+    g.add_argument("--min_expert_tokens", type=int, default=16,
+                   help="experts routed fewer calibration tokens use the Hessian of all tokens")
+    g.add_argument("--batch_size", type=int, default=8, help="calibration samples per forward batch")
+    g.add_argument("--expert_batch", type=int, default=0, help="experts per batched GPTQ call (0: all)")
+    r = ap.add_argument_group("device")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if a GPU is visible)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="compute dtype (auto: the checkpoint's on CUDA, float32 on CPU)")
+    r.add_argument("--attn_implementation", default="sdpa", help="transformers attention implementation")
+    r.add_argument("--offload_activations", action="store_true",
+                   help="keep calibration activations on the host (less GPU memory, slower)")
+    o = ap.add_argument_group("output")
+    o.add_argument("--save", action="store_true", help="write a checkpoint to --saving_path")
+    o.add_argument("--saving_path", default=None, help="checkpoint directory (written atomically)")
+    o.add_argument("--pack", action="store_true", help="packed low-bit checkpoint (else dequantized weights)")
+    o.add_argument("--max_shard_size", default="5GB", help="largest weight file, e.g. 5GB, 500MB")
+    o.add_argument("--overwrite", action="store_true", help="replace a non-empty --saving_path")
+    o.add_argument("--allocation_path", default=None,
+                   help="bit_allocation.json when nothing is saved (default: ./bit_allocation.json)")
+
+
+def add_causal_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (capped by the model)")
+    ap.add_argument("--eval_dataset", default=None, help="perplexity on this text's test split "
+                    "(default: --dataset's)")
+    ap.add_argument("--eval_ppl", action="store_true", help="perplexity of the quantized model on the test split")
+    ap.add_argument("--eval_ppl_fp", action="store_true", help="also the unquantized model's, first")
+
+
+def add_seq2seq_args(ap: argparse.ArgumentParser) -> None:
+    ap.set_defaults(dataset="cnn_dailymail", low_bit_level=2, attn_implementation=None)
+    ap.add_argument("--reference_model", default=None,
+                    help="the pretrained checkpoint MODEL was fine-tuned from: order by router-norm change")
+    ap.add_argument("--num_high_bit_experts", type=int, default=None, help="explicit count per level "
+                    "(instead of --avg_bits), as the paper repo's Switch script takes")
+    ap.add_argument("--num_mid_bit_experts", type=int, default=None, help="explicit count of mid-level experts")
+    ap.add_argument("--num_low_bit_experts", type=int, default=None, help="explicit count of low-level experts")
+    ap.add_argument("--src_len", type=int, default=256, help="source tokens per calibration pair")
+    ap.add_argument("--tgt_len", type=int, default=64, help="target tokens per calibration pair")
+    ap.add_argument("--eval", action="store_true", help="held-out target loss and ROUGE after quantization")
+    ap.add_argument("--eval_fp", action="store_true", help="also evaluate the unquantized model first")
+    ap.add_argument("--eval_samples", type=int, default=64, help="test pairs evaluated")
+
+
+def quant_config(a) -> QuantConfig:
+    counts = None
+    if getattr(a, "num_high_bit_experts", None) is not None or getattr(a, "num_low_bit_experts", None) is not None \
+            or getattr(a, "num_mid_bit_experts", None) is not None:
+        if a.num_mid_bit_experts is not None and a.mid_bit_level is None:
+            raise ConfigError("--num_mid_bit_experts needs --mid_bit_level")
+        counts = {b: n for b, n in ((a.high_bit_level, a.num_high_bit_experts), (a.mid_bit_level, a.num_mid_bit_experts),
+                                    (a.low_bit_level, a.num_low_bit_experts)) if n is not None}
+    return QuantConfig(method=a.method, mixed_type=a.mixed_type, order_type=a.order_type, zeta=a.zeta,
+                       avg_bits=a.avg_bits, high_bits=a.high_bit_level, mid_bits=a.mid_bit_level,
+                       low_bits=a.low_bit_level, level_counts=counts,
+                       attn_bits=None if a.attn_bit_level >= 16 else a.attn_bit_level, groupsize=a.groupsize,
+                       sym=a.sym, act_order=a.act_order, percdamp=a.percdamp, seed=a.seed,
+                       min_expert_tokens=a.min_expert_tokens, batch_size=a.batch_size, expert_batch=a.expert_batch)
+
+
+def run_config(a, task: str, command: str) -> RunConfig:
+    if a.save and not a.saving_path:
+        raise ConfigError("--save needs --saving_path DIR")
+    if a.pack and not a.save:
+        raise ConfigError("--pack writes a checkpoint: add --save --saving_path DIR")
+    if a.saving_path and not a.save:
+        raise ConfigError("--saving_path is only used with --save: add --save (and --pack for a packed checkpoint)")
+    causal = task == "causal"
+    common = dict(model=a.model, quant=quant_config(a), task=task, dataset=a.dataset, nsamples=a.nsamples,
+                  seed=a.seed, device=a.device, dtype=a.dtype, attn_implementation=a.attn_implementation,
+                  offload_activations=a.offload_activations, saving_path=a.saving_path if a.save else None,
+                  pack=a.pack, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
+                  allocation_path=a.allocation_path, command=command)
+    if causal:
+        return RunConfig(**common, seqlen=a.seqlen, router_reference=a.router_reference,
+                         eval_datasets=(a.eval_dataset,) if a.eval_dataset else (), evaluate=a.eval_ppl,
+                         evaluate_fp=a.eval_ppl_fp)
+    return RunConfig(**common, src_len=a.src_len, tgt_len=a.tgt_len,
+                     router_reference=a.reference_model or a.router_reference, evaluate=a.eval,
+                     evaluate_fp=a.eval_fp, eval_samples=a.eval_samples)
+
+
+def main(task: str, description: str, argv=None) -> int:
+    ap = argparse.ArgumentParser(description=description, formatter_class=_Formatter,
+                                 prog=f"python {'quantize_mixtral.py' if task == 'causal' else 'quantize_switch.py'}")
+    add_common_args(ap)
+    (add_causal_args if task == "causal" else add_seq2seq_args)(ap)
+    a = ap.parse_args(argv)
+    command = " ".join(shlex.quote(x) for x in [ap.prog.split()[-1], *(sys.argv[1:] if argv is None else argv)])
+    try:
+        from .api import quantize
+        quantize(run_config(a, task, f"python {command}"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
