@@ -82,7 +82,7 @@ def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=No
     and the fix; nothing is left at ``config.saving_path`` unless the whole run succeeds."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .quant.format import ShardWriter, write_json
+    from .quant.format import ShardWriter
     from .utils import checkpoint
     from .utils.families import family_for
     from .utils.loading import (BadWeights, BlockLoader, TensorSource, load_skeleton, resolve_model,
@@ -166,7 +166,7 @@ def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=No
         _summarise(result, say)
         if saving:
             t0 = time.time()
-            write_json(result.allocation(), os.path.join(tmp, "bit_allocation.json"))
+            _write_allocation(result.allocation(), os.path.join(tmp, "bit_allocation.json"))
             tokenizer.save_pretrained(tmp)
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)
@@ -188,8 +188,8 @@ def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=No
         raise
     if not saving:
         path = config.allocation_path or "bit_allocation.json"
-        write_json(result.allocation(), path)
-        say(f"wrote {path}")
+        _write_allocation(result.allocation(), path)
+        say(f"wrote {path} and {_png(path)}")
 
     if config.evaluate:
         t0 = time.time()
@@ -252,6 +252,18 @@ def _summarise(result: QuantizeResult, say) -> None:
     if report.starved:
         say(f"experts with fewer than {q.min_expert_tokens} calibration tokens (all-token Hessian used): "
             + ", ".join(f"{s['layer']}[{s['expert']}]={s['tokens']}" for s in report.starved))
+
+
+def _write_allocation(allocation: dict, path: str) -> None:
+    """bit_allocation.json and its picture, bit_allocation.png, side by side."""
+    from .quant.format import write_json
+    from .utils.plots import allocation_png
+    write_json(allocation, path)
+    allocation_png(allocation, _png(path))
+
+
+def _png(json_path: str) -> str:
+    return os.path.splitext(json_path)[0] + ".png"
 
 
 def _printer(verbose: bool):

@@ -132,6 +132,12 @@ def main(task: str, description: str, argv=None) -> int:
     (add_causal_args if task == "causal" else add_seq2seq_args)(ap)
     a = ap.parse_args(argv)
     command = " ".join(shlex.quote(x) for x in [ap.prog.split()[-1], *(sys.argv[1:] if argv is None else argv)])
+    if not sys.stderr.isatty():  # a log file: no progress bars (they would land inside the table's lines)
+        import os
+
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         from .api import quantize
         quantize(run_config(a, task, f"python {command}"))

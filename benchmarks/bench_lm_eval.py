@@ -51,8 +51,8 @@ def make_task(data_dir, task_dir, n_docs):
 
 def timed_eval(model_args: str, task_dir: str, batch_size: int):
     """Runs in a child process: load, then time simple_evaluate alone."""
-    import torch
     import lm_eval
+    import torch
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
     t0 = time.time()

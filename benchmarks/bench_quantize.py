@@ -24,7 +24,6 @@ import time
 from contextlib import contextmanager
 
 
-
 def make_checkpoint(a, path):
     import torch
     from safetensors.torch import save_file
@@ -77,6 +76,7 @@ def _host_peak_gib(reset: bool = False) -> float:
 
 def run(a, path):
     import torch
+
     from moeq.config import QuantConfig, parse_size
     from moeq.quant.format import ShardWriter
     from moeq.quant.gptq import gptq_quantize

@@ -16,7 +16,6 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 
-
 def seed_everything(seed: int) -> None:
     """Same seed, same device: same weights and same loss curve."""
     random.seed(seed)
@@ -65,7 +64,7 @@ def train(model, batches: Iterator, loss_fn: Callable, steps: int, lr: float, de
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     warmup = warmup or max(1, steps // 20)
     curve, running, n, t0 = [], 0.0, 0, time.time()
-    bar = tqdm(range(steps), desc=desc)
+    bar = tqdm(range(steps), desc=desc, disable=None)  # no bar in a log file: a line per eval instead
     for step in bar:
         with deterministic_attention(device):
             running += _step(model, opt, loss_fn, next(batches), step, steps, lr, warmup, device, desc)
@@ -81,6 +80,9 @@ def train(model, batches: Iterator, loss_fn: Callable, steps: int, lr: float, de
             curve.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"}
                                                                  if "val_loss" in row else {}))
+            if bar.disable and "val_loss" in row:
+                print(f"{desc}: step {step + 1}/{steps}, train loss {row['train_loss']:.3f}, "
+                      f"valid loss {row['val_loss']:.3f}, {row['seconds']:.0f}s", flush=True)
             running, n = 0.0, 0
     model.eval()
     return curve

@@ -35,6 +35,9 @@ PRESETS = {
                 steps=2000, lr=1.5e-3),
     "cpu": dict(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=4096, seqlen=256, batch=16,
                 steps=400, lr=2e-3),
+    # demo: the model demo.py ships with (models/demo-moe): ~1M parameters, bf16 on disk ~2 MB
+    "demo": dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=1024, seqlen=256, batch=16,
+                 steps=1500, lr=3e-3),
     "smoke": dict(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, vocab=320, seqlen=64, batch=8,
                   steps=30, lr=3e-3, train_bytes=300_000),
 }

@@ -30,8 +30,8 @@ from types import SimpleNamespace
 
 import torch
 
-from moeq.testbed.common import (device_name, make_tokenizer, random_windows, save_model, seed_everything,
-                                 train, write_json)
+from moeq.testbed.common import (device_name, make_tokenizer, random_windows, save_model, seed_everything, train,
+                                 write_json)
 
 NUM_SENTINELS = 32  # T5's <extra_id_i>: one per corrupted span, so at most this many spans per window
 NUM_EXPERTS = 8
@@ -212,6 +212,7 @@ def pair_batches(examples, batch: int, seed: int, pad: int):
 
 def model_config(p, tok):
     from transformers import SwitchTransformersConfig
+
     # Capacity per expert and sequence: twice the even share of the longest sequence,
     # so few tokens are dropped (calibration in quantize_switch.py routes with no cut).
     capacity = 2 * max(p.src_len, p.pretrain_len) // NUM_EXPERTS

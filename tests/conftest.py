@@ -4,10 +4,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (the installed moeq, editable)
-# Real text (see shared/data/README.md): $MOEQ_DATA, else shared/ beside or inside the checkout.
-DATA = os.environ.get("MOEQ_DATA") or next(
-    (d for d in (os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "shared", "data"))
-     if os.path.isdir(d)), os.path.join(ROOT, "..", "shared", "data"))
+# Real text (slices shipped in the repository, see data/README.md); $MOEQ_DATA for others.
+DATA = os.environ.get("MOEQ_DATA") or os.path.join(ROOT, "data")
 
 torch.set_num_threads(2)
 

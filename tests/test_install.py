@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_tiny, pack
 from moeq.config import QuantConfig
 from moeq.utils import data
 from moeq.utils.families import family_for
+
+from conftest import ROOT, load_tiny, pack
 from test_packed import METRICS, in_process_reference, read_lm_eval_results, run_lm_eval_cli, write_tasks
 
 

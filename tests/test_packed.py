@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, ROOT, load_tiny, pack, read
 from moeq.config import QuantConfig
 from moeq.quant.packing import pack_codes, packed_width, unpack_codes
 from moeq.utils import data
 from moeq.utils.families import family_for
+
+from conftest import DATA, ROOT, load_tiny, pack, read
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -7,12 +7,13 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, load_tiny
+from moeq.config import QuantConfig
 from moeq.utils import data
 from moeq.utils.families import MixtralFamily, family_for
-from moeq.config import QuantConfig
 from moeq.utils.pipeline import _collect_moe_stats, quantize_model
 from moeq.utils.sequential import capture_block_inputs, run_block
+
+from conftest import ROOT, load_tiny
 
 
 def calib(tokenizer, text_dir, n=8, seqlen=64):
@@ -194,7 +195,6 @@ def test_bad_input_one_line_error_nothing_written(case, tiny_mixtral_dir, small_
 
 
 def test_router_reference_orders_by_norm_change(tiny_mixtral_dir, small_text_dir, tmp_path):
-    from transformers import AutoTokenizer
     model = load_tiny(tiny_mixtral_dir)
     factors = torch.tensor([1.3, 0.7, 1.0, 0.5, 1.6, 0.9, 1.1, 0.8])
     with torch.no_grad():
@@ -218,6 +218,7 @@ def test_router_reference_orders_by_norm_change(tiny_mixtral_dir, small_text_dir
 
     # a reference with another expert count is refused
     from transformers import MixtralForCausalLM
+
     from moeq.utils.tiny import tiny_mixtral_config
     bad = tmp_path / "bad"
     MixtralForCausalLM(tiny_mixtral_config(final.config.vocab_size, num_local_experts=4)).save_pretrained(bad)

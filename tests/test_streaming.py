@@ -1,15 +1,15 @@
-import os
 
 import torch
 from safetensors.torch import save_file
 
-from conftest import load_tiny
+from moeq.config import QuantConfig
+from moeq.quant.format import MemoryWriter
 from moeq.utils import data
 from moeq.utils.families import family_for
 from moeq.utils.loading import BlockLoader, TensorSource, load_skeleton
-from moeq.config import QuantConfig
-from moeq.quant.format import MemoryWriter
 from moeq.utils.pipeline import quantize_model
+
+from conftest import load_tiny
 
 
 def test_legacy_and_fused_mixtral_names(tiny_mixtral_dir, tmp_path):

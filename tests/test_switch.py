@@ -3,10 +3,11 @@ import os
 
 import torch
 
-from conftest import pack
 from moeq.config import QuantConfig
 from moeq.utils import data
 from moeq.utils.families import SwitchFamily, family_for
+
+from conftest import pack
 
 
 def tiny_switch(vocab, seed=0):
@@ -130,8 +131,9 @@ def test_switch_bad_inputs(tokenizer, small_text_dir, tiny_mixtral_dir, tmp_path
     import subprocess
     import sys
 
-    from conftest import ROOT
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from conftest import ROOT
     ft, ref, pairs, _ = make_switch_dirs(tmp_path, tokenizer, small_text_dir)
     four = tmp_path / "four_experts"
     cfg = SwitchTransformersConfig(vocab_size=len(tokenizer), d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=4,

@@ -62,6 +62,7 @@ def direct_perplexity(model_dir, windows):
 
 def test_two_row_grid_with_lm_eval_and_resume(testbed, tmp_path):
     from moeq.reproduce_tables import ModelData, main
+
     from test_packed import write_tasks
     tasks = write_tasks(tmp_path)
     out = str(tmp_path / "grid")

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, ROOT
 from moeq.testbed import train_switch
+
+from conftest import DATA, ROOT
 
 DOCS = os.path.join(DATA, "python-docs")
 # Fewer steps where only the weights' identity matters.

@@ -66,9 +66,20 @@ def load_text(dataset: str) -> TextSplits:
     if os.path.exists(dataset):
         return _local(dataset)
     if dataset in HUB_DATASETS:
-        return _hub(dataset)
+        return _from_hub(_hub, dataset, "a text file or a directory with train/test text files")
     raise FileNotFoundError(f"--dataset {dataset!r} is neither an existing path nor one of {', '.join(HUB_DATASETS)}: "
                             f"pass a text file, a directory with train/test text files, or a hub dataset name")
+
+
+def _from_hub(load, name: str, local: str):
+    """``load(name)``; a failed download (offline, unknown name) is one line naming the
+    dataset and the local alternative, not a traceback."""
+    try:
+        return load(name)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"--dataset {name}: could not load it from the Hugging Face hub ({reason}): "
+                                f"pass {local} instead, e.g. data/python-docs in this repository") from None
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -136,12 +147,16 @@ def load_pairs(dataset: str) -> PairSplits:
         return PairSplits(os.path.splitext(os.path.basename(dataset))[0], pairs[:cut], pairs[cut:],
                           f"{dataset} (first 90% calibrate, last 10% evaluate)")
     if dataset == "cnn_dailymail":
-        from datasets import load_dataset
-        d = load_dataset("cnn_dailymail", "3.0.0")
-        get = lambda split, n: list(zip(d[split]["article"][:n], d[split]["highlights"][:n]))
-        return PairSplits(dataset, get("train", 5000), get("test", 1000), "hub:cnn_dailymail 3.0.0")
+        return _from_hub(_cnn_dailymail, dataset, "a jsonl file of source/target pairs")
     raise FileNotFoundError(f"--dataset {dataset!r}: pass a jsonl file of source/target pairs, a directory with "
                             f"train.jsonl/test.jsonl, or cnn_dailymail (hub)")
+
+
+def _cnn_dailymail(name: str) -> PairSplits:
+    from datasets import load_dataset
+    d = load_dataset("cnn_dailymail", "3.0.0")
+    get = lambda split, n: list(zip(d[split]["article"][:n], d[split]["highlights"][:n]))
+    return PairSplits(name, get("train", 5000), get("test", 1000), "hub:cnn_dailymail 3.0.0")
 
 
 def pair_windows(tokenizer, pairs, n: int, src_len: int, tgt_len: int, seed: int):

@@ -181,7 +181,6 @@ class BlockLoader:
         """Everything outside the blocks (embeddings, final norm, head) onto the host."""
         if self.source is None:
             return
-        from accelerate.utils import set_module_tensor_to_device
         prefixes = tuple(f"{name}." for name, _ in self.family.blocks(model))
         for name, p in list(model.named_parameters()):  # tied parameters appear once
             if not name.startswith(prefixes) and p.device.type == "meta":

@@ -23,7 +23,7 @@ def perplexity(model, family, windows: torch.Tensor, device, batch_size: int = 1
     hidden = None
     for stage, blocks in enumerate(family.stages(model)):
         hidden, kwargs = capture_block_inputs(model, family, windows, batch_size, device, act_device, stage, hidden)
-        for name, block in tqdm(blocks, desc=desc, leave=False):
+        for name, block in tqdm(blocks, desc=desc, leave=False, disable=None):  # no bar when not a terminal
             with loader.block(name, block, keep=keep):
                 hidden = run_block(block, hidden, kwargs, device, act_device, family=family)
     post = family.post_block_modules(model)

@@ -1,6 +1,6 @@
 """Tiny MoE checkpoints built offline from a transformers config, for tests and demos.
 
-    python -m utils.tiny --out tiny-mixtral [--text ../shared/data/python-docs/train.txt]
+    python -m moeq.utils.tiny --out tiny-mixtral [--text data/python-docs/train.txt]
 
 writes a randomly initialised Mixtral-architecture model and a byte-level BPE
 tokenizer trained on the given text (first 2 MB)."""
@@ -53,7 +53,7 @@ def build_tiny_mixtral(out: str, text: str, seed: int = 0, vocab_size: int = 512
 
 def default_text_path() -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "..", "shared", "data", "python-docs", "train.txt")
+    return os.path.join(here, "data", "python-docs", "train.txt")
 
 
 def main():
