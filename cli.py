@@ -98,9 +98,20 @@ def quant_config(a) -> QuantConfig:
     return QuantConfig(method=a.method, mixed_type=a.mixed_type, order_type=a.order_type, zeta=a.zeta,
                        avg_bits=a.avg_bits, high_bits=a.high_bit_level, mid_bits=a.mid_bit_level,
                        low_bits=a.low_bit_level, level_counts=counts,
-                       attn_bits=None if a.attn_bit_level >= 16 else a.attn_bit_level, groupsize=a.groupsize,
+                       attn_bits=attn_bits(a.attn_bit_level), groupsize=a.groupsize,
                        sym=a.sym, act_order=a.act_order, percdamp=a.percdamp, seed=a.seed,
                        min_expert_tokens=a.min_expert_tokens, batch_size=a.batch_size, expert_batch=a.expert_batch)
+
+
+def attn_bits(level: int) -> int | None:
+    """--attn_bit_level: a supported width, or 16 for unquantized attention (None)."""
+    from .quant.quantizer import SUPPORTED_BITS
+    if level == 16:
+        return None
+    if level not in SUPPORTED_BITS:
+        raise ConfigError(f"--attn_bit_level {level}: choose one of {', '.join(map(str, SUPPORTED_BITS))}, "
+                          f"or 16 to keep attention unquantized")
+    return level
 
 
 def run_config(a, task: str, command: str) -> RunConfig:
@@ -125,19 +136,31 @@ def run_config(a, task: str, command: str) -> RunConfig:
                      evaluate_fp=a.eval_fp, eval_samples=a.eval_samples)
 
 
-def main(task: str, description: str, argv=None) -> int:
+def parser(task: str, description: str = "") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description, formatter_class=_Formatter,
                                  prog=f"python {'quantize_mixtral.py' if task == 'causal' else 'quantize_switch.py'}")
     add_common_args(ap)
     (add_causal_args if task == "causal" else add_seq2seq_args)(ap)
+    return ap
+
+
+def quiet_progress_unless_terminal() -> None:
+    """In a log file (stderr not a terminal) no progress bars: theirs (transformers,
+    datasets) would land inside our table's lines; ours are off there already."""
+    if sys.stderr.isatty():
+        return
+    import os
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(task: str, description: str, argv=None) -> int:
+    ap = parser(task, description)
     a = ap.parse_args(argv)
     command = " ".join(shlex.quote(x) for x in [ap.prog.split()[-1], *(sys.argv[1:] if argv is None else argv)])
-    if not sys.stderr.isatty():  # a log file: no progress bars (they would land inside the table's lines)
-        import os
-
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    quiet_progress_unless_terminal()
     try:
         from .api import quantize
         quantize(run_config(a, task, f"python {command}"))

@@ -46,12 +46,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         from moeq.api import evaluate_unquantized, prepare_data, quantize
+        from moeq.cli import quiet_progress_unless_terminal
         from moeq.config import ConfigError, QuantConfig, RunConfig
     except ModuleNotFoundError as e:
         if e.name != "moeq":
             raise
         sys.exit("error: the moeq package is not installed: run `pip install -e .` in this repository first")
 
+    quiet_progress_unless_terminal()
     t_start = time.time()
     base = RunConfig(model=a.model, dataset=a.data, nsamples=a.nsamples, seqlen=a.seqlen, evaluate=True,
                      device="cpu", verbose=False)

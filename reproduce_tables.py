@@ -40,6 +40,7 @@ from collections import Counter
 import torch
 
 from moeq.api import evaluate_unquantized, prepare_data, quantize
+from moeq.cli import attn_bits
 from moeq.config import ConfigError, QuantConfig, RunConfig
 
 ORDERS = ["router", "router_change", "variance", "combined", "random", "frequency", "routing_weight",
@@ -89,7 +90,7 @@ def quant_config(row: dict, a) -> QuantConfig:
     order = {"router_change": "router", "uniform": "router"}.get(row["order"], row["order"])
     return QuantConfig(method=row["method"], mixed_type="uniform" if row["order"] == "uniform" else "mixed",
                        order_type=order, zeta=row.get("zeta", 3.0), avg_bits=row["avg_bits"], high_bits=high,
-                       mid_bits=mid, low_bits=low, attn_bits=None if a.attn_bits >= 16 else a.attn_bits,
+                       mid_bits=mid, low_bits=low, attn_bits=attn_bits(a.attn_bits),
                        groupsize=a.groupsize, seed=row.get("seed", 0), batch_size=a.batch_size,
                        min_expert_tokens=a.min_expert_tokens)
 
