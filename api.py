@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,29 +78,149 @@ def prepare_data(config: RunConfig) -> tasks.Data:
 
 def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=None) -> QuantizeResult:
     """Quantize one model as ``config`` says. Bad input is a ConfigError naming the flag
-    and the fix; nothing is left at ``config.saving_path`` unless the whole run succeeds."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .quant.format import ShardWriter
+    and the fix; nothing is left at ``config.saving_path`` unless the whole run succeeds
+    (utils/checkpoint.py says what a run guarantees on disk)."""
     from .utils import checkpoint
-    from .utils.families import family_for
-    from .utils.loading import (BadWeights, BlockLoader, TensorSource, load_skeleton, resolve_model,
-                                router_reference_weights)
-    from .utils.pipeline import quantize_model
-
     say = _printer(config.verbose)
     t_start = time.time()
-    q = config.quant
-    saving = config.saving_path is not None
-    if saving:
-        checkpoint.check_output_dir(config.saving_path, config.overwrite)
     for ds in (config.dataset, *config.eval_datasets):
         if os.sep in ds and not os.path.exists(ds):
             raise ConfigError(f"--dataset {ds}: no such file or directory")
-    local = resolve_model(config.model)
+    out = None
+    if config.saving_path is not None:  # claimed before any model is loaded
+        out = checkpoint.OutputDir(config.saving_path, config.overwrite,
+                                   sources=tuple(p for p in (config.model, config.router_reference) if p), say=say)
+        out.open()
+    try:
+        result = _quantize(config, data, on_experts, out, say, t_start)
+    except BaseException:
+        if out is not None:
+            out.close(failed=True)
+        raise
+    if out is not None:
+        out.close(failed=False)
+    return result
+
+
+def _quantize(config: RunConfig, data, on_experts, out, say, t_start) -> QuantizeResult:
+    from .quant.format import ShardWriter
+    from .utils.families import family_for
+    from .utils.loading import BadWeights, BlockLoader, check_source, router_reference_weights
+    from .utils.pipeline import quantize_model
+
+    q, saving = config.quant, out is not None
     device = resolve_device(config.device)
     act_device = torch.device("cpu") if config.offload_activations else device
-    model_config = AutoConfig.from_pretrained(local)
+    model, family, source, tokenizer, local, dtype = _open_model(config, device)
+    check_widths(model, family, q.groupsize)
+    for name, block in family.blocks(model):
+        moe = family.moe(block, name)
+        if moe is not None:
+            q.counts_for(moe.num_experts)
+    check_source(model, family, source)
+    if saving:
+        out.check_space(estimate_checkpoint_bytes(model, family, q, config.pack, dtype))
+    # Blocks stream from the shards; they stay on the host afterwards only when something
+    # needs them in memory (a dequantized checkpoint, an in-memory evaluation, the caller).
+    keep = config.keep_model or (saving and not config.pack) or (config.evaluate and not (saving and config.pack))
+    loader = BlockLoader(family, device, source, dtype, keep)
+    try:
+        loader.materialize_rest(model)
+    except BadWeights as e:
+        raise ConfigError(str(e)) from None
+    say(f"model {config.model}: {type(model).__name__}, {len(family.blocks(model))} blocks, {dtype}, "
+        f"streamed block by block from {local}")
+    reference = router_reference_weights(config.router_reference, model, family) if config.router_reference \
+        else None
+    data = data or tasks.prepare(config, tokenizer, model.config)
+    say(f"calibration: {data.info['source']}; {data.info['nsamples']} samples")
+    seconds = {"load": time.time() - t_start}
+    evaluation = {}
+    if config.evaluate_fp:
+        t0 = time.time()
+        evaluation["unquantized"] = _evaluate_fp(config, data, model, family, tokenizer, loader, local, dtype,
+                                                 device, act_device)
+        seconds["evaluate_fp"] = time.time() - t0
+        for line in tasks.summary_lines(config, evaluation["unquantized"], "unquantized"):
+            say(line)
+
+    sink = ShardWriter(out.tmp, q.groupsize, q.sym, parse_size(config.max_shard_size)) \
+        if saving and config.pack else None
+    t0 = time.time()
+    try:
+        report = quantize_model(model, family, data.calibration, q, device, act_device, loader, sink,
+                                router_reference=reference, on_experts=on_experts, log=say)
+    except BadWeights as e:
+        raise ConfigError(str(e)) from None
+    seconds["quantize"] = time.time() - t0
+    result = QuantizeResult(config, report, data.info, evaluation, None, None, seconds, model if keep else None)
+    _summarise(result, say)
+    if saving:
+        t0 = time.time()
+        _write_allocation(result.allocation(), os.path.join(out.tmp, "bit_allocation.json"))
+        tokenizer.save_pretrained(out.tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out.tmp)
+        if config.pack:
+            result.sizes = sink.finish(model.config.to_dict())
+            say(f"packed checkpoint: {result.sizes['disk_bytes'] / 2**20:.2f} MiB on disk, theoretical "
+                f"{result.sizes['theoretical_bytes'] / 2**20:.2f} MiB (codes {result.sizes['code_bytes'] / 2**20:.2f}"
+                f" + scales/zeros {result.sizes['overhead_bytes'] / 2**20:.2f} + unquantized "
+                f"{result.sizes['unquantized_bytes'] / 2**20:.2f})")
+        else:
+            model.save_pretrained(out.tmp, max_shard_size=config.max_shard_size)
+        result.saved_to = config.saving_path
+        seconds["save"] = time.time() - t0
+        _write_atomically(result.to_json(), os.path.join(out.tmp, "results.json"))  # completed after evaluation
+        out.commit()
+        say(f"saved {'packed' if config.pack else 'dequantized'} checkpoint to {config.saving_path}")
+    else:
+        path = config.allocation_path or "bit_allocation.json"
+        _write_allocation(result.allocation(), path)
+        say(f"wrote {path} and {_png(path)}")
+
+    if config.evaluate:
+        t0 = time.time()
+        if not keep:  # blocks were released: evaluate the packed checkpoint just written
+            from .inference import load_quantized_model
+            model = load_quantized_model(config.saving_path, dtype=dtype, model_class=tasks.model_class(config),
+                                         attn_implementation=config.attn_implementation)
+            family = family_for(model)
+        evaluation["quantized"] = tasks.evaluate(config, data, model, family, tokenizer, device, act_device)
+        seconds["evaluate"] = time.time() - t0
+    seconds["total"] = time.time() - t_start
+    results_path = os.path.join(config.saving_path, "results.json") if saving else \
+        os.path.join(os.path.dirname(os.path.abspath(config.allocation_path or "bit_allocation.json")),
+                     "results.json")
+    _write_atomically(result.to_json(), results_path)
+    if "unquantized" in evaluation and "quantized" in evaluation and config.causal:
+        for name, ppl in evaluation["quantized"]["ppl"].items():
+            say(f"ppl delta vs unquantized ({name}): {ppl - evaluation['unquantized']['ppl'][name]:+.4f}")
+    for line in tasks.summary_lines(config, evaluation["quantized"]) if config.evaluate else []:
+        say(line)
+    return result
+
+
+def _open_model(config: RunConfig, device: torch.device):
+    """The model on the meta device, its family adapter, its weight files (headers read),
+    tokenizer, local path and compute dtype; every way this can fail is a ConfigError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .quant.format import FormatError
+    from .utils.families import family_for
+    from .utils.loading import TensorSource, load_skeleton, resolve_model
+    local = resolve_model(config.model)
+    try:
+        model_config = AutoConfig.from_pretrained(local)
+    except Exception as e:  # garbled or empty config.json, unknown model type
+        raise ConfigError(f"--model {config.model}: cannot read {os.path.join(local, 'config.json')} "
+                          f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}): "
+                          f"the checkpoint is damaged or not a transformers model") from None
+    qc = getattr(model_config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
+        raise ConfigError(f"--model {config.model} is already quantized (quant_method {method}): pass the "
+                          f"unquantized model it was made from")
     tokenizer = AutoTokenizer.from_pretrained(local)
     dtype = compute_dtype(config.dtype, device, model_config)
     model_class = tasks.model_class(config)
@@ -118,99 +237,33 @@ def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=No
         raise ConfigError(str(e)) from None
     try:
         source = TensorSource(local)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    check_widths(model, family, q.groupsize)
-    for name, block in family.blocks(model):
-        moe = family.moe(block, name)
-        if moe is not None:
-            q.counts_for(moe.num_experts)
-    # Blocks stream from the shards; they stay on the host afterwards only when something
-    # needs them in memory (a dequantized checkpoint, an in-memory evaluation, the caller).
-    keep = config.keep_model or (saving and not config.pack) or (config.evaluate and not (saving and config.pack))
-    loader = BlockLoader(family, device, source, dtype, keep)
-    try:
-        loader.materialize_rest(model)
-    except BadWeights as e:
-        raise ConfigError(str(e)) from None
-    say(f"model {config.model}: {type(model).__name__}, {len(family.blocks(model))} blocks, {dtype}, "
-        f"streamed block by block from {local}")
-    reference = router_reference_weights(config.router_reference, model, family) if config.router_reference \
-        else None
-    data = data or tasks.prepare(config, tokenizer, model_config)
-    say(f"calibration: {data.info['source']}; {data.info['nsamples']} samples")
-    seconds = {"load": time.time() - t_start}
-    evaluation = {}
-    if config.evaluate_fp:
-        t0 = time.time()
-        evaluation["unquantized"] = _evaluate_fp(config, data, model, family, tokenizer, loader, local, dtype,
-                                                 device, act_device)
-        seconds["evaluate_fp"] = time.time() - t0
-        for line in tasks.summary_lines(config, evaluation["unquantized"], "unquantized"):
-            say(line)
+    except (FileNotFoundError, FormatError) as e:
+        raise ConfigError(f"--model {config.model}: {e}") from None
+    return model, family, source, tokenizer, local, dtype
 
-    tmp = checkpoint.temp_dir_for(config.saving_path) if saving else None
-    sizes = None
-    try:
-        sink = ShardWriter(tmp, q.groupsize, q.sym, parse_size(config.max_shard_size)) if saving and config.pack \
-            else None
-        t0 = time.time()
-        try:
-            report = quantize_model(model, family, data.calibration, q, device, act_device, loader, sink,
-                                    router_reference=reference, on_experts=on_experts, log=say)
-        except BadWeights as e:
-            raise ConfigError(str(e)) from None
-        seconds["quantize"] = time.time() - t0
-        result = QuantizeResult(config, report, data.info, evaluation, None, None, seconds,
-                                model if keep else None)
-        _summarise(result, say)
-        if saving:
-            t0 = time.time()
-            _write_allocation(result.allocation(), os.path.join(tmp, "bit_allocation.json"))
-            tokenizer.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            if config.pack:
-                sizes = sink.finish(model.config.to_dict())
-                say(f"packed checkpoint: {sizes['disk_bytes'] / 2**20:.2f} MiB on disk, theoretical "
-                    f"{sizes['theoretical_bytes'] / 2**20:.2f} MiB (codes {sizes['code_bytes'] / 2**20:.2f} + "
-                    f"scales/zeros {sizes['overhead_bytes'] / 2**20:.2f} + unquantized "
-                    f"{sizes['unquantized_bytes'] / 2**20:.2f})")
-            else:
-                model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
-            checkpoint.commit_dir(tmp, config.saving_path)
-            seconds["save"] = time.time() - t0
-            result.sizes, result.saved_to = sizes, config.saving_path
-            say(f"saved {'packed' if config.pack else 'dequantized'} checkpoint to {config.saving_path}")
-    except BaseException:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not saving:
-        path = config.allocation_path or "bit_allocation.json"
-        _write_allocation(result.allocation(), path)
-        say(f"wrote {path} and {_png(path)}")
 
-    if config.evaluate:
-        t0 = time.time()
-        if not keep:  # blocks were released: evaluate the packed checkpoint just written
-            from .inference import load_quantized_model
-            model = load_quantized_model(config.saving_path, dtype=dtype, model_class=model_class,
-                                         attn_implementation=config.attn_implementation)
-            family = family_for(model)
-        evaluation["quantized"] = tasks.evaluate(config, data, model, family, tokenizer, device, act_device)
-        seconds["evaluate"] = time.time() - t0
-    seconds["total"] = time.time() - t_start
-    results_path = os.path.join(config.saving_path, "results.json") if saving else \
-        os.path.join(os.path.dirname(os.path.abspath(config.allocation_path or "bit_allocation.json")),
-                     "results.json")
-    _write_atomically(result.to_json(), results_path)
-    if "unquantized" in evaluation and "quantized" in evaluation and config.causal:
-        for name, ppl in evaluation["quantized"]["ppl"].items():
-            say(f"ppl delta vs unquantized ({name}): {ppl - evaluation['unquantized']['ppl'][name]:+.4f}")
-    for line in tasks.summary_lines(config, evaluation["quantized"]) if config.evaluate else []:
-        say(line)
-    return result
+def estimate_checkpoint_bytes(model, family, q, pack: bool, dtype) -> int:
+    """An upper bound of the checkpoint's size, from the model skeleton: every tensor at
+    the compute dtype's size, except (packed) the quantized matrices, at the highest width
+    plus a float16 scale and zero per group; 5% for file headers and the rest."""
+    itemsize = torch.finfo(dtype).bits // 8
+    total = sum(p.numel() for p in model.parameters()) * itemsize
+    if pack:
+        top = max([q.high_bits, q.low_bits] + ([q.mid_bits] if q.mid_bits else []) +
+                  (list(q.level_counts) if q.level_counts else []) +
+                  ([int(q.avg_bits)] if q.mixed_type == "uniform" else []))
+
+        def packed_minus_dense(w, bits):
+            groups = w.numel() // (w.shape[-1] if q.groupsize <= 0 else q.groupsize)
+            return w.numel() * bits // 8 + groups * 4 - w.numel() * itemsize
+
+        for name, block in family.blocks(model):
+            if q.attn_bits:
+                total += sum(packed_minus_dense(lin.weight, q.attn_bits)
+                             for group in family.attention_groups(block) for _, lin in group)
+            moe = family.moe(block, name)
+            total += sum(packed_minus_dense(m.get(), top) for m in (moe.matrices if moe else []))
+    return int(total * 1.05)
 
 
 def evaluate_unquantized(config: RunConfig, data: tasks.Data | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 from .config import ConfigError, QuantConfig, RunConfig
@@ -33,6 +34,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     q.add_argument("--order_type", default="combined", help="expert ranking: " + ", ".join(ORDER_TYPES))
     q.add_argument("--zeta", type=float, default=3.0, help="MaxVar reordering threshold (combined order)")
     q.add_argument("--avg_bits", type=float, default=2.0, help="target average bits per expert of a MoE layer")
+    q.add_argument("--round_avg_bits", action="store_true",
+                   help="if --avg_bits cannot be met exactly with the layer's expert count, take the nearest")
     q.add_argument("--high_bit_level", type=int, default=3, help="bits of the most sensitive experts")
     q.add_argument("--mid_bit_level", type=int, default=None, help="bits of the middle level (omit for two levels)")
     q.add_argument("--low_bit_level", type=int, default=1, help="bits of the least sensitive experts")
@@ -44,7 +47,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                    help="quantize columns by decreasing Hessian diagonal (static groups)")
     g.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal")
     g.add_argument("--min_expert_tokens", type=int, default=16,
-                   help="experts routed fewer calibration tokens use the Hessian of all tokens")
+                   help="experts routed fewer calibration tokens use the Hessian of all tokens (0: never)")
     g.add_argument("--batch_size", type=int, default=8, help="calibration samples per forward batch")
     g.add_argument("--expert_batch", type=int, default=0, help="experts per batched GPTQ call (0: all)")
     r = ap.add_argument_group("device")
@@ -100,7 +103,8 @@ def quant_config(a) -> QuantConfig:
                        low_bits=a.low_bit_level, level_counts=counts,
                        attn_bits=attn_bits(a.attn_bit_level), groupsize=a.groupsize,
                        sym=a.sym, act_order=a.act_order, percdamp=a.percdamp, seed=a.seed,
-                       min_expert_tokens=a.min_expert_tokens, batch_size=a.batch_size, expert_batch=a.expert_batch)
+                       min_expert_tokens=a.min_expert_tokens, batch_size=a.batch_size, expert_batch=a.expert_batch,
+                       round_avg_bits=a.round_avg_bits)
 
 
 def attn_bits(level: int) -> int | None:
@@ -156,15 +160,24 @@ def quiet_progress_unless_terminal() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(task: str, description: str, argv=None) -> int:
     ap = parser(task, description)
     a = ap.parse_args(argv)
     command = " ".join(shlex.quote(x) for x in [ap.prog.split()[-1], *(sys.argv[1:] if argv is None else argv)])
     quiet_progress_unless_terminal()
+    # SIGTERM (a job scheduler, kill) unwinds like Ctrl-C: the partial checkpoint is removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         from .api import quantize
         quantize(run_config(a, task, f"python {command}"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted: nothing was saved (the partial checkpoint was removed)", file=sys.stderr)
+        return 130
     return 0

@@ -72,9 +72,10 @@ class QuantConfig:
     act_order: bool = False
     percdamp: float = 0.01
     seed: int = 0                        # random expert orders
-    min_expert_tokens: int = 16          # fewer routed tokens: the expert's Hessian uses all tokens
+    min_expert_tokens: int = 16          # fewer routed tokens: the expert's Hessian uses all tokens (0: never)
     batch_size: int = 8                  # calibration windows per forward batch
     expert_batch: int = 0                # experts per batched GPTQ call (0: all of a layer)
+    round_avg_bits: bool = False         # accept the nearest average the expert count allows
 
     def __post_init__(self):
         _check(self.method in METHODS, f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
@@ -90,7 +91,7 @@ class QuantConfig:
                f"--groupsize {self.groupsize}: must be positive (e.g. 128), or -1 for one group per row")
         _check(math.isfinite(self.percdamp) and 0 < self.percdamp < 1,
                f"--percdamp {self.percdamp}: must be in (0, 1), e.g. 0.01")
-        _check(self.min_expert_tokens >= 1, f"--min_expert_tokens {self.min_expert_tokens}: must be at least 1")
+        _check(self.min_expert_tokens >= 0, f"--min_expert_tokens {self.min_expert_tokens}: must be 0 or more")
         _check(self.batch_size >= 1, f"--batch_size {self.batch_size}: must be at least 1")
         _check(self.expert_batch >= 0, f"--expert_batch {self.expert_batch}: must be 0 (all experts) or positive")
         if self.level_counts is not None:
@@ -120,16 +121,37 @@ class QuantConfig:
             return dict(self.level_counts)
         if self.mixed_type == "uniform":
             return {int(self.avg_bits): num_experts}
+        counts = self._policy(num_experts, self.avg_bits)
+        achieved = sum(b * n for b, n in counts.items()) / num_experts
+        if abs(achieved - self.avg_bits) > 1e-9 and not self.round_avg_bits:
+            reachable = sorted({_average(self._policy(num_experts, k / num_experts), num_experts)
+                                for k in range(self.low_bits * num_experts, self.high_bits * num_experts + 1)})
+            below = max((r for r in reachable if r < self.avg_bits), default=None)
+            above = min((r for r in reachable if r > self.avg_bits), default=None)
+            near = " and ".join(f"{r:g}" for r in (below, above) if r is not None)
+            raise ConfigError(f"--avg_bits {self.avg_bits:g} cannot be met with {num_experts} experts per layer and "
+                              f"levels {self._levels()}: the nearest reachable averages are {near}: pass one of "
+                              f"them, or --round_avg_bits to take {achieved:g}")
+        return counts
+
+    def _policy(self, num_experts: int, avg_bits: float) -> dict[int, int]:
         try:
-            return level_counts(num_experts, self.avg_bits, self.high_bits, self.low_bits, self.mid_bits)
+            return level_counts(num_experts, avg_bits, self.high_bits, self.low_bits, self.mid_bits)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def _levels(self) -> str:
+        return "/".join(str(b) for b in (self.high_bits, self.mid_bits, self.low_bits) if b is not None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.level_counts is not None:
             d["level_counts"] = {str(b): n for b, n in self.level_counts.items()}
         return d
+
+
+def _average(counts: dict[int, int], num_experts: int) -> float:
+    return round(sum(b * n for b, n in counts.items()) / num_experts, 9)
 
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

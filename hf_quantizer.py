@@ -49,12 +49,15 @@ class MoeqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # Runs before transformers opens any weight file: a corrupt or truncated file, or a
         # config.json that does not match the tensors, is one clear error naming it.
+        self.tensor_files = {}
         if checkpoint_files:
-            verify_files(self.quantization_config.to_dict(), list(checkpoint_files), want_checksums())
+            self.tensor_files = verify_files(self.quantization_config.to_dict(), list(checkpoint_files),
+                                             want_checksums())
         replace_modules(model, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        check_finite(model, getattr(self, "tensor_files", {}))
         model.quantization_info = self.quantization_config.to_dict()
         return model
 
@@ -96,6 +99,18 @@ def replace_modules(model, qc: MoeqConfig) -> None:
         config = getattr(old, "config", None) or model.config.get_text_config()
         model.set_submodule(parent, experts_class("gate_up_proj" in specs, has_bias)(config, specs, qc.group_size,
                                                                                     old))
+
+
+def check_finite(model, tensor_files: dict[str, str]) -> None:
+    """Scales, zeros and every unquantized tensor must be finite: a NaN there would reach
+    every logit (checked where the tensors now live, so on the GPU it is fast)."""
+    import itertools
+
+    import torch
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"tensor {name} ({tensor_files.get(name, 'the weight files')}) contains NaN or inf: "
+                              f"the checkpoint is corrupt; copy it again or quantize again")
 
 
 def _submodule(model, path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from lm_eval.models.huggingface import HFLM
 
 from . import hf_quantizer
@@ -32,6 +33,7 @@ class QuantizedHFLM(HFLM):
         if quantized and isinstance(pretrained, str):
             read_quantization_config(pretrained)  # a clear error for a directory that is not a packed checkpoint
         hf_quantizer.register()
+        self.pretrained_name = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
         super().__init__(pretrained, **kwargs)
 
     def _create_model(self, *args, quantization_config=None, **kwargs):
@@ -41,6 +43,15 @@ class QuantizedHFLM(HFLM):
             if isinstance(quantization_config, hf_quantizer.MoeqConfig):
                 warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             return super()._create_model(*args, quantization_config=quantization_config, **kwargs)
+
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        if not bool(torch.isfinite(logits).all()):  # else lm-eval reports NaN metrics and exits 0
+            raise RuntimeError(f"the model's logits are not finite (NaN or inf) for a batch of {tuple(inps.shape)} "
+                               f"tokens: the checkpoint {self.pretrained_name!r} or its dtype is broken; results "
+                               f"would be meaningless")
+        return logits
 
 
 def register() -> None:

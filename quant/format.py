@@ -331,10 +331,10 @@ def weight_files(path: str) -> dict[str, str]:
     single = os.path.join(path, SINGLE)
     if not os.path.isfile(single):
         raise FormatError(f"{single} not found (nor {INDEX}): the checkpoint has no weights")
-    return {k: single for k in _header(single)}
+    return {k: single for k in read_header(single)}
 
 
-def _header(fname: str) -> dict[str, tuple[int, ...]]:
+def read_header(fname: str) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, from a safetensors file's header (no tensor is read)."""
     from safetensors import safe_open
     try:
@@ -345,10 +345,11 @@ def _header(fname: str) -> dict[str, tuple[int, ...]]:
                           f"copy it again") from None
 
 
-def verify_files(qc: dict, files: list[str], checksums: bool = True) -> None:
+def verify_files(qc: dict, files: list[str], checksums: bool = True) -> dict[str, str]:
     """Every weight file exists, matches its checksum in config.json (``checksums``; the
     slow part: it reads every byte) and has a readable header whose packed tensors have the
-    shapes the quantization_config implies. Raises a FormatError naming the file."""
+    shapes the quantization_config implies. Raises a FormatError naming the file; returns
+    tensor name -> file."""
     expected = qc.get("checksums") or {}
     shapes: dict[str, tuple[int, ...]] = {}
     for fname in files:
@@ -358,7 +359,7 @@ def verify_files(qc: dict, files: list[str], checksums: bool = True) -> None:
                 _sha256_once(fname) != expected[os.path.basename(fname)]:
             raise FormatError(f"{fname} does not match its sha256 in config.json: the file is corrupt or truncated; "
                               f"copy it again (MOEQ_VERIFY=0 skips this check)")
-        shapes.update({name: (shape, fname) for name, shape in _header(fname).items()})
+        shapes.update({name: (shape, fname) for name, shape in read_header(fname).items()})
     for path, spec in qc.get("modules", {}).items():
         for name, want in expected_shapes(path, spec, qc["group_size"]).items():
             if name not in shapes:
@@ -369,6 +370,7 @@ def verify_files(qc: dict, files: list[str], checksums: bool = True) -> None:
                 raise FormatError(f"{name} in {fname} has shape {tuple(got)}, but config.json's quantization_config "
                                   f"(bits {spec['bits']}, shape {spec['shape']}, group_size {qc['group_size']}) "
                                   f"implies {tuple(want)}: config.json was edited or belongs to another checkpoint")
+    return {name: fname for name, (_, fname) in shapes.items()}
 
 
 def verify_checkpoint(path: str, checksums: bool | None = None) -> dict:

@@ -130,16 +130,12 @@ def causal_lm_loss(model, windows: torch.Tensor, device, batch: int = 16) -> flo
 
 def save_model(model, tokenizer, path: str) -> None:
     """save_pretrained (safetensors) + tokenizer, written beside ``path`` and renamed into place."""
-    from ..utils.checkpoint import commit_dir, temp_dir_for
-    tmp = temp_dir_for(path)
-    try:
+    from ..utils.checkpoint import replace_dir
+
+    def fill(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        commit_dir(tmp, path)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    replace_dir(path, fill)
 
 
 def write_json(obj, path: str) -> None:

@@ -159,7 +159,7 @@ def test_bad_input_one_line_error_nothing_written(case, tiny_mixtral_dir, small_
     expect = {"not_moe": "not a supported MoE model", "missing_model": "no such checkpoint",
               "order": "unknown --order_type", "budget": "outside", "spacing": "equally spaced",
               "groupsize": "does not divide", "nan": "NaN", "nonempty_out": "--overwrite",
-              "missing_data": "no such file", "bits": "unsupported bit width"}[case]
+              "missing_data": "no such file", "bits": "--attn_bit_level 5: choose one of"}[case]
     if case == "not_moe":
         model = str(tmp_path / "dense")
         make_dense_model(model, tokenizer)

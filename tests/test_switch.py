@@ -22,7 +22,7 @@ def tiny_switch(vocab, seed=0):
 def seq2seq_calib(tokenizer, text_dir, n=8, src_len=64, tgt_len=32):
     ids = data.tokenize(tokenizer, data.load_text(text_dir).train)
     windows = data.calibration_windows(ids, n, src_len + tgt_len, seed=0)
-    return windows[:, :src_len], windows[:, src_len:]   # continue the text: source -> target
+    return data.Pairs(windows[:, :src_len], windows[:, src_len:])   # continue the text: source -> target
 
 
 def test_switch_encoder_and_decoder_moe_quantized_and_packed(tokenizer, small_text_dir, tmp_path):
@@ -148,3 +148,46 @@ def test_switch_bad_inputs(tokenizer, small_text_dir, tiny_mixtral_dir, tmp_path
         assert r.returncode == 2, r.stderr[-2000:]
         err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
         assert len(err) == 1 and expect in err[0], r.stderr[-2000:]
+
+
+def test_short_pairs_are_padded_and_the_padding_left_out(tokenizer, small_text_dir):
+    """Pairs of every length calibrate: padded in batches, and the padding counts nowhere.
+    The same pairs one per batch (no padding at all) route the same tokens to the same
+    experts and give the same expert and attention Hessians."""
+    from moeq.utils.pipeline import _collect_moe_stats, _pointing, quantize_model
+    from moeq.utils.sequential import (HessianAccumulator, batch_masks, capture_block_inputs, input_hessian_hook,
+                                       run_block)
+    text = open(os.path.join(small_text_dir, "train.txt"), encoding="utf-8").read()
+    sentences = [s.strip() for s in text.split(".") if 20 < len(s.strip()) < 300][:12]
+    pairs = [(s, s.split()[0]) for s in sentences]   # short targets, sources of every length
+    calib = data.pair_windows(tokenizer, pairs, 12, 256, 64, seed=0)
+    assert len(set(calib.src_mask.sum(1).tolist())) > 1 and not bool(calib.tgt_mask.all())   # really padded
+    model = tiny_switch(len(tokenizer))
+    fam = family_for(model)
+    cpu = torch.device("cpu")
+    (b0_name, b0), (b1_name, b1) = fam.stages(model)[0][:2]
+    moe = fam.moe(b1, b1_name)
+    stats = []
+    for batch_size in (4, 1):
+        inputs, kwargs = capture_block_inputs(model, fam, calib, batch_size, cpu, cpu)
+        masks = batch_masks(fam, calib, batch_size, 0)
+        current = {}
+        acc = HessianAccumulator(64, cpu)
+        q = b0.layer[0].SelfAttention.q
+        handle = q.register_forward_pre_hook(input_hessian_hook(acc, current, "block"))
+        hidden = run_block(b0, inputs, kwargs, cpu, cpu, family=fam, before_batch=_pointing(current, masks))
+        handle.remove()
+        accs, tokens, _ = _collect_moe_stats(fam, moe, b1, hidden, kwargs, cpu, cpu, masks=masks)
+        stats.append((acc, accs, tokens))
+    (a4, e4, t4), (a1, e1, t1) = stats
+    assert t4.tolist() == t1.tolist() and int(t4.sum()) == int(calib.src_mask.sum())   # top-1: one per real token
+    assert int(a4.n[0]) == int(a1.n[0]) == int(calib.src_mask.sum())
+    assert torch.allclose(a4.hessian(0), a1.hessian(0), rtol=1e-4, atol=1e-6)
+    for kind in ("wi", "wo"):
+        assert torch.equal(e4[kind].n, e1[kind].n)
+        assert torch.allclose(e4[kind].hessian(), e1[kind].hessian(), rtol=1e-4, atol=1e-6), kind
+    # and the whole pipeline on the padded batches: the decoder's experts count target tokens only
+    report = quantize_model(model, fam, calib, QuantConfig(level_counts={3: 4, 2: 4}, groupsize=32, batch_size=4,
+                                                           min_expert_tokens=1), cpu)
+    assert sum(report.layers[0]["scores"]["tokens"]) == int(calib.src_mask.sum())
+    assert sum(report.layers[-1]["scores"]["tokens"]) == int(calib.tgt_mask.sum())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -28,8 +29,12 @@ class TextSplits:
 
 
 def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8, e.g. "
+                         f"iconv -f latin1 -t utf-8") from None
 
 
 def _local(path: str) -> TextSplits:
@@ -92,13 +97,17 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """nsamples random windows of seqlen tokens: (nsamples, seqlen)."""
-    if ids.numel() <= seqlen:
-        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
-                         f"use a larger train split or a smaller --seqlen")
+    """nsamples windows of seqlen tokens, (nsamples, seqlen), drawn at random among the
+    non-overlapping windows of the text (after a random offset): no token is calibrated on
+    twice. Too little text for that is an error, not overlapping windows."""
+    slots = ids.numel() // seqlen
+    if slots < nsamples:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens: {slots} windows of --seqlen {seqlen}, "
+                         f"fewer than --nsamples {nsamples}: use more text, or a smaller --nsamples or --seqlen")
     rng = random.Random(seed)
-    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids[s:s + seqlen] for s in starts])
+    offset = rng.randint(0, ids.numel() - slots * seqlen)
+    starts = sorted(rng.sample(range(slots), nsamples))
+    return torch.stack([ids[offset + s * seqlen: offset + (s + 1) * seqlen] for s in starts])
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -122,14 +131,18 @@ class PairSplits:
 def _read_jsonl(path: str) -> list[tuple[str, str]]:
     import json
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
+    for i, line in enumerate(_read(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            if "source" not in rec or "target" not in rec:
-                raise ValueError(f"{path} line {i + 1}: each record needs 'source' and 'target' fields")
-            pairs.append((rec["source"], rec["target"]))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i + 1}: not valid JSON ({e.msg} at column {e.colno}): each line must be "
+                             f'one record like {{"source": "...", "target": "..."}}') from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("source"), str) or \
+                not isinstance(rec.get("target"), str):
+            raise ValueError(f"{path} line {i + 1}: each record needs 'source' and 'target' text fields")
+        pairs.append((rec["source"], rec["target"]))
     return pairs
 
 
@@ -159,22 +172,44 @@ def _cnn_dailymail(name: str) -> PairSplits:
     return PairSplits(name, get("train", 5000), get("test", 1000), "hub:cnn_dailymail 3.0.0")
 
 
-def pair_windows(tokenizer, pairs, n: int, src_len: int, tgt_len: int, seed: int):
-    """n random pairs whose source and target are at least src_len / tgt_len tokens,
-    truncated to those lengths (no padding, so no pad token enters a Hessian)."""
+class Pairs(NamedTuple):
+    """Calibration pairs, right-padded: token ids (n, S) / (n, T) and masks (True: a real token)."""
+    src: torch.Tensor
+    tgt: torch.Tensor
+    src_mask: torch.Tensor | None = None   # None: no padding
+    tgt_mask: torch.Tensor | None = None
+
+
+def pair_windows(tokenizer, pairs, n: int, src_len: int, tgt_len: int, seed: int) -> Pairs:
+    """n random pairs, source and target cut to src_len / tgt_len tokens; shorter ones are
+    padded and masked (the masks keep padding out of the Hessians and token counts), so
+    short pairs (titles, answers) count like long ones. Pairs with an empty side are skipped."""
     rng = random.Random(seed)
     order = list(range(len(pairs)))
     rng.shuffle(order)
     src, tgt = [], []
     for i in order:
-        s = tokenizer(pairs[i][0], add_special_tokens=False)["input_ids"]
-        t = tokenizer(pairs[i][1], add_special_tokens=False)["input_ids"]
-        if len(s) >= src_len and len(t) >= tgt_len:
-            src.append(s[:src_len])
-            tgt.append(t[:tgt_len])
+        s = tokenizer(pairs[i][0], add_special_tokens=False)["input_ids"][:src_len]
+        t = tokenizer(pairs[i][1], add_special_tokens=False)["input_ids"][:tgt_len]
+        if s and t:
+            src.append(s)
+            tgt.append(t)
             if len(src) == n:
                 break
     if len(src) < n:
-        raise ValueError(f"only {len(src)} pairs have at least {src_len} source and {tgt_len} target tokens, "
-                         f"{n} needed: lower --src_len/--tgt_len or --nsamples")
-    return torch.tensor(src), torch.tensor(tgt)
+        raise ValueError(f"only {len(src)} pairs have a non-empty source and target, --nsamples {n} needed: "
+                         f"use more pairs or a smaller --nsamples")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    src_ids, src_mask = _padded(src, pad)
+    tgt_ids, tgt_mask = _padded(tgt, pad)
+    return Pairs(src_ids, tgt_ids, src_mask, tgt_mask)
+
+
+def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    return ids, mask

@@ -27,6 +27,49 @@ class ExpertMatrix:
 
 
 @dataclass
+class SourceTensor:
+    """Where a model tensor is in a checkpoint: ``parts[i]`` are names concatenated along
+    dim 0; with ``stacked``, the parts (one per expert) are stacked into a new dim 0."""
+    parts: list[list[str]]
+    stacked: bool = False
+
+    def read(self, source) -> torch.Tensor:
+        rows = [torch.cat([source.get(n) for n in names]) if len(names) > 1 else source.get(names[0])
+                for names in self.parts]
+        return torch.stack(rows) if self.stacked else rows[0]
+
+    def shape(self, source) -> tuple[int, ...]:
+        rows = []
+        for names in self.parts:
+            shapes = [source.shape(n) for n in names]
+            rows.append((sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0])
+        return (len(rows), *rows[0]) if self.stacked else tuple(rows[0])
+
+    def names(self) -> list[str]:
+        return [n for names in self.parts for n in names]
+
+
+class Family:
+    """What every adapter shares: reading a model tensor through ``locate``."""
+
+    def locate(self, source, name: str) -> SourceTensor:
+        if name in source:
+            return SourceTensor([[name]])
+        raise KeyError(f"tensor {name} not found in the checkpoint {source.path}")
+
+    def read_tensor(self, source, name: str) -> torch.Tensor:
+        return self.locate(source, name).read(source)
+
+    def token_masks(self, calib, rows: slice, stage: int = 0) -> dict | None:
+        """Which calibration tokens are real (see sequential.batch_masks); None: all."""
+        return None
+
+    def attention_input(self, block, group: list) -> str:
+        """Which tokens a group of attention linears reads ("block": the block's own)."""
+        return "block"
+
+
+@dataclass
 class MoEBlock:
     name: str                     # module path of the MoE block, e.g. "model.layers.3.mlp"
     module: nn.Module
@@ -35,7 +78,7 @@ class MoEBlock:
     matrices: list[ExpertMatrix]  # in forward order: the first one's input is the block input
 
 
-class MixtralFamily:
+class MixtralFamily(Family):
     """transformers-5 Mixtral layout (and anything shaped like it: fused 3D experts)."""
     name = "mixtral"
 
@@ -93,24 +136,22 @@ class MixtralFamily:
         gate, up = F.linear(x, ex.gate_up_proj[expert]).chunk(2, dim=-1)
         return {"gate_up_proj": x, "down_proj": ex.act_fn(gate) * up}
 
-    def read_tensor(self, source, name: str) -> torch.Tensor:
+    def locate(self, source, name: str) -> SourceTensor:
         """A tensor by its transformers-5 name; older Mixtral checkpoints (the hub's
         Mixtral-8x7B) store per-expert w1/w3/w2 and block_sparse_moe.gate, fused here."""
         if name in source:
-            return source.get(name)
+            return SourceTensor([[name]])
         if name.endswith(".mlp.gate.weight"):
-            return source.get(name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
+            return super().locate(source, name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
         for fused, parts in ((".mlp.experts.gate_up_proj", ("w1", "w3")), (".mlp.experts.down_proj", ("w2",))):
             if name.endswith(fused):
                 base = name[: -len(fused)] + ".block_sparse_moe.experts"
                 experts = []
-                e = 0
-                while f"{base}.{e}.w1.weight" in source:
-                    experts.append(torch.cat([source.get(f"{base}.{e}.{w}.weight") for w in parts]))
-                    e += 1
+                while f"{base}.{len(experts)}.w1.weight" in source:
+                    experts.append([f"{base}.{len(experts)}.{w}.weight" for w in parts])
                 if experts:
-                    return torch.stack(experts)
-        raise KeyError(f"tensor {name} not found in the checkpoint {source.path}")
+                    return SourceTensor(experts, stacked=True)
+        return super().locate(source, name)
 
     # -- the layer-by-layer driver's view: stages of blocks fed from the embeddings --
     def stages(self, model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
@@ -140,7 +181,7 @@ class MixtralFamily:
         return [model.model.norm, model.lm_head]
 
 
-class SwitchFamily:
+class SwitchFamily(Family):
     """transformers-5 Switch Transformer (encoder-decoder, T5 blocks): MoE feed-forward in
     every ``encoder_sparse_step``-th block of both stacks, experts as separate nn.Linear
     ``wi``/``wo``, top-1 router ``router.classifier``. Two stages: encoder, then decoder
@@ -205,25 +246,35 @@ class SwitchFamily:
         ex = moe.module.experts[f"expert_{expert}"]
         return {"wi": x, "wo": ex.act(ex.wi(x))}
 
-    def read_tensor(self, source, name):
-        if name in source:
-            return source.get(name)
-        if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
-            return source.get("shared.weight")  # tied to the shared embedding
-        raise KeyError(f"tensor {name} not found in the checkpoint {source.path}")
+    def locate(self, source, name):
+        if name not in source and (name.endswith("embed_tokens.weight") or name == "lm_head.weight"):
+            return super().locate(source, "shared.weight")  # tied to the shared embedding
+        return super().locate(source, name)
 
     # -- driver --
     def num_windows(self, calib):
-        return calib[0].shape[0]
+        return calib.src.shape[0]
+
+    def token_masks(self, calib, rows, stage=0):
+        """data.Pairs are right-padded: the encoder's tokens are the source's, the decoder's the target's."""
+        if calib.src_mask is None:
+            return None
+        return {"block": (calib.src_mask if stage == 0 else calib.tgt_mask)[rows], "encoder": calib.src_mask[rows]}
+
+    def attention_input(self, block, group: list) -> str:
+        """Which tokens a group of attention linears reads: cross-attention keys and values
+        read the encoder's."""
+        return "encoder" if group[0][0].startswith("layer.1.EncDecAttention.k") else "block"
 
     def embed_forward(self, model, calib, rows, device, stage=0, prev=None):
-        src, tgt = calib
+        src_mask = None if calib.src_mask is None else calib.src_mask[rows].to(device)
         if stage == 0:
-            model.encoder(input_ids=src[rows].to(device))
+            model.encoder(input_ids=calib.src[rows].to(device), attention_mask=src_mask)
         else:
             enc = model.encoder.final_layer_norm(prev)
-            model.decoder(input_ids=model._shift_right(tgt[rows].to(device)), encoder_hidden_states=enc,
-                          use_cache=False)
+            tgt_mask = None if calib.tgt_mask is None else calib.tgt_mask[rows].to(device)
+            model.decoder(input_ids=model._shift_right(calib.tgt[rows].to(device)), attention_mask=tgt_mask,
+                          encoder_hidden_states=enc, encoder_attention_mask=src_mask, use_cache=False)
 
     def passed_on(self, out):
         # T5 blocks compute relative position biases in the first block and pass them on.

@@ -28,26 +28,40 @@ class BadWeights(ValueError):
 
 
 class TensorSource:
-    """Named tensors of a local safetensors checkpoint (single file or sharded with index)."""
+    """Named tensors of a local safetensors checkpoint (single file or sharded with index).
+    Every weight file's header is read when it is opened, so a missing, truncated or corrupt
+    file is found before any work (FormatError naming it), not when its block is reached."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
+        from ..quant.format import INDEX, SINGLE, FormatError, read_header
         self.path = path
-        index = os.path.join(path, "model.safetensors.index.json")
+        index = os.path.join(path, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                self.files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            single = os.path.join(path, "model.safetensors")
-            with safe_open(single, framework="pt") as f:
-                self.files = {k: single for k in f.keys()}
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise FormatError(f"{index} is damaged ({e}): copy the checkpoint again") from None
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(path, SINGLE)):
+            files = [SINGLE]
         else:
-            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json: "
-                                    f"convert the checkpoint to safetensors")
+            raise FileNotFoundError(f"{path} has no {SINGLE} or {INDEX}: convert the checkpoint to safetensors")
+        self.files, self.shapes = {}, {}
+        for fname in files:
+            full = os.path.join(path, fname)
+            if not os.path.isfile(full):
+                raise FormatError(f"weight file {full} (listed in {index}) is missing: copy the checkpoint again")
+            header = read_header(full)
+            self.files.update({k: full for k in header})
+            self.shapes.update(header)
         self._open = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
 
     def close(self) -> None:
         """Drop the open (memory-mapped) shards: mapped pages count as host RSS."""
@@ -212,3 +226,31 @@ def router_reference_weights(path: str, model, family, flag: str = "--router_ref
                               f"architecture")
         out[moe.name] = ref.float()
     return out
+
+
+def check_source(model, family, source: TensorSource, flag: str = "--model") -> None:
+    """Before the first block: every parameter of the model is in the weight files with the
+    shape the config implies, and the files hold no layers the config does not have."""
+    import re
+    used = set()
+    for name, p in model.named_parameters():
+        try:
+            where = family.locate(source, name)
+        except KeyError:
+            raise ConfigError(f"{flag} {source.path}: tensor {name} is in no weight file: config.json does not "
+                              f"match the weights (a missing shard, or more layers in the config than were "
+                              f"saved)") from None
+        shape = where.shape(source)
+        if tuple(shape) != tuple(p.shape):
+            raise ConfigError(f"{flag} {source.path}: {name} has shape {tuple(shape)} in "
+                              f"{source.files[where.names()[0]]}, but config.json implies {tuple(p.shape)}: the "
+                              f"config does not match the weights")
+        used.update(where.names())
+    blocks = {name for name, _ in family.blocks(model)}
+    pattern = re.compile("|".join(sorted({re.escape(re.sub(r"\d+$", "#", b)).replace("\\#", r"(\d+)")
+                                          for b in blocks})))
+    for name in sorted(set(source.files) - used):
+        m = pattern.match(name)
+        if m and m.group(0) not in blocks:
+            raise ConfigError(f"{flag} {source.path}: the weights have {name}, a block the config does not have "
+                              f"(it has {len(blocks)} blocks): config.json does not match the weights")

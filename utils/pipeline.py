@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..quant import allocation
 from ..quant.gptq import QUANTIZERS, output_error
-from .loading import BlockLoader
-from .sequential import HessianAccumulator, capture_block_inputs, input_hessian_hook, run_block
+from .loading import BadWeights, BlockLoader
+from .sequential import HessianAccumulator, batch_masks, capture_block_inputs, input_hessian_hook, run_block
 
 Log = Callable[[str], None]
 
@@ -86,10 +86,30 @@ def phase(report: QuantReport, name: str, device):
 
 def _log(run: _Run, name, bits, tokens, loss, seconds):
     for i, b in enumerate(bits):
+        # an expert that saw no token has no output error to measure (not an error of 0)
         row = {"name": name if len(bits) == 1 else f"{name}[{i}]", "bits": b, "tokens": int(tokens[i]),
-               "rel_err": float(loss[i]), "seconds": seconds / len(bits)}
+               "rel_err": float(loss[i]) if int(tokens[i]) > 0 else None, "seconds": seconds / len(bits)}
         run.report.modules.append(row)
         run.say(table_row(row))
+
+
+def _check_inputs(hessian: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(hessian).all()):
+        raise BadWeights(f"the calibration inputs of {name} are not finite (NaN or inf): the layers before it "
+                         f"produced them; look there for corrupt weights")
+
+
+def _check_scales(scale: torch.Tensor, weight: torch.Tensor, name: str, bits: list[int]) -> None:
+    """Scales are stored in float16: a group whose range does not fit is a clear error
+    (it would otherwise turn into inf weights and a failed Cholesky a layer later)."""
+    bad = ~torch.isfinite(scale)
+    if bool(bad.any()):
+        e, r, g = (int(i) for i in bad.nonzero()[0])
+        w = weight[e, r]
+        c = int(w.abs().argmax())
+        raise BadWeights(f"{name}{f'[{e}]' if len(bits) > 1 else ''}: row {r} holds {float(w[c]):.4g} (column {c}); "
+                         f"at {bits[e]} bits its group's quantization scale overflows float16, which the packed "
+                         f"format stores: the checkpoint has a corrupt or extreme weight there")
 
 
 def _gptq_experts(weight, hessian, bits, cfg: QuantConfig):
@@ -100,18 +120,20 @@ def _gptq_experts(weight, hessian, bits, cfg: QuantConfig):
     return {attr: torch.cat([getattr(p, attr) for p in parts]) for attr in ("codes", "scale", "zero", "weight", "loss")}
 
 
-def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, moe) -> list[str]:
+def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, masks, moe) -> list[str]:
     """GPTQ of the attention linears; returns the quantized parameter names."""
     cfg, groups = run.cfg, run.family.attention_groups(block)
-    accs, handles = [], []
+    accs, handles, current = [], [], {}
     for group in groups:
         first = group[0][1]
         acc = HessianAccumulator(first.in_features, run.device)
         accs.append(acc)
-        handles.append(first.register_forward_pre_hook(input_hessian_hook(acc)))
+        hook = input_hessian_hook(acc, current, run.family.attention_input(block, group))
+        handles.append(first.register_forward_pre_hook(hook))
     try:
         with phase(run.report, "hessian_attention", run.device):
-            run_block(block, inputs, kwargs, run.device, run.act_device, stop_at=moe.module if moe else None)
+            run_block(block, inputs, kwargs, run.device, run.act_device, stop_at=moe.module if moe else None,
+                      before_batch=_pointing(current, masks))
     finally:
         for h in handles:
             h.remove()
@@ -122,9 +144,12 @@ def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, moe) -> li
         weights = [linear.weight.data.float() for _, linear in group]
         stacked = torch.cat(weights)[None]
         t0 = time.time()
+        group_name = f"{block_name}." + "+".join(lname for lname, _ in group)
+        _check_inputs(acc.hessian(0), group_name)
         with phase(run.report, "gptq_attention", run.device):
             res = QUANTIZERS[cfg.method](stacked, acc.hessian(0)[None], [cfg.attn_bits], cfg.groupsize, cfg.sym,
                                          cfg.percdamp, cfg.act_order)
+        _check_scales(res.scale, stacked, group_name, [cfg.attn_bits])
         seconds = time.time() - t0
         row = 0
         for (lname, linear), w in zip(group, weights):
@@ -142,9 +167,20 @@ def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, moe) -> li
     return done
 
 
-def _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, fallback: list[int] | None = None):
+def _pointing(current: dict, masks: list | None):
+    """before_batch for run_block: ``current`` holds batch i's token masks while it runs."""
+    def before_batch(i):
+        current.clear()
+        if masks is not None and masks[i] is not None:
+            current.update(masks[i])
+    return before_batch
+
+
+def _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, fallback: list[int] | None = None,
+                       masks: list | None = None):
     """Per-expert Hessians for every expert matrix from its routed tokens (or, for the
-    experts in ``fallback``, from all tokens), token counts and mean router probability."""
+    experts in ``fallback``, from all tokens), token counts and mean router probability;
+    padding tokens (``masks``, per batch) are left out."""
     E = moe.num_experts
     shapes = {m.name: m.get().shape for m in moe.matrices}
     accs = {name: HessianAccumulator(shape[2], device, E) for name, shape in shapes.items()}
@@ -152,8 +188,12 @@ def _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, f
     prob_sum = torch.zeros(E, dtype=torch.float64)
     n_tok = [0]
 
+    current = {}
+
     def hook(module, args):
         x = args[0].reshape(-1, args[0].shape[-1])
+        if "block" in current:
+            x = x[current["block"].reshape(-1).to(x.device)]
         top, probs = family.route(moe, x)
         prob_sum.add_(probs.sum(0).double().cpu())
         n_tok[0] += x.shape[0]
@@ -172,25 +212,25 @@ def _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, f
 
     handle = moe.module.register_forward_pre_hook(hook)
     try:
-        run_block(block, inputs, kwargs, device, act_device, stop_at=moe.module)
+        run_block(block, inputs, kwargs, device, act_device, stop_at=moe.module, before_batch=_pointing(current, masks))
     finally:
         handle.remove()
     return accs, tokens, (prob_sum / max(n_tok[0], 1)).tolist()
 
 
-def _quantize_moe(run: _Run, block, moe, inputs, kwargs) -> list[str]:
+def _quantize_moe(run: _Run, block, moe, inputs, kwargs, masks) -> list[str]:
     """Scores, order, bits and GPTQ of one MoE block's experts; returns the quantized parameter names."""
     cfg, family, report = run.cfg, run.family, run.report
     with phase(report, "hessian_experts", run.device):
         accs, tokens, routing_weight = _collect_moe_stats(family, moe, block, inputs, kwargs, run.device,
-                                                          run.act_device)
+                                                          run.act_device, masks=masks)
     starved = [e for e in range(moe.num_experts) if tokens[e] < cfg.min_expert_tokens]
     if starved:
         # Too few routed tokens for a usable Hessian: fall back to all the block's tokens
         # (the paper repo zeroes such an expert instead, destroying it).
         with phase(report, "hessian_experts", run.device):
             fb_accs, _, _ = _collect_moe_stats(family, moe, block, inputs, kwargs, run.device, run.act_device,
-                                               fallback=starved)
+                                               fallback=starved, masks=masks)
         for name, acc in accs.items():
             for e in starved:
                 acc.sum[e], acc.n[e] = fb_accs[name].sum[e], fb_accs[name].n[e]
@@ -219,7 +259,9 @@ def _quantize_moe(run: _Run, block, moe, inputs, kwargs) -> list[str]:
         t0 = time.time()
         with phase(report, "gptq_experts", run.device):
             H = accs[mat.name].hessian()
+            _check_inputs(H, name)
             res = _gptq_experts(W, H, bits, cfg)
+            _check_scales(res["scale"], W, name, bits)
             mat.set(res["weight"])
         if run.on_experts is not None:
             with phase(report, "callback", run.device):  # not quantization work: kept out of the other phases
@@ -258,23 +300,24 @@ def quantize_model(model, family, windows, cfg: QuantConfig, device, act_device=
         with phase(run.report, "capture", device):
             inputs, kwargs = capture_block_inputs(model, family, windows, cfg.batch_size, device, act_device,
                                                   stage, inputs)
+        masks = batch_masks(family, windows, cfg.batch_size, stage)
         for block_name, block in tqdm(blocks, desc=f"quantizing blocks (stage {stage})", disable=None):
-            inputs = _quantize_block(run, loader, block_name, block, inputs, kwargs)
+            inputs = _quantize_block(run, loader, block_name, block, inputs, kwargs, masks)
     if sink is not None:
         _write_rest(model, family, sink)
     return run.report
 
 
-def _quantize_block(run: _Run, loader, block_name, block, inputs, kwargs):
+def _quantize_block(run: _Run, loader, block_name, block, inputs, kwargs, masks):
     with phase(run.report, "load", run.device):
         ctx = loader.block(block_name, block)
         ctx.__enter__()
     moe = run.family.moe(block, block_name)
     quantized = []
     if run.cfg.attn_bits is not None:
-        quantized += _quantize_attention(run, block_name, block, inputs, kwargs, moe)
+        quantized += _quantize_attention(run, block_name, block, inputs, kwargs, masks, moe)
     if moe is not None:
-        quantized += _quantize_moe(run, block, moe, inputs, kwargs)
+        quantized += _quantize_moe(run, block, moe, inputs, kwargs, masks)
     with phase(run.report, "output", run.device):
         outputs = run_block(block, inputs, kwargs, run.device, run.act_device, family=run.family)
     if run.sink is not None:  # the block's unquantized tensors (norms, routers, biases)

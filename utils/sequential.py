@@ -77,20 +77,30 @@ def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
 
+def batch_masks(family, calib, batch_size: int, stage: int) -> list[dict | None]:
+    """Per calibration batch, which tokens are real (not padding): {"block": (B, T) mask of
+    this stage's tokens, "encoder": (B, S) mask of the encoder's}, or None (no padding)."""
+    return [family.token_masks(calib, slice(i, i + batch_size), stage)
+            for i in range(0, family.num_windows(calib), batch_size)]
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs, kwargs_list, device, act_device, stop_at: nn.Module | None = None,
-              family=None):
+              family=None, before_batch=None):
     """Run ``block`` on every batch. With ``stop_at``, the forward ends when that
     module is reached (its hooks have collected what they need) and nothing is returned.
     With ``family``, what a block hands to the next (T5's position biases) is written
-    into ``kwargs_list`` in place."""
+    into ``kwargs_list`` in place. ``before_batch(i)`` runs before batch i (hooks learn
+    which batch they see)."""
     def stop(*_):
         raise _Stop
 
     outs = []
     handle = stop_at.register_forward_pre_hook(stop) if stop_at is not None else None
     try:
-        for x, kw in zip(inputs, kwargs_list):
+        for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+            if before_batch is not None:
+                before_batch(i)
             try:
                 full = block(x.to(device), **_to(kw, device))
                 outs.append(_out(full).to(act_device))
@@ -111,9 +121,13 @@ class HessianAccumulator:
         self.sum = torch.zeros(count, dim, dim, device=device, dtype=torch.float32)
         self.n = torch.zeros(count, dtype=torch.long)
 
-    def add(self, x: torch.Tensor, index: int = 0):
+    def add(self, x: torch.Tensor, index: int = 0, mask: torch.Tensor | None = None):
+        """``mask``: which rows of x (its leading dims) are real tokens; others are left out."""
         half = x.dtype in (torch.float16, torch.bfloat16)
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
+        if mask is not None:
+            x = x[mask.reshape(-1).to(x.device)]
+        x = x.float()
         # bf16/fp16 values are exact in TF32 and their products exact in fp32, so the
         # tensor cores lose nothing here; fp32 inputs keep full fp32 products.
         prev = torch.backends.cuda.matmul.allow_tf32
@@ -133,7 +147,9 @@ class HessianAccumulator:
         return self.sum if index is None else self.sum[index]
 
 
-def input_hessian_hook(acc: HessianAccumulator):
+def input_hessian_hook(acc: HessianAccumulator, masks: dict | None = None, key: str = "block"):
+    """Adds the module's input to ``acc``; ``masks``: a dict the caller keeps pointing at
+    the current batch's token masks (run_block's before_batch), ``key`` the one that applies."""
     def hook(module, args):
-        acc.add(args[0])
+        acc.add(args[0], mask=None if not masks else masks.get(key))
     return hook
