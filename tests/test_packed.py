@@ -184,6 +184,13 @@ def test_flipped_bytes_and_edited_config_are_caught(quantized, tmp_path):
     json.dump(cfg, open(edited / "config.json", "w"))
     with pytest.raises(FormatError, match="model.layers.0.mlp.experts.down_proj.*config.json was edited"):
         AutoModelForCausalLM.from_pretrained(str(edited))
+    shutil.rmtree(edited)
+    shutil.copytree(out, edited)
+    cfg = json.load(open(edited / "config.json"))
+    cfg["quantization_config"]["group_size"] = 16
+    json.dump(cfg, open(edited / "config.json", "w"))
+    with pytest.raises(FormatError, match="group_size 16.*config.json was edited"):
+        AutoModelForCausalLM.from_pretrained(str(edited))
 
 
 def test_version_1_checkpoint_is_refused_then_upgraded(tmp_path):
