@@ -47,7 +47,8 @@ class QuantizeResult:
                 "router_reference": self.config.router_reference, "method": q.method, "order_type": q.order_type,
                 "zeta": q.zeta, "mixed_type": q.mixed_type,
                 "levels": {"high": q.high_bits, "mid": q.mid_bits, "low": q.low_bits},
-                "attn_bits": q.attn_bits, "groupsize": q.groupsize, "sym": q.sym, "act_order": q.act_order,
+                "attn_bits": q.attn_bits, "shared_bits": q.shared_bits, "dense_bits": q.dense_bits,
+                "groupsize": q.groupsize, "sym": q.sym, "act_order": q.act_order,
                 "calibration": self.calibration, "quantization_seconds": self.seconds.get("quantize"),
                 "starved_experts": self.report.starved, "layers": self.report.layers, "modules": self.report.modules}
 
@@ -227,10 +228,14 @@ def _open_model(config: RunConfig, device: torch.device):
     try:
         model = load_skeleton(local, dtype, config.attn_implementation, model_class)
     except ValueError as e:  # e.g. an encoder-decoder config given to the causal-LM script
-        other = "quantize_switch.py for encoder-decoder (Switch) models" if config.causal else \
-            "quantize_mixtral.py for decoder-only models"
-        raise ConfigError(f"--model {config.model} cannot be built as {model_class.__name__} "
-                          f"({str(e).splitlines()[0][:120]}): use {other}") from None
+        reason = str(e).strip().splitlines()[0][:160]
+        if "Unrecognized configuration class" in reason:
+            other = "quantize_switch.py for encoder-decoder (Switch) models" if config.causal else \
+                "quantize_mixtral.py for decoder-only models"
+            raise ConfigError(f"--model {config.model} cannot be built as {model_class.__name__} ({reason}): "
+                              f"use {other}") from None
+        raise ConfigError(f"--model {config.model} cannot be built ({reason}): check --attn_implementation and "
+                          f"--dtype") from None
     try:
         family = family_for(model)
     except ValueError as e:  # not an MoE we know
@@ -258,10 +263,12 @@ def estimate_checkpoint_bytes(model, family, q, pack: bool, dtype) -> int:
             return w.numel() * bits // 8 + groups * 4 - w.numel() * itemsize
 
         for name, block in family.blocks(model):
-            if q.attn_bits:
-                total += sum(packed_minus_dense(lin.weight, q.attn_bits)
-                             for group in family.attention_groups(block) for _, lin in group)
             moe = family.moe(block, name)
+            if q.attn_bits:
+                total += sum(packed_minus_dense(lin.weight, q.attn_bits) for _, lin in family.attention_linears(block))
+            mlp_bits = q.shared_bits if moe is not None else q.dense_bits
+            if mlp_bits:
+                total += sum(packed_minus_dense(lin.weight, mlp_bits) for _, lin in family.mlp_linears(block))
             total += sum(packed_minus_dense(m.get(), top) for m in (moe.matrices if moe else []))
     return int(total * 1.05)
 
@@ -364,10 +371,11 @@ def check_widths(model, family, groupsize: int) -> None:
     if groupsize <= 0:
         return
     for block_name, block in family.blocks(model):
-        widths = {f"{block_name}.{n}": l.in_features for g in family.attention_groups(block) for n, l in g}
+        widths = {f"{block_name}.{n}": lin.in_features
+                  for n, lin in family.attention_linears(block) + family.mlp_linears(block)}
         moe = family.moe(block, block_name)
         if moe is not None:
-            widths.update({f"{moe.name}.experts.{m.name}": m.get().shape[2] for m in moe.matrices})
+            widths.update({f"{moe.name}: {m.name}": m.get().shape[2] for m in moe.matrices})
         for name, w in widths.items():
             if w % groupsize:
                 raise ConfigError(f"--groupsize {groupsize} does not divide the input width {w} of {name}: "

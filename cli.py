@@ -40,6 +40,11 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     q.add_argument("--mid_bit_level", type=int, default=None, help="bits of the middle level (omit for two levels)")
     q.add_argument("--low_bit_level", type=int, default=1, help="bits of the least sensitive experts")
     q.add_argument("--attn_bit_level", type=int, default=4, help="bits of attention linears (16: unquantized)")
+    q.add_argument("--shared_expert_bit_level", type=int, default=4,
+                   help="bits of shared experts (Qwen2-MoE, DeepSeek), which see every token like attention "
+                        "(16: unquantized)")
+    q.add_argument("--dense_bit_level", type=int, default=4,
+                   help="bits of dense MLPs in blocks without experts (DeepSeek's first layers; 16: unquantized)")
     g = ap.add_argument_group("GPTQ")
     g.add_argument("--groupsize", type=int, default=128, help="weights per quantization group (-1: one per row)")
     g.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric, min-max)")
@@ -54,7 +59,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if a GPU is visible)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="compute dtype (auto: the checkpoint's on CUDA, float32 on CPU)")
-    r.add_argument("--attn_implementation", default="sdpa", help="transformers attention implementation")
+    r.add_argument("--attn_implementation", default=None,
+                   help="transformers attention implementation (default: the model's own default)")
     r.add_argument("--offload_activations", action="store_true",
                    help="keep calibration activations on the host (less GPU memory, slower)")
     o = ap.add_argument_group("output")
@@ -76,7 +82,7 @@ def add_causal_args(ap: argparse.ArgumentParser) -> None:
 
 
 def add_seq2seq_args(ap: argparse.ArgumentParser) -> None:
-    ap.set_defaults(dataset="cnn_dailymail", low_bit_level=2, attn_implementation=None)
+    ap.set_defaults(dataset="cnn_dailymail", low_bit_level=2)
     ap.add_argument("--reference_model", default=None,
                     help="the pretrained checkpoint MODEL was fine-tuned from: order by router-norm change")
     ap.add_argument("--num_high_bit_experts", type=int, default=None, help="explicit count per level "
@@ -102,19 +108,21 @@ def quant_config(a) -> QuantConfig:
                        avg_bits=a.avg_bits, high_bits=a.high_bit_level, mid_bits=a.mid_bit_level,
                        low_bits=a.low_bit_level, level_counts=counts,
                        attn_bits=attn_bits(a.attn_bit_level), groupsize=a.groupsize,
+                       shared_bits=attn_bits(a.shared_expert_bit_level, "--shared_expert_bit_level"),
+                       dense_bits=attn_bits(a.dense_bit_level, "--dense_bit_level"),
                        sym=a.sym, act_order=a.act_order, percdamp=a.percdamp, seed=a.seed,
                        min_expert_tokens=a.min_expert_tokens, batch_size=a.batch_size, expert_batch=a.expert_batch,
                        round_avg_bits=a.round_avg_bits)
 
 
-def attn_bits(level: int) -> int | None:
-    """--attn_bit_level: a supported width, or 16 for unquantized attention (None)."""
+def attn_bits(level: int, flag: str = "--attn_bit_level") -> int | None:
+    """A fixed-width flag: a supported width, or 16 for unquantized (None)."""
     from .quant.quantizer import SUPPORTED_BITS
     if level == 16:
         return None
     if level not in SUPPORTED_BITS:
-        raise ConfigError(f"--attn_bit_level {level}: choose one of {', '.join(map(str, SUPPORTED_BITS))}, "
-                          f"or 16 to keep attention unquantized")
+        raise ConfigError(f"{flag} {level}: choose one of {', '.join(map(str, SUPPORTED_BITS))}, "
+                          f"or 16 to keep these linears unquantized")
     return level
 
 

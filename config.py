@@ -67,6 +67,8 @@ class QuantConfig:
     low_bits: int = 1
     level_counts: dict[int, int] | None = None   # explicit experts per level (overrides avg_bits)
     attn_bits: int | None = 4            # attention linears; None keeps them unquantized
+    shared_bits: int | None = 4          # a MoE block's shared experts (every token goes through them, like attention)
+    dense_bits: int | None = 4           # dense MLPs of blocks without experts (e.g. DeepSeek's first layers)
     groupsize: int = 128                 # -1: one group per row
     sym: bool = False
     act_order: bool = False
@@ -85,8 +87,10 @@ class QuantConfig:
                f"unknown --order_type {self.order_type!r}: choose one of {', '.join(ORDER_TYPES)}")
         _check(math.isfinite(self.zeta) and self.zeta > 0, f"--zeta {self.zeta}: must be a positive number")
         _check(math.isfinite(self.avg_bits) and self.avg_bits > 0, f"--avg_bits {self.avg_bits}: must be positive")
-        if self.attn_bits is not None:
-            check_bits(self.attn_bits, "--attn_bit_level")
+        for value, flag in ((self.attn_bits, "--attn_bit_level"), (self.shared_bits, "--shared_expert_bit_level"),
+                            (self.dense_bits, "--dense_bit_level")):
+            if value is not None:
+                check_bits(value, flag)
         _check(self.groupsize == -1 or self.groupsize > 0,
                f"--groupsize {self.groupsize}: must be positive (e.g. 128), or -1 for one group per row")
         _check(math.isfinite(self.percdamp) and 0 < self.percdamp < 1,
@@ -172,7 +176,7 @@ class RunConfig:
     router_reference: str | None = None          # checkpoint before training/fine-tuning: order by norm change
     device: str | None = None                    # None: cuda if available, else cpu
     dtype: str = "auto"                          # compute dtype; auto: the checkpoint's on CUDA, float32 on CPU
-    attn_implementation: str | None = "sdpa"
+    attn_implementation: str | None = None       # None: the model's default (sdpa where it supports it)
     offload_activations: bool = False
     evaluate: bool = False                       # perplexity (causal) or loss + ROUGE (seq2seq) after quantizing
     evaluate_fp: bool = False                    # also evaluate the unquantized model first

@@ -47,7 +47,7 @@ def copy_model(src, dst):
 
 @pytest.mark.parametrize("flag,value,expect", [
     ("--groupsize", "0", "--groupsize 0: must be positive"), ("--groupsize", "-5", "--groupsize -5"),
-    ("--attn_bit_level", "32", "or 16 to keep attention unquantized"), ("--nsamples", "0", "--nsamples 0"),
+    ("--attn_bit_level", "32", "--attn_bit_level 32: choose one of 1, 2, 3, 4, 8, or 16"), ("--nsamples", "0", "--nsamples 0"),
     ("--seqlen", "0", "--seqlen 0"), ("--batch_size", "0", "--batch_size 0"),
     ("--expert_batch", "-1", "--expert_batch -1"), ("--percdamp", "-1", "--percdamp -1.0"),
     ("--max_shard_size", "abc", "--max_shard_size 'abc' is not a size"), ("--zeta", "0", "--zeta 0.0"),
@@ -162,13 +162,14 @@ def test_extreme_weight_names_the_expert_not_a_cholesky_failure(tiny_mixtral_dir
 def test_expert_without_tokens_reports_no_tokens(tiny_mixtral_dir, small_text_dir, tokenizer):
     from moeq.config import QuantConfig
     from moeq.utils import data
+    from moeq.utils.families import family_for
     from moeq.utils.pipeline import quantize_model
-    from test_pipeline import NeverRoutesTo7
-    model = load_tiny(tiny_mixtral_dir)
+    from test_pipeline import never_route_to_7
+    model = never_route_to_7(load_tiny(tiny_mixtral_dir))
     windows = data.calibration_windows(data.tokenize(tokenizer, data.load_text(small_text_dir).train), 8, 64, 0)
     lines = []
-    report = quantize_model(model, NeverRoutesTo7(), windows, QuantConfig(attn_bits=None, groupsize=32, batch_size=4,
-                                                                          min_expert_tokens=0),
+    report = quantize_model(model, family_for(model), windows, QuantConfig(attn_bits=None, groupsize=32,
+                                                                           batch_size=4, min_expert_tokens=0),
                             torch.device("cpu"), log=lines.append)
     rows = [r for r in report.modules if r["name"].endswith("[7]")]
     assert rows and all(r["tokens"] == 0 and r["rel_err"] is None for r in rows)

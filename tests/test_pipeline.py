@@ -9,8 +9,8 @@ import torch
 
 from moeq.config import QuantConfig
 from moeq.utils import data
-from moeq.utils.families import MixtralFamily, family_for
-from moeq.utils.pipeline import _collect_moe_stats, quantize_model
+from moeq.utils.families import family_for
+from moeq.utils.pipeline import QuantReport, _collect_moe_stats, _Run, quantize_model
 from moeq.utils.sequential import capture_block_inputs, run_block
 
 from conftest import ROOT, load_tiny
@@ -29,7 +29,8 @@ def test_expert_hessians_equal_brute_force(tiny_mixtral_dir, tokenizer, small_te
     inputs, kwargs = capture_block_inputs(model, fam, windows, 4, cpu, cpu)
     block = model.model.layers[0]
     moe = fam.moe(block, "model.layers.0")
-    accs, tokens, _ = _collect_moe_stats(fam, moe, block, inputs, kwargs, cpu, cpu)
+    stats = _collect_moe_stats(_Run(fam, QuantConfig(), QuantReport(), cpu, cpu), moe, block, inputs, kwargs, None)
+    accs, tokens = stats.accs, stats.tokens
 
     # brute force: the MoE input of every token, routed by the stock block's own router
     seen = []
@@ -78,20 +79,26 @@ def test_rtn_method_rounds_every_matrix_of_the_original_weights(tiny_mixtral_dir
     assert not torch.equal(gptq.state_dict()[q], state[q])
 
 
-class NeverRoutesTo7(MixtralFamily):
-    """The stock router, except that expert 7 never receives a token."""
-    def route(self, moe, x):
-        top, probs = super().route(moe, x)
-        p = probs.clone()
-        p[:, 7] = -1
-        return p.topk(moe.top_k, dim=-1).indices, probs
+def never_route_to_7(model):
+    """The model's routers, except that expert 7 never receives a token."""
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+
+        def forward(hidden_states, gate=gate):
+            logits = torch.nn.functional.linear(hidden_states.reshape(-1, gate.hidden_dim), gate.weight)
+            logits[:, 7] = float("-inf")
+            top, idx = logits.float().softmax(dim=-1).topk(gate.top_k, dim=-1)
+            return logits, top / top.sum(dim=-1, keepdim=True), idx
+        gate.forward = forward
+    return model
 
 
 def test_expert_with_zero_tokens_keeps_sane_weights(tiny_mixtral_dir, tokenizer, small_text_dir):
     model = load_tiny(tiny_mixtral_dir)
     before = model.model.layers[0].mlp.experts.gate_up_proj.data[7].clone()
     cfg = QuantConfig(order_type="router", avg_bits=2.0, attn_bits=None, groupsize=32, batch_size=4)
-    report = quantize_model(model, NeverRoutesTo7(), calib(tokenizer, small_text_dir), cfg, torch.device("cpu"))
+    report = quantize_model(never_route_to_7(model), family_for(model), calib(tokenizer, small_text_dir), cfg,
+                            torch.device("cpu"))
     assert {"layer": "model.layers.0.mlp", "expert": 7, "tokens": 0} in report.starved
     after = model.model.layers[0].mlp.experts.gate_up_proj.data[7]
     bits = report.layers[0]["bits"][7]

@@ -154,7 +154,7 @@ def test_short_pairs_are_padded_and_the_padding_left_out(tokenizer, small_text_d
     """Pairs of every length calibrate: padded in batches, and the padding counts nowhere.
     The same pairs one per batch (no padding at all) route the same tokens to the same
     experts and give the same expert and attention Hessians."""
-    from moeq.utils.pipeline import _collect_moe_stats, _pointing, quantize_model
+    from moeq.utils.pipeline import QuantReport, _collect_moe_stats, _pointing, _Run, quantize_model
     from moeq.utils.sequential import (HessianAccumulator, batch_masks, capture_block_inputs, input_hessian_hook,
                                        run_block)
     text = open(os.path.join(small_text_dir, "train.txt"), encoding="utf-8").read()
@@ -177,8 +177,8 @@ def test_short_pairs_are_padded_and_the_padding_left_out(tokenizer, small_text_d
         handle = q.register_forward_pre_hook(input_hessian_hook(acc, current, "block"))
         hidden = run_block(b0, inputs, kwargs, cpu, cpu, family=fam, before_batch=_pointing(current, masks))
         handle.remove()
-        accs, tokens, _ = _collect_moe_stats(fam, moe, b1, hidden, kwargs, cpu, cpu, masks=masks)
-        stats.append((acc, accs, tokens))
+        got = _collect_moe_stats(_Run(fam, QuantConfig(), QuantReport(), cpu, cpu), moe, b1, hidden, kwargs, masks)
+        stats.append((acc, got.accs, got.tokens))
     (a4, e4, t4), (a1, e1, t1) = stats
     assert t4.tolist() == t1.tolist() and int(t4.sum()) == int(calib.src_mask.sum())   # top-1: one per real token
     assert int(a4.n[0]) == int(a1.n[0]) == int(calib.src_mask.sum())

@@ -24,7 +24,7 @@ from ..config import QuantConfig
 from ..quant import allocation
 from ..quant.gptq import QUANTIZERS, output_error
 from .loading import BadWeights, BlockLoader
-from .sequential import HessianAccumulator, batch_masks, capture_block_inputs, input_hessian_hook, run_block
+from .sequential import HessianAccumulator, SharedInputHessians, batch_masks, capture_block_inputs, run_block
 
 Log = Callable[[str], None]
 
@@ -120,36 +120,23 @@ def _gptq_experts(weight, hessian, bits, cfg: QuantConfig):
     return {attr: torch.cat([getattr(p, attr) for p in parts]) for attr in ("codes", "scale", "zero", "weight", "loss")}
 
 
-def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, masks, moe) -> list[str]:
-    """GPTQ of the attention linears; returns the quantized parameter names."""
-    cfg, groups = run.cfg, run.family.attention_groups(block)
-    accs, handles, current = [], [], {}
-    for group in groups:
-        first = group[0][1]
-        acc = HessianAccumulator(first.in_features, run.device)
-        accs.append(acc)
-        hook = input_hessian_hook(acc, current, run.family.attention_input(block, group))
-        handles.append(first.register_forward_pre_hook(hook))
-    try:
-        with phase(run.report, "hessian_attention", run.device):
-            run_block(block, inputs, kwargs, run.device, run.act_device, stop_at=moe.module if moe else None,
-                      before_batch=_pointing(current, masks))
-    finally:
-        for h in handles:
-            h.remove()
-    done = []
-    for group, acc in zip(groups, accs):
-        # Linears sharing an input share H; GPTQ treats rows independently, so stacking
-        # q/k/v row-wise and quantizing once is the same as three calls, in one loop.
+def _quantize_linears(run: _Run, block_name, block, hessians, linears: dict, bits: int, phase_name: str) -> list[str]:
+    """GPTQ of ``linears`` (name -> nn.Linear) at ``bits``, one call per group of linears that
+    read the same input (their rows stacked: GPTQ treats rows independently, so this equals
+    one call per linear, in one loop); returns the quantized parameter names."""
+    cfg, done = run.cfg, []
+    for names, acc in zip(hessians.groups, hessians.accs):
+        group = [(n, linears[n]) for n in names]
         weights = [linear.weight.data.float() for _, linear in group]
         stacked = torch.cat(weights)[None]
+        group_name = f"{block_name}." + "+".join(names)
+        H = acc.hessian(0)
+        _check_inputs(H, group_name)
         t0 = time.time()
-        group_name = f"{block_name}." + "+".join(lname for lname, _ in group)
-        _check_inputs(acc.hessian(0), group_name)
-        with phase(run.report, "gptq_attention", run.device):
-            res = QUANTIZERS[cfg.method](stacked, acc.hessian(0)[None], [cfg.attn_bits], cfg.groupsize, cfg.sym,
-                                         cfg.percdamp, cfg.act_order)
-        _check_scales(res.scale, stacked, group_name, [cfg.attn_bits])
+        with phase(run.report, f"gptq_{phase_name}", run.device):
+            res = QUANTIZERS[cfg.method](stacked, H[None], [bits], cfg.groupsize, cfg.sym, cfg.percdamp,
+                                         cfg.act_order)
+        _check_scales(res.scale, stacked, group_name, [bits])
         seconds = time.time() - t0
         row = 0
         for (lname, linear), w in zip(group, weights):
@@ -158,84 +145,165 @@ def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, masks, moe
             name = f"{block_name}.{lname}"
             if run.sink is not None:
                 with phase(run.report, "pack", run.device):
-                    run.sink.add_linear(name, res.codes[0, rows], res.scale[0, rows], res.zero[0, rows], cfg.attn_bits)
+                    run.sink.add_linear(name, res.codes[0, rows], res.scale[0, rows], res.zero[0, rows], bits)
             deq = res.weight[0, rows]
-            err = output_error(w, deq, acc.hessian(0))
-            _log(run, name, [cfg.attn_bits], [int(acc.n[0])], err[None], seconds * w.shape[0] / stacked.shape[1])
+            _log(run, name, [bits], [int(acc.n[0])], output_error(w, deq, H)[None],
+                 seconds * w.shape[0] / stacked.shape[1])
             linear.weight.data.copy_(deq.to(linear.weight.dtype))
             done.append(f"{name}.weight")
     return done
 
 
-def _pointing(current: dict, masks: list | None):
+def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, masks) -> list[str]:
+    """Pass 1: the linears before the feed-forward (attention), from their own inputs."""
+    linears = dict(run.family.attention_linears(block))
+    if not linears or run.cfg.attn_bits is None:
+        return []
+    current = {}
+    hessians = SharedInputHessians(list(linears.items()), run.device, current,
+                                   lambda name: run.family.attention_input(block, name))
+    ff = run.family.feed_forward(block)
+    try:
+        with phase(run.report, "hessian_attention", run.device):
+            run_block(block, inputs, kwargs, run.device, run.act_device, stop_at=ff[1] if ff else None,
+                      before_batch=_pointing(current, masks, hessians))
+    finally:
+        hessians.remove()
+    return _quantize_linears(run, block_name, block, hessians, linears, run.cfg.attn_bits, "attention")
+
+
+def _pointing(current: dict, masks: list | None, *hessians):
     """before_batch for run_block: ``current`` holds batch i's token masks while it runs."""
     def before_batch(i):
         current.clear()
         if masks is not None and masks[i] is not None:
             current.update(masks[i])
+        for h in hessians:
+            h.new_batch()
     return before_batch
 
 
-def _collect_moe_stats(family, moe, block, inputs, kwargs, device, act_device, fallback: list[int] | None = None,
-                       masks: list | None = None):
-    """Per-expert Hessians for every expert matrix from its routed tokens (or, for the
-    experts in ``fallback``, from all tokens), token counts and mean router probability;
-    padding tokens (``masks``, per batch) are left out."""
-    E = moe.num_experts
-    shapes = {m.name: m.get().shape for m in moe.matrices}
-    accs = {name: HessianAccumulator(shape[2], device, E) for name, shape in shapes.items()}
-    tokens = torch.zeros(E, dtype=torch.long)
-    prob_sum = torch.zeros(E, dtype=torch.float64)
-    n_tok = [0]
+class _ExpertStats:
+    """Per-expert Hessians of every expert matrix from exactly the tokens routed to it (or,
+    for the experts in ``fallback``, all tokens), token counts and routing weights."""
 
-    current = {}
+    def __init__(self, family, moe, device, fallback: list[int] | None = None):
+        self.family, self.moe, self.fallback = family, moe, fallback
+        E = moe.num_experts
+        self.accs = {m.name: HessianAccumulator(m.get().shape[2], device, E) for m in moe.matrices}
+        self.tokens = torch.zeros(E, dtype=torch.long)
+        self.weight_sum = torch.zeros(E, dtype=torch.float64)
+        self.n_tokens = 0
 
-    def hook(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        if "block" in current:
-            x = x[current["block"].reshape(-1).to(x.device)]
-        top, probs = family.route(moe, x)
-        prob_sum.add_(probs.sum(0).double().cpu())
-        n_tok[0] += x.shape[0]
+    def add(self, x: torch.Tensor, top: torch.Tensor, weights: torch.Tensor) -> None:
+        """x (T, hidden) real tokens; top (T, k) their experts; weights (T, k) or (T, E)."""
+        E = self.moe.num_experts
+        self.n_tokens += x.shape[0]
+        if weights.shape[-1] == E and top.shape[-1] != E:   # full router probabilities
+            self.weight_sum += weights.float().sum(0).double().cpu()
+        else:                                               # the routing weights of the chosen experts
+            self.weight_sum.index_add_(0, top.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
         for e in range(E):
-            if fallback is not None:
-                if e not in fallback:
+            if self.fallback is not None:
+                if e not in self.fallback:
                     continue
                 xe = x
             else:
                 xe = x[(top == e).any(dim=-1)]
-            tokens[e] += xe.shape[0]
-            if xe.shape[0] == 0:
-                continue
-            for name, inp in family.expert_inputs(moe, e, xe).items():
-                accs[name].add(inp, e)
+            self.tokens[e] += xe.shape[0]
+            if xe.shape[0]:
+                for name, inp in self.family.expert_inputs(self.moe, e, xe).items():
+                    self.accs[name].add(inp, e)
 
-    handle = moe.module.register_forward_pre_hook(hook)
+    def routing_weight(self) -> list[float]:
+        return (self.weight_sum / max(self.n_tokens, 1)).tolist()
+
+
+def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, fallback=None, hessians=None):
+    """Pass 2: runs the block to its MoE and records, per batch, which real tokens go to which
+    expert: at the experts module's input, as the model's own router sent them (experts-
+    interface families; the experts' own computation is skipped), or by the family's routing
+    at the MoE block's input (Switch). ``hessians``: the MLP's other linears (shared experts)."""
+    stats = _ExpertStats(run.family, moe, run.device, fallback)
+    current = {}
+
+    def real(x):
+        x = x.reshape(-1, x.shape[-1])
+        return x[current["block"].reshape(-1).to(x.device)] if "block" in current else x
+
+    before = _pointing(current, masks, *([hessians] if hessians else []))
+    if moe.experts is not None:
+        def record(hidden_states, top_k_index, top_k_weights, *args, **kw):
+            keep = current["block"].reshape(-1).to(hidden_states.device) if "block" in current else None
+            x, top = hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index.reshape(hidden_states.shape[0], -1)
+            w = top_k_weights.reshape(top.shape)
+            stats.add(x if keep is None else x[keep], top if keep is None else top[keep],
+                      w if keep is None else w[keep])
+            return torch.zeros_like(hidden_states)
+        moe.experts.forward = record   # this pass only needs the routing
+        try:
+            run_block(block, inputs, kwargs, run.device, run.act_device, stop_after=moe.module, before_batch=before)
+        finally:
+            del moe.experts.forward
+    else:
+        def hook(module, args):
+            x = real(args[0])
+            top, probs = run.family.route(moe, x)
+            stats.add(x, top, probs)
+        handle = moe.module.register_forward_pre_hook(hook)
+        try:
+            run_block(block, inputs, kwargs, run.device, run.act_device, stop_at=moe.module, before_batch=before)
+        finally:
+            handle.remove()
+    return stats
+
+
+def _quantize_feed_forward(run: _Run, block_name, block, inputs, kwargs, masks) -> list[str]:
+    """Pass 2: the MoE's experts (each at its own width) and its shared experts, or a dense MLP."""
+    cfg, family, report = run.cfg, run.family, run.report
+    moe = family.moe(block, block_name)
+    mlp = dict(family.mlp_linears(block))
+    bits = cfg.shared_bits if moe is not None else cfg.dense_bits
+    current = {}
+    hessians = SharedInputHessians(list(mlp.items()), run.device, current) if mlp and bits is not None else None
+    done = []
+    if moe is None:
+        if hessians is not None:
+            try:
+                with phase(report, "hessian_mlp", run.device):
+                    run_block(block, inputs, kwargs, run.device, run.act_device, stop_after=family.feed_forward(block)[1],
+                              before_batch=_pointing(current, masks, hessians))
+            finally:
+                hessians.remove()
+            done += _quantize_linears(run, block_name, block, hessians, mlp, bits, "mlp")
+        return done
     try:
-        run_block(block, inputs, kwargs, device, act_device, stop_at=moe.module, before_batch=_pointing(current, masks))
+        with phase(report, "hessian_experts", run.device):
+            stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, hessians=hessians)
     finally:
-        handle.remove()
-    return accs, tokens, (prob_sum / max(n_tok[0], 1)).tolist()
+        if hessians is not None:
+            hessians.remove()
+    done += _quantize_experts(run, block, moe, inputs, kwargs, masks, stats)
+    if hessians is not None:
+        done += _quantize_linears(run, block_name, block, hessians, mlp, bits, "mlp")
+    return done
 
 
-def _quantize_moe(run: _Run, block, moe, inputs, kwargs, masks) -> list[str]:
+def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _ExpertStats) -> list[str]:
     """Scores, order, bits and GPTQ of one MoE block's experts; returns the quantized parameter names."""
     cfg, family, report = run.cfg, run.family, run.report
-    with phase(report, "hessian_experts", run.device):
-        accs, tokens, routing_weight = _collect_moe_stats(family, moe, block, inputs, kwargs, run.device,
-                                                          run.act_device, masks=masks)
+    accs, tokens = stats.accs, stats.tokens
     starved = [e for e in range(moe.num_experts) if tokens[e] < cfg.min_expert_tokens]
     if starved:
         # Too few routed tokens for a usable Hessian: fall back to all the block's tokens
         # (the paper repo zeroes such an expert instead, destroying it).
         with phase(report, "hessian_experts", run.device):
-            fb_accs, _, _ = _collect_moe_stats(family, moe, block, inputs, kwargs, run.device, run.act_device,
-                                               fallback=starved, masks=masks)
+            fb = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, fallback=starved)
         for name, acc in accs.items():
             for e in starved:
-                acc.sum[e], acc.n[e] = fb_accs[name].sum[e], fb_accs[name].n[e]
-        all_tokens = int(fb_accs[moe.matrices[0].name].n[starved[0]])
-        del fb_accs
+                acc.sum[e], acc.n[e] = fb.accs[name].sum[e], fb.accs[name].n[e]
+        all_tokens = int(fb.accs[moe.matrices[0].name].n[starved[0]])
+        del fb
         for e in starved:
             report.starved.append({"layer": moe.name, "expert": e, "tokens": int(tokens[e])})
         run.say(f"  {moe.name}: experts {starved} got fewer than {cfg.min_expert_tokens} calibration tokens "
@@ -246,7 +314,7 @@ def _quantize_moe(run: _Run, block, moe, inputs, kwargs, masks) -> list[str]:
         "router_norm": allocation.router_norm(family.router_weight(moe), ref),
         "max_var": allocation.max_var(family.neuron_input_weights(moe)),
         "tokens": tokens.tolist(),
-        "routing_weight": routing_weight,
+        "routing_weight": stats.routing_weight(),
     }
     order = allocation.expert_order(cfg.order_type, scores, cfg.zeta, cfg.seed + len(report.layers))
     bits = allocation.bits_per_expert(order, cfg.counts_for(moe.num_experts))
@@ -255,7 +323,7 @@ def _quantize_moe(run: _Run, block, moe, inputs, kwargs, masks) -> list[str]:
     done = []
     for mat in moe.matrices:
         W = mat.get().float()
-        name = f"{moe.name}.experts.{mat.name}"
+        name = f"{moe.experts_path or moe.name + '.experts'}.{mat.name}"
         t0 = time.time()
         with phase(report, "gptq_experts", run.device):
             H = accs[mat.name].hessian()
@@ -312,12 +380,8 @@ def _quantize_block(run: _Run, loader, block_name, block, inputs, kwargs, masks)
     with phase(run.report, "load", run.device):
         ctx = loader.block(block_name, block)
         ctx.__enter__()
-    moe = run.family.moe(block, block_name)
-    quantized = []
-    if run.cfg.attn_bits is not None:
-        quantized += _quantize_attention(run, block_name, block, inputs, kwargs, masks, moe)
-    if moe is not None:
-        quantized += _quantize_moe(run, block, moe, inputs, kwargs, masks)
+    quantized = _quantize_attention(run, block_name, block, inputs, kwargs, masks)
+    quantized += _quantize_feed_forward(run, block_name, block, inputs, kwargs, masks)
     with phase(run.report, "output", run.device):
         outputs = run_block(block, inputs, kwargs, run.device, run.act_device, family=run.family)
     if run.sink is not None:  # the block's unquantized tensors (norms, routers, biases)

@@ -7,6 +7,7 @@ calibration activations live on ``act_device`` (the GPU, or the host with
 from __future__ import annotations
 
 import inspect
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -86,17 +87,18 @@ def batch_masks(family, calib, batch_size: int, stage: int) -> list[dict | None]
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs, kwargs_list, device, act_device, stop_at: nn.Module | None = None,
-              family=None, before_batch=None):
-    """Run ``block`` on every batch. With ``stop_at``, the forward ends when that
-    module is reached (its hooks have collected what they need) and nothing is returned.
-    With ``family``, what a block hands to the next (T5's position biases) is written
-    into ``kwargs_list`` in place. ``before_batch(i)`` runs before batch i (hooks learn
-    which batch they see)."""
+              family=None, before_batch=None, stop_after: nn.Module | None = None):
+    """Run ``block`` on every batch. With ``stop_at`` (``stop_after``), the forward ends when
+    that module is reached (has run): hooks have collected what they need, nothing is
+    returned. With ``family``, what a block hands to the next (T5's position biases) is
+    written into ``kwargs_list`` in place. ``before_batch(i)`` runs before batch i (hooks
+    learn which batch they see)."""
     def stop(*_):
         raise _Stop
 
     outs = []
-    handle = stop_at.register_forward_pre_hook(stop) if stop_at is not None else None
+    handle = stop_at.register_forward_pre_hook(stop) if stop_at is not None else \
+        stop_after.register_forward_hook(stop) if stop_after is not None else None
     try:
         for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
             if before_batch is not None:
@@ -111,7 +113,7 @@ def run_block(block: nn.Module, inputs, kwargs_list, device, act_device, stop_at
     finally:
         if handle is not None:
             handle.remove()
-    return None if stop_at is not None else outs
+    return None if stop_at is not None or stop_after is not None else outs
 
 
 class HessianAccumulator:
@@ -145,6 +147,47 @@ class HessianAccumulator:
             self.sum /= self.n.clamp(min=1).view(-1, 1, 1).to(self.sum)
             self._normalised = True
         return self.sum if index is None else self.sum[index]
+
+
+class SharedInputHessians:
+    """Input Hessians of a set of linears, one per distinct input: linears that read the very
+    same tensor in a forward (q, k and v; a shared expert's gate and up) share one, found on
+    the first batch. ``masks``: the current batch's token masks (run_block's before_batch
+    keeps it pointing there); ``mask_key(name)``: which of them applies to a linear."""
+
+    def __init__(self, linears: list[tuple[str, nn.Module]], device, masks: dict, mask_key=lambda name: "block"):
+        self.device, self.masks, self.mask_key = device, masks, mask_key
+        self.group_of: dict[str, int] = {}
+        self.groups: list[list[str]] = []
+        self.accs: list[HessianAccumulator] = []
+        self._reps: dict[int, weakref.ref] = {}   # this batch: group -> the tensor it read
+        self._added: set[int] = set()
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears]
+
+    def new_batch(self) -> None:
+        self._reps, self._added = {}, set()
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            gid = self.group_of.get(name)
+            if gid is None:   # first batch: join the group that read this very tensor, or start one
+                gid = next((g for g, ref in self._reps.items() if ref() is x), None)
+                if gid is None:
+                    gid = len(self.groups)
+                    self.groups.append([])
+                    self.accs.append(HessianAccumulator(x.shape[-1], self.device))
+                    self._reps[gid] = weakref.ref(x)
+                self.groups[gid].append(name)
+                self.group_of[name] = gid
+            if gid not in self._added:
+                self._added.add(gid)
+                self.accs[gid].add(x, mask=self.masks.get(self.mask_key(name)))
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def input_hessian_hook(acc: HessianAccumulator, masks: dict | None = None, key: str = "block"):
