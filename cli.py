@@ -54,7 +54,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--min_expert_tokens", type=int, default=16,
                    help="experts routed fewer calibration tokens use the Hessian of all tokens (0: never)")
     g.add_argument("--batch_size", type=int, default=8, help="calibration samples per forward batch")
-    g.add_argument("--expert_batch", type=int, default=0, help="experts per batched GPTQ call (0: all)")
+    g.add_argument("--expert_batch", type=int, default=0,
+                   help="experts quantized at once (0: as many as the GPU's free memory holds; all on CPU)")
     r = ap.add_argument_group("device")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if a GPU is visible)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],

@@ -76,7 +76,7 @@ class QuantConfig:
     seed: int = 0                        # random expert orders
     min_expert_tokens: int = 16          # fewer routed tokens: the expert's Hessian uses all tokens (0: never)
     batch_size: int = 8                  # calibration windows per forward batch
-    expert_batch: int = 0                # experts per batched GPTQ call (0: all of a layer)
+    expert_batch: int = 0                # experts quantized at once (0: as many as GPU memory holds)
     round_avg_bits: bool = False         # accept the nearest average the expert count allows
 
     def __post_init__(self):
@@ -97,7 +97,7 @@ class QuantConfig:
                f"--percdamp {self.percdamp}: must be in (0, 1), e.g. 0.01")
         _check(self.min_expert_tokens >= 0, f"--min_expert_tokens {self.min_expert_tokens}: must be 0 or more")
         _check(self.batch_size >= 1, f"--batch_size {self.batch_size}: must be at least 1")
-        _check(self.expert_batch >= 0, f"--expert_batch {self.expert_batch}: must be 0 (all experts) or positive")
+        _check(self.expert_batch >= 0, f"--expert_batch {self.expert_batch}: must be 0 (automatic) or positive")
         if self.level_counts is not None:
             for b, n in self.level_counts.items():
                 check_bits(b, "bit level")

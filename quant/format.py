@@ -132,14 +132,6 @@ def linear_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             "weight_zero": stored_zero.view(torch.float16) if bits == 1 else stored_zero}
 
 
-def experts_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    bits: list[int]) -> dict[str, torch.Tensor]:
-    """E quantized (R, C) matrices -> suffix -> tensor ("", "_scale", "_zero")."""
-    flat_codes = torch.cat([pack_codes(codes[e], b).reshape(-1) for e, b in enumerate(bits)])
-    flat_zero = torch.cat([encode_zero(zero[e], b).reshape(-1) for e, b in enumerate(bits)])
-    return {"": flat_codes.view(torch.int8), "_scale": scale.to(torch.float16).contiguous(), "_zero": flat_zero}
-
-
 def linear_names(path: str) -> list[str]:
     return [f"{path}.{s}" for s in ("weight", "weight_scale", "weight_zero")]
 
@@ -172,16 +164,30 @@ class PackedWriter:
         self.groupsize, self.sym = groupsize, sym
         self.modules: dict[str, dict] = {}
         self.code_bits = self.overhead_bits = self.unquantized_bytes = 0
+        self._parts: dict[str, dict[int, tuple]] = {}   # experts quantized in chunks, until all are in
 
     def add_linear(self, path: str, codes, scale, zero, bits: int) -> None:
         for suffix, t in linear_tensors(codes, scale, zero, bits).items():
             self._put(f"{path}.{suffix}", t.cpu())
         self._account(path, tuple(codes.shape), bits)
 
-    def add_experts(self, path: str, codes, scale, zero, bits: list[int]) -> None:
-        for suffix, t in experts_tensors(codes, scale, zero, bits).items():
-            self._put(path + suffix, t.cpu())
-        self._account(path, tuple(codes.shape[1:]), list(bits))
+    def add_experts(self, path: str, codes, scale, zero, bits: list[int], first: int = 0,
+                    total: int | None = None) -> None:
+        """Experts ``first`` .. ``first + len(bits) - 1`` of ``total`` (default: these are all);
+        the tensors are written once every expert of ``path`` has come."""
+        total = len(bits) if total is None else total
+        parts = self._parts.setdefault(path, {})
+        for i, b in enumerate(bits):   # packed on arrival: only the compact bytes wait
+            parts[first + i] = (pack_codes(codes[i], b).reshape(-1).cpu(), scale[i].to(torch.float16).cpu(),
+                                encode_zero(zero[i], b).reshape(-1).cpu(), b)
+        if len(parts) < total:
+            return
+        del self._parts[path]
+        ordered = [parts[e] for e in range(total)]
+        self._put(path, torch.cat([p[0] for p in ordered]).view(torch.int8))
+        self._put(path + "_scale", torch.stack([p[1] for p in ordered]).contiguous())
+        self._put(path + "_zero", torch.cat([p[2] for p in ordered]))
+        self._account(path, tuple(codes.shape[1:]), [p[3] for p in ordered])
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         """An unquantized tensor (norms, routers, embeddings ...), stored as it is."""

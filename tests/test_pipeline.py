@@ -252,3 +252,24 @@ def test_cli_packed_checkpoint_equals_dequantized_one(tiny_mixtral_dir, small_te
     ids = torch.randint(0, deq.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(deq(ids).logits, packed(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_experts_in_chunks_equal_all_at_once(tiny_mixtral_dir, tokenizer, small_text_dir):
+    """Layers whose experts do not fit at once go a chunk at a time (one more pass per chunk
+    for its Hessians): the same packed checkpoint, a starved expert in the last chunk too."""
+    from moeq.quant.format import MemoryWriter
+    outs = []
+    for chunk in (0, 3):
+        model = never_route_to_7(load_tiny(tiny_mixtral_dir))
+        sink = MemoryWriter(32, False)
+        cfg = QuantConfig(avg_bits=2.0, groupsize=32, batch_size=4, expert_batch=chunk)
+        report = quantize_model(model, family_for(model), calib(tokenizer, small_text_dir), cfg, torch.device("cpu"),
+                                sink=sink)
+        outs.append((sink, report))
+    (a, ra), (b, rb) = outs
+    assert [layer["bits"] for layer in ra.layers] == [layer["bits"] for layer in rb.layers]
+    assert ra.starved == rb.starved and {s["expert"] for s in ra.starved} == {7}
+    assert a.tensors.keys() == b.tensors.keys() and a.modules == b.modules
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+    assert [r["rel_err"] for r in ra.modules] == pytest.approx([r["rel_err"] for r in rb.modules], rel=1e-6)

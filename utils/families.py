@@ -33,7 +33,7 @@ class ExpertMatrix:
     """One kind of expert weight, e.g. the fused gate_up_proj, all experts stacked."""
     name: str                                           # "gate_up_proj", "down_proj", "wi", ...
     get: Callable[[], torch.Tensor]                     # -> (E, out, in)
-    set: Callable[[torch.Tensor], None]                 # (E, out, in) -> written into the model
+    set: Callable[..., None]                            # (n, out, in), first expert (default 0) -> the model
     linears: list[str] | None = None                    # per-expert nn.Linear paths (Switch), else fused
 
 
@@ -291,9 +291,9 @@ def _getter(ex: nn.Module, attr: str):
 
 
 def _setter(ex: nn.Module, attr: str):
-    def set_(w):
+    def set_(w, first: int = 0):
         p = getattr(ex, attr)
-        p.data.copy_((w.transpose(1, 2) if ex.is_transposed else w).to(p.dtype))
+        p.data[first:first + w.shape[0]].copy_((w.transpose(1, 2) if ex.is_transposed else w).to(p.dtype))
     return set_
 
 
@@ -342,9 +342,10 @@ class SwitchFamily(Family):
         experts = [mlp.experts[f"expert_{e}"] for e in range(mlp.experts.num_experts)]
 
         def matrix(kind):
-            def set_(w):
-                for e, ex in enumerate(experts):
-                    getattr(ex, kind).weight.data.copy_(w[e].to(getattr(ex, kind).weight.dtype))
+            def set_(w, first=0):
+                for i in range(w.shape[0]):
+                    lin = getattr(experts[first + i], kind)
+                    lin.weight.data.copy_(w[i].to(lin.weight.dtype))
             return ExpertMatrix(kind, lambda: torch.stack([getattr(ex, kind).weight.data for ex in experts]), set_,
                                 [f"{name}.experts.expert_{e}.{kind}" for e in range(len(experts))])
         return MoEBlock(name, mlp, len(experts), [matrix("wi"), matrix("wo")], top_k=1)

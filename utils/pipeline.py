@@ -112,12 +112,10 @@ def _check_scales(scale: torch.Tensor, weight: torch.Tensor, name: str, bits: li
                          f"format stores: the checkpoint has a corrupt or extreme weight there")
 
 
-def _gptq_experts(weight, hessian, bits, cfg: QuantConfig):
-    """GPTQ a stack of experts (E, R, C), each at its own bits, in batches of cfg.expert_batch."""
-    step = cfg.expert_batch or weight.shape[0]
-    parts = [QUANTIZERS[cfg.method](weight[i:i + step], hessian[i:i + step], bits[i:i + step], cfg.groupsize,
-                                    cfg.sym, cfg.percdamp, cfg.act_order) for i in range(0, weight.shape[0], step)]
-    return {attr: torch.cat([getattr(p, attr) for p in parts]) for attr in ("codes", "scale", "zero", "weight", "loss")}
+def _gptq_experts(weight, hessian, bits, cfg: QuantConfig) -> dict:
+    """GPTQ of a stack of experts (n, R, C) in one batched call, each at its own bits."""
+    res = QUANTIZERS[cfg.method](weight, hessian, bits, cfg.groupsize, cfg.sym, cfg.percdamp, cfg.act_order)
+    return {attr: getattr(res, attr) for attr in ("codes", "scale", "zero", "weight", "loss")}
 
 
 def _quantize_linears(run: _Run, block_name, block, hessians, linears: dict, bits: int, phase_name: str) -> list[str]:
@@ -184,13 +182,15 @@ def _pointing(current: dict, masks: list | None, *hessians):
 
 
 class _ExpertStats:
-    """Per-expert Hessians of every expert matrix from exactly the tokens routed to it (or,
-    for the experts in ``fallback``, all tokens), token counts and routing weights."""
+    """What one pass records of a MoE block: per expert the tokens routed to it and their
+    routing weights (all experts), and Hessians of every expert matrix from exactly the
+    tokens routed to it, for the experts of ``chunk`` (those in ``fallback``: all tokens)."""
 
-    def __init__(self, family, moe, device, fallback: list[int] | None = None):
+    def __init__(self, family, moe, device, chunk: range | None = None, fallback: set[int] = frozenset()):
         self.family, self.moe, self.fallback = family, moe, fallback
         E = moe.num_experts
-        self.accs = {m.name: HessianAccumulator(m.get().shape[2], device, E) for m in moe.matrices}
+        self.chunk = range(E) if chunk is None else chunk
+        self.accs = {m.name: HessianAccumulator(m.get().shape[2], device, len(self.chunk)) for m in moe.matrices}
         self.tokens = torch.zeros(E, dtype=torch.long)
         self.weight_sum = torch.zeros(E, dtype=torch.float64)
         self.n_tokens = 0
@@ -203,28 +203,24 @@ class _ExpertStats:
             self.weight_sum += weights.float().sum(0).double().cpu()
         else:                                               # the routing weights of the chosen experts
             self.weight_sum.index_add_(0, top.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
-        for e in range(E):
-            if self.fallback is not None:
-                if e not in self.fallback:
-                    continue
-                xe = x
-            else:
-                xe = x[(top == e).any(dim=-1)]
-            self.tokens[e] += xe.shape[0]
+        self.tokens += torch.bincount(top.reshape(-1).cpu(), minlength=E)[:E]
+        for i, e in enumerate(self.chunk):
+            xe = x if e in self.fallback else x[(top == e).any(dim=-1)]
             if xe.shape[0]:
                 for name, inp in self.family.expert_inputs(self.moe, e, xe).items():
-                    self.accs[name].add(inp, e)
+                    self.accs[name].add(inp, i)
 
     def routing_weight(self) -> list[float]:
         return (self.weight_sum / max(self.n_tokens, 1)).tolist()
 
 
-def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, fallback=None, hessians=None):
-    """Pass 2: runs the block to its MoE and records, per batch, which real tokens go to which
+def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, chunk=None, fallback=frozenset(),
+                       hessians=None):
+    """A pass of the block to its MoE recording, per batch, which real tokens go to which
     expert: at the experts module's input, as the model's own router sent them (experts-
     interface families; the experts' own computation is skipped), or by the family's routing
     at the MoE block's input (Switch). ``hessians``: the MLP's other linears (shared experts)."""
-    stats = _ExpertStats(run.family, moe, run.device, fallback)
+    stats = _ExpertStats(run.family, moe, run.device, chunk, fallback)
     current = {}
 
     def real(x):
@@ -234,11 +230,13 @@ def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, fallback=No
     before = _pointing(current, masks, *([hessians] if hessians else []))
     if moe.experts is not None:
         def record(hidden_states, top_k_index, top_k_weights, *args, **kw):
-            keep = current["block"].reshape(-1).to(hidden_states.device) if "block" in current else None
-            x, top = hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index.reshape(hidden_states.shape[0], -1)
+            x = hidden_states.reshape(-1, hidden_states.shape[-1])
+            top = top_k_index.reshape(x.shape[0], -1)
             w = top_k_weights.reshape(top.shape)
-            stats.add(x if keep is None else x[keep], top if keep is None else top[keep],
-                      w if keep is None else w[keep])
+            if "block" in current:
+                keep = current["block"].reshape(-1).to(x.device)
+                x, top, w = x[keep], top[keep], w[keep]
+            stats.add(x, top, w)
             return torch.zeros_like(hidden_states)
         moe.experts.forward = record   # this pass only needs the routing
         try:
@@ -256,6 +254,21 @@ def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, fallback=No
         finally:
             handle.remove()
     return stats
+
+
+def expert_chunk_size(moe, cfg: QuantConfig, device: torch.device) -> int:
+    """Experts quantized at once: ``cfg.expert_batch``, or (0) as many as the free GPU memory
+    holds (their Hessians plus GPTQ's working copies), all on the CPU. A DeepSeek-V3 layer
+    (256 experts of 7168 x 2048) does not fit an 80 GB GPU at once."""
+    E = moe.num_experts
+    if cfg.expert_batch:
+        return min(cfg.expert_batch, E)
+    if device.type != "cuda":
+        return E
+    per_expert = sum(2 * m.get().shape[2] ** 2 * 4 + 4 * m.get().shape[1] * m.get().shape[2] * 4
+                     for m in moe.matrices)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(E, int(0.6 * free) // per_expert))
 
 
 def _quantize_feed_forward(run: _Run, block_name, block, inputs, kwargs, masks) -> list[str]:
@@ -279,7 +292,8 @@ def _quantize_feed_forward(run: _Run, block_name, block, inputs, kwargs, masks) 
         return done
     try:
         with phase(report, "hessian_experts", run.device):
-            stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, hessians=hessians)
+            stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks,
+                                       range(expert_chunk_size(moe, cfg, run.device)), hessians=hessians)
     finally:
         if hessians is not None:
             hessians.remove()
@@ -290,25 +304,19 @@ def _quantize_feed_forward(run: _Run, block_name, block, inputs, kwargs, masks) 
 
 
 def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _ExpertStats) -> list[str]:
-    """Scores, order, bits and GPTQ of one MoE block's experts; returns the quantized parameter names."""
+    """Scores, order and bits of one MoE block's experts from the first pass's counts, then
+    GPTQ of every expert matrix, a chunk of experts at a time (one more pass per chunk for
+    its Hessians when the layer's experts do not fit at once)."""
     cfg, family, report = run.cfg, run.family, run.report
-    accs, tokens = stats.accs, stats.tokens
-    starved = [e for e in range(moe.num_experts) if tokens[e] < cfg.min_expert_tokens]
+    tokens, E = stats.tokens, moe.num_experts
+    starved = {e for e in range(E) if tokens[e] < cfg.min_expert_tokens}
     if starved:
-        # Too few routed tokens for a usable Hessian: fall back to all the block's tokens
+        # Too few routed tokens for a usable Hessian: those experts use all the block's tokens
         # (the paper repo zeroes such an expert instead, destroying it).
-        with phase(report, "hessian_experts", run.device):
-            fb = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, fallback=starved)
-        for name, acc in accs.items():
-            for e in starved:
-                acc.sum[e], acc.n[e] = fb.accs[name].sum[e], fb.accs[name].n[e]
-        all_tokens = int(fb.accs[moe.matrices[0].name].n[starved[0]])
-        del fb
-        for e in starved:
+        for e in sorted(starved):
             report.starved.append({"layer": moe.name, "expert": e, "tokens": int(tokens[e])})
-        run.say(f"  {moe.name}: experts {starved} got fewer than {cfg.min_expert_tokens} calibration tokens "
-                f"({[int(tokens[e]) for e in starved]}); using Hessians from all {all_tokens} tokens")
-
+        run.say(f"  {moe.name}: experts {sorted(starved)} got fewer than {cfg.min_expert_tokens} calibration tokens "
+                f"({[int(tokens[e]) for e in sorted(starved)]}); using Hessians from all {stats.n_tokens} tokens")
     ref = (run.router_reference or {}).get(moe.name)
     scores = {
         "router_norm": allocation.router_norm(family.router_weight(moe), ref),
@@ -317,38 +325,53 @@ def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _Expe
         "routing_weight": stats.routing_weight(),
     }
     order = allocation.expert_order(cfg.order_type, scores, cfg.zeta, cfg.seed + len(report.layers))
-    bits = allocation.bits_per_expert(order, cfg.counts_for(moe.num_experts))
+    bits = allocation.bits_per_expert(order, cfg.counts_for(E))
     report.layers.append({"name": moe.name, "expert_order": order, "bits": bits, "scores": scores,
                           "router_score": "norm_change" if ref is not None else "norm"})
+    results = {mat.name: [] for mat in moe.matrices}
+    size = len(stats.chunk)
+    for chunk in [range(s, min(s + size, E)) for s in range(0, E, size)]:
+        if chunk.start > 0 or starved & set(chunk):   # the first pass holds chunk 0's routed-token Hessians
+            with phase(report, "hessian_experts", run.device):
+                stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, chunk, starved & set(chunk))
+        _gptq_chunk(run, moe, chunk, bits, stats, results)
     done = []
     for mat in moe.matrices:
-        W = mat.get().float()
         name = f"{moe.experts_path or moe.name + '.experts'}.{mat.name}"
+        seconds, losses = sum(r[0] for r in results[mat.name]), torch.cat([r[1] for r in results[mat.name]])
+        done += [name] if mat.linears is None else [f"{lin}.weight" for lin in mat.linears]
+        _log(run, name, bits, tokens, losses, seconds)
+    return done
+
+
+def _gptq_chunk(run: _Run, moe, chunk: range, bits: list[int], stats: _ExpertStats, results: dict) -> None:
+    """GPTQ of the experts of ``chunk`` (Hessians in ``stats``), each at its own width."""
+    cfg, report = run.cfg, run.report
+    chunk_bits = bits[chunk.start:chunk.stop]
+    for mat in moe.matrices:
+        name = f"{moe.experts_path or moe.name + '.experts'}.{mat.name}"
+        W = mat.get()[chunk.start:chunk.stop].float()
         t0 = time.time()
         with phase(report, "gptq_experts", run.device):
-            H = accs[mat.name].hessian()
+            H = stats.accs[mat.name].hessian()
             _check_inputs(H, name)
-            res = _gptq_experts(W, H, bits, cfg)
-            _check_scales(res["scale"], W, name, bits)
-            mat.set(res["weight"])
+            res = _gptq_experts(W, H, chunk_bits, cfg)
+            _check_scales(res["scale"], W, name, chunk_bits)
+            mat.set(res["weight"], chunk.start)
         if run.on_experts is not None:
             with phase(report, "callback", run.device):  # not quantization work: kept out of the other phases
-                run.on_experts(name, W, H, bits, res)
+                run.on_experts(name, W, H, chunk_bits, res, chunk.start)
         del H
-        seconds = time.time() - t0
-        if mat.linears is None:  # fused experts: one stacked entry, bits per expert
-            if run.sink is not None:
-                with phase(report, "pack", run.device):
-                    run.sink.add_experts(name, res["codes"], res["scale"], res["zero"], bits)
-            done.append(name)
-        else:  # separate expert linears (Switch): each its own quantized linear
-            for e, lin in enumerate(mat.linears):
-                if run.sink is not None:
-                    with phase(report, "pack", run.device):
-                        run.sink.add_linear(lin, res["codes"][e], res["scale"][e], res["zero"][e], bits[e])
-                done.append(f"{lin}.weight")
-        _log(run, name, bits, tokens, res["loss"], seconds)
-    return done
+        if run.sink is not None:
+            with phase(report, "pack", run.device):
+                if mat.linears is None:  # fused experts: one entry, bits per expert
+                    run.sink.add_experts(name, res["codes"], res["scale"], res["zero"], chunk_bits, chunk.start,
+                                         moe.num_experts)
+                else:  # separate expert linears (Switch): each its own quantized linear
+                    for i, e in enumerate(chunk):
+                        run.sink.add_linear(mat.linears[e], res["codes"][i], res["scale"][i], res["zero"][i],
+                                            bits[e])
+        results[mat.name].append((time.time() - t0, res["loss"].cpu()))
 
 
 @torch.no_grad()
