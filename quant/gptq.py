@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import check_bits, check_grid, dequantize, group_params, quantize_codes, rtn
+from .quantizer import binary_group_params, check_bits, check_grid, dequantize, group_params, quantize_codes, rtn
 
 
 @dataclass
@@ -84,6 +84,28 @@ def _prepare(weight, hessian, bits):
     return W, H, bits_t, maxq
 
 
+def _parts(bits_t: torch.Tensor) -> list:
+    """The batch split by kind of grid: [(rows, binary)], rows a LongTensor of matrices or
+    slice(None) for all of them. Made on the host, outside any CUDA graph capture."""
+    widths = bits_t.tolist()
+    binary = [b for b, k in enumerate(widths) if k == 1]
+    if len(binary) in (0, len(widths)):
+        return [(slice(None), bool(binary))]
+    other = [b for b, k in enumerate(widths) if k != 1]
+    return [(torch.tensor(rows, device=bits_t.device), kind) for rows, kind in ((other, False), (binary, True))]
+
+
+def _batch_params(w, colw, bits_t, parts, sym, grid):
+    """group_params of a batch, each part on its own grid only: in a batch at 3/2/1 bits the
+    1-bit code is searched on the 1-bit matrices alone and the affine grid on the others."""
+    scale, zero = torch.empty_like(w[..., :1]), torch.empty_like(w[..., :1])
+    for rows, binary in parts:
+        wr, cr = w[rows], colw[rows]
+        s, z = binary_group_params(wr, grid, cr) if binary else group_params(wr, bits_t[rows], sym, False, grid, cr)
+        scale[rows], zero[rows] = s, z
+    return scale, zero
+
+
 class _BlockRunner:
     """The column loop over one block of columns (no act_order), on static buffers.
     On CUDA the loop (hundreds of small kernels) is captured once as a CUDA graph and
@@ -96,7 +118,7 @@ class _BlockRunner:
         # sub-block never spans a group start except at its own first column.
         self.sub = 32 if gs % 32 == 0 else gs
         self.maxq = maxq[:, :, None]
-        self.has_binary = bool((bits_t == 1).any())
+        self.parts = _parts(bits_t)
         self.W1 = torch.empty(B, R, bs, device=device, dtype=dtype)
         self.H1 = torch.empty(B, bs, bs, device=device, dtype=dtype)
         self.Q1, self.E1 = torch.empty_like(self.W1), torch.empty_like(self.W1)
@@ -113,8 +135,8 @@ class _BlockRunner:
             for i in range(j0, j1):
                 g = i // self.gs
                 if i % self.gs == 0:  # the group's columns are all updated up to here
-                    s_new, z_new = group_params(W1[:, :, i:i + self.gs], self.bits_t, self.sym, self.has_binary,
-                                                self.grid, colw[:, :, i:i + self.gs])
+                    s_new, z_new = _batch_params(W1[:, :, i:i + self.gs], colw[:, :, i:i + self.gs], self.bits_t,
+                                                 self.parts, self.sym, self.grid)
                     self.S1[:, :, g] = s_new[..., 0]
                     self.Z1[:, :, g] = z_new[..., 0]
                 s, z = self.S1[:, :, g, None], self.Z1[:, :, g, None]
@@ -175,10 +197,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
         # GPTQ's cost of each column where act_order puts it, back in the original order
         cost = 1 / torch.diagonal(Hinv, dim1=-2, dim2=-1).square()
         colw = torch.empty_like(cost).scatter_(1, perm, cost)[:, None, :]
-        has_binary = bool((bits_t == 1).any())
+        parts = _parts(bits_t)
         for g in range(G):
             cols = slice(g * gs, (g + 1) * gs)
-            s, z = group_params(W[:, :, cols], bits_t, sym, has_binary, grid, colw[:, :, cols])
+            s, z = _batch_params(W[:, :, cols], colw[:, :, cols], bits_t, parts, sym, grid)
             scale[:, :, g], zero[:, :, g] = s[..., 0], z[..., 0]
         W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))
         Q = _act_order_loop(W, Hinv, scale, zero, torch.div(perm, gs, rounding_mode="floor"), maxq, blocksize)

@@ -45,7 +45,7 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 GRIDS = ("search", "minmax")
-N_SHRINK = 4         # range factors tried by the search (8 gained <= 1.2% on the benchmark)
+N_SHRINK = 3         # range factors the search tries (4 lowered GPTQ's error by 0.3-1.3%, 8 by 0.8-2.2%)
 ZERO_LIMIT = 6.2e-5  # stands in for a zero scale: below the float16 normal range
 
 
@@ -164,6 +164,11 @@ def searched_binary_params(w: torch.Tensor, colw: torch.Tensor | None = None, st
     return best[1], best[2]
 
 
+def binary_group_params(w: torch.Tensor, grid: str = "search", colw: torch.Tensor | None = None):
+    """group_params for 1-bit matrices only."""
+    return searched_binary_params(w, colw) if check_grid(grid) == "search" else binary_params(w)
+
+
 def group_params(w: torch.Tensor, bits: torch.Tensor, sym: bool, has_binary: bool | None = None,
                  grid: str = "search", colw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization parameters for one group per row.
@@ -178,7 +183,7 @@ def group_params(w: torch.Tensor, bits: torch.Tensor, sym: bool, has_binary: boo
     scale, zero = searched_params(w, maxq, sym, colw) if search else minmax_params(w, maxq, sym)
     binary = (bits == 1).view(-1, 1, 1)
     if has_binary if has_binary is not None else bool(binary.any()):
-        bscale, bzero = searched_binary_params(w, colw) if search else binary_params(w)
+        bscale, bzero = binary_group_params(w, grid, colw)
         scale = torch.where(binary, bscale, scale)
         zero = torch.where(binary, bzero, zero)
     return scale, zero

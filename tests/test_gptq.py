@@ -117,13 +117,14 @@ def test_unknown_grid():
         gptq_quantize(torch.randn(1, 4, 32), torch.eye(32)[None], [2], groupsize=32, grid="mse")
 
 
-def test_mixed_bits_in_one_batch_equal_separate_calls():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_mixed_bits_in_one_batch_equal_separate_calls(act_order):
     C = 64
     H = torch.stack([correlated_hessian(C, seed=s) for s in range(3)])
     W = torch.randn(3, 16, C, dtype=torch.float64)
-    res = gptq_quantize(W, H, [3, 1, 2], groupsize=16)
+    res = gptq_quantize(W, H, [3, 1, 2], groupsize=16, act_order=act_order)
     for b, bits in enumerate([3, 1, 2]):
-        alone = gptq_quantize(W[b:b + 1], H[b:b + 1], [bits], groupsize=16)
+        alone = gptq_quantize(W[b:b + 1], H[b:b + 1], [bits], groupsize=16, act_order=act_order)
         assert torch.equal(res.weight[b], alone.weight[0])
         assert torch.equal(res.codes[b], alone.codes[0])
 
