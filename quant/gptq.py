@@ -295,7 +295,7 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group
             # Column j's loss will be err_j^2 / (H^-1 conditioned on the columns before j)_jj,
             # the squared diagonal of the Cholesky factor of the group's block of H^-1 now.
             d = torch.diagonal(torch.linalg.cholesky(Hinv[i:i + gs, i:i + gs], upper=True))
-            s, z = group_params(W[None, :, i:i + gs], bits_t, sym, grid=grid, colw=1 / d.square())
+            s, z = group_params(W[None, :, i:i + gs], bits_t, sym, grid=grid, colw=1 / d[None, None].square())
             s, z = s[0, :, 0], z[0, :, 0]
         q = quantize_codes(W[:, i], s, z, maxq[0, 0])
         out[:, i] = dequantize(q, s, z)

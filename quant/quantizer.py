@@ -30,6 +30,7 @@ benchmarks/bench_gptq_quality.py measured these choices.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
@@ -91,9 +92,11 @@ def minmax_params(w: torch.Tensor, maxq: torch.Tensor, sym: bool) -> tuple[torch
 def group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
                 colw: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j c_j (w_j - w_hat_j)^2 over each group (last dim), with w_hat exactly as
-    quantized and dequantized below; ``colw`` c broadcasts against ``w`` (None: c = 1)."""
-    err = (w - dequantize(quantize_codes(w, scale, zero, maxq), scale, zero)).square()
-    return (err if colw is None else err * colw).sum(dim=-1, keepdim=True)
+    quantized and dequantized below; ``colw`` c: (B, 1, G) for w (B, R, G), or None (c = 1)."""
+    # (w - w_hat)^2 in one kernel, summed (weighted) in one more: the search evaluates this a
+    # few times per group over all B x R x G weights, so it is what the search costs
+    err = F.mse_loss(w, dequantize(quantize_codes(w, scale, zero, maxq), scale, zero), reduction="none")
+    return err.sum(dim=-1, keepdim=True) if colw is None else err @ colw.mT
 
 
 def _keep_better(best, cand):
@@ -190,7 +193,8 @@ def group_params(w: torch.Tensor, bits: torch.Tensor, sym: bool, has_binary: boo
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale + zero), torch.zeros_like(maxq), maxq)
+    # addcdiv: w / scale + zero in one kernel, the same rounding as the two operations
+    return torch.clamp(torch.round(torch.addcdiv(zero, w, scale)), torch.zeros_like(maxq), maxq)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
