@@ -20,6 +20,8 @@ H = X^T X / n. Group size 128, asymmetric, percdamp 0.01, no act_order.
   (the checkpoint format has integer zeros; this only measures what fp16 zeros would
   gain), the searched grid at group size 64 (about the same storage as fp16 zeros at
   128), and the bits per weight each layout stores.
+--unweighted: also GPTQ on the searched grid with all columns' errors weighed alike, to
+  show what weighing them by GPTQ's loss weights 1/U_jj^2 brings.
 --shape mixtral: one Mixtral-8x7B layer's experts (real dims, random weights, each expert
   its own H), gate_up (8 x 28672 x 4096) and down (8 x 4096 x 14336) batches at
   3/3/2/2/2/2/1/1 bits: per-expert error and seconds of GPTQ, min-max vs searched grid.
@@ -129,6 +131,18 @@ def float_zero_params(w, maxq, sym, colw=None):
 
 
 @contextlib.contextmanager
+def unweighted():
+    """The searched grid with every column's error weighed alike (as RTN does), in GPTQ."""
+    affine, binary = Q.searched_params, Q.searched_binary_params
+    Q.searched_params = lambda w, maxq, sym, colw=None: affine(w, maxq, sym)
+    Q.searched_binary_params = lambda w, colw=None: binary(w)
+    try:
+        yield
+    finally:
+        Q.searched_params, Q.searched_binary_params = affine, binary
+
+
+@contextlib.contextmanager
 def fp16_zeros():
     searched = Q.searched_params
     Q.searched_params = float_zero_params  # group_params looks it up at call time
@@ -155,20 +169,21 @@ def run_small(a, device):
             W, H = problem(rows, cols, seed, device)
             print(f"\n{rows} x {cols}, seed {seed}")
             head = f"{'bits':>4} {'gptq-minmax':>12} {'gptq-search':>12} {'search/mm':>9} {'rtn-minmax':>11} " \
-                   f"{'rtn-search':>11} {'s_minmax':>8} {'s_search':>8}"
+                   f"{'rtn-search':>11}"
             if paper:
                 head += f" {'paper':>9} {'search/paper':>12} {'mm/paper':>9}"
             if a.float_zero:
                 head += f" {'fp16-zero':>10} {'fp16z/search':>12} {'search-g64':>10}"
+            if a.unweighted:
+                head += f" {'unweighted':>10} {'unw/search':>10}"
             print(head)
             for bits in a.bits:
-                mm, t_mm = timed(device, gptq_quantize, W[None], H[None], [bits], a.groupsize, grid="minmax")
-                se, t_se = timed(device, gptq_quantize, W[None], H[None], [bits], a.groupsize)
+                mm = gptq_quantize(W[None], H[None], [bits], a.groupsize, grid="minmax")
+                se = gptq_quantize(W[None], H[None], [bits], a.groupsize)
                 e_mm, e_se = float(rel_err(W[None], mm.weight, H[None])), float(rel_err(W[None], se.weight, H[None]))
                 r_mm = float(rtn_quantize(W[None], H[None], [bits], a.groupsize, grid="minmax").loss)
                 r_se = float(rtn_quantize(W[None], H[None], [bits], a.groupsize).loss)
-                line = f"{bits:>4} {e_mm:>12.6f} {e_se:>12.6f} {e_se / e_mm:>9.3f} {r_mm:>11.6f} {r_se:>11.6f} " \
-                       f"{t_mm:>8.2f} {t_se:>8.2f}"
+                line = f"{bits:>4} {e_mm:>12.6f} {e_se:>12.6f} {e_se / e_mm:>9.3f} {r_mm:>11.6f} {r_se:>11.6f}"
                 ratios = [e_se / e_mm]
                 if paper:
                     e_pa = float(rel_err(W, paper_gptq(paper, W, H, bits, a.groupsize), H))
@@ -181,6 +196,11 @@ def run_small(a, device):
                     g64 = gptq_quantize(W[None], H[None], [bits], a.groupsize // 2)
                     e_64 = float(rel_err(W[None], g64.weight, H[None]))
                     line += f" {e_fz:>10.6f} {e_fz / e_se:>12.3f} {e_64:>10.6f}"
+                if a.unweighted:
+                    with unweighted():
+                        uw = gptq_quantize(W[None], H[None], [bits], a.groupsize)
+                    e_uw = float(rel_err(W[None], uw.weight, H[None]))
+                    line += f" {e_uw:>10.6f} {e_uw / e_se:>10.3f}"
                 print(line, flush=True)
                 summary.setdefault(bits, []).append(ratios)
     names = ["gptq search/minmax"] + (["gptq search/paper", "gptq minmax/paper"] if paper else [])
@@ -235,6 +255,8 @@ def main():
     p.add_argument("--groupsize", type=int, default=128)
     p.add_argument("--paper_repo", default=None, help="local clone of nowazrabbani/moe_quantization")
     p.add_argument("--float_zero", action="store_true", help="also measure fp16 zero points (small shape)")
+    p.add_argument("--unweighted", action="store_true",
+                   help="also GPTQ with the searched grid weighing all columns alike (small shape)")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=14336)
