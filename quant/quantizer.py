@@ -179,7 +179,7 @@ def group_params(w: torch.Tensor, bits: torch.Tensor, sym: bool, has_binary: boo
     w: (B, R, G) weights of B matrices; bits: (B,) bit width of each matrix (may differ).
     Returns scale, zero of shape (B, R, 1). ``has_binary``: whether any bits == 1, if the
     caller knows (avoids a device sync, e.g. inside a CUDA graph). ``colw``: the search's
-    per-column error weights, broadcasting against ``w`` (e.g. (B, 1, G)); None: equal.
+    per-column error weights, (B, 1, G) or (1, 1, G); None: all equal.
     """
     maxq = (2 ** bits.to(w.dtype) - 1).view(-1, 1, 1)
     search = check_grid(grid) == "search"
