@@ -14,6 +14,10 @@ one-matrix, one-column-at-a-time version the batched one is tested against.
 act_order quantizes columns in order of decreasing H_ii; its group parameters are
 then computed from the original weights before any update ("static groups"), so
 the checkpoint needs no column permutation.
+
+Group parameters come from quant.quantizer.group_params (``grid``): the "search" grid
+weighs each column's error by 1 / [U]_jj^2, U the upper Cholesky factor of H^-1, that
+is by what GPTQ's own loss  sum_j (w_j - q_j)^2 / U_jj^2  charges for it.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import check_bits, dequantize, group_params, quantize_codes, rtn
+from .quantizer import binary_group_params, check_bits, check_grid, dequantize, group_params, quantize_codes, rtn
 
 
 @dataclass
@@ -80,19 +84,41 @@ def _prepare(weight, hessian, bits):
     return W, H, bits_t, maxq
 
 
+def _parts(bits_t: torch.Tensor) -> list:
+    """The batch split by kind of grid: [(rows, binary)], rows a LongTensor of matrices or
+    slice(None) for all of them. Made on the host, outside any CUDA graph capture."""
+    widths = bits_t.tolist()
+    binary = [b for b, k in enumerate(widths) if k == 1]
+    if len(binary) in (0, len(widths)):
+        return [(slice(None), bool(binary))]
+    other = [b for b, k in enumerate(widths) if k != 1]
+    return [(torch.tensor(rows, device=bits_t.device), kind) for rows, kind in ((other, False), (binary, True))]
+
+
+def _batch_params(w, colw, bits_t, parts, sym, grid):
+    """group_params of a batch, each part on its own grid only: in a batch at 3/2/1 bits the
+    1-bit code is searched on the 1-bit matrices alone and the affine grid on the others."""
+    scale, zero = torch.empty_like(w[..., :1]), torch.empty_like(w[..., :1])
+    for rows, binary in parts:
+        wr, cr = w[rows], colw[rows]
+        s, z = binary_group_params(wr, grid, cr) if binary else group_params(wr, bits_t[rows], sym, False, grid, cr)
+        scale[rows], zero[rows] = s, z
+    return scale, zero
+
+
 class _BlockRunner:
     """The column loop over one block of columns (no act_order), on static buffers.
     On CUDA the loop (hundreds of small kernels) is captured once as a CUDA graph and
     replayed for every later block of the same width: launch overhead, not arithmetic,
     dominates it otherwise."""
 
-    def __init__(self, B, R, bs, gs, bits_t, maxq, sym, device, dtype, graphs: bool):
-        self.bs, self.gs, self.bits_t, self.sym = bs, gs, bits_t, sym
+    def __init__(self, B, R, bs, gs, bits_t, maxq, sym, grid, device, dtype, graphs: bool):
+        self.bs, self.gs, self.bits_t, self.sym, self.grid = bs, gs, bits_t, sym, grid
         # Columns of a group must see every update before its params are taken, so a
         # sub-block never spans a group start except at its own first column.
         self.sub = 32 if gs % 32 == 0 else gs
         self.maxq = maxq[:, :, None]
-        self.has_binary = bool((bits_t == 1).any())
+        self.parts = _parts(bits_t)
         self.W1 = torch.empty(B, R, bs, device=device, dtype=dtype)
         self.H1 = torch.empty(B, bs, bs, device=device, dtype=dtype)
         self.Q1, self.E1 = torch.empty_like(self.W1), torch.empty_like(self.W1)
@@ -103,12 +129,14 @@ class _BlockRunner:
     def _step(self):
         W1, H1, B = self.W1, self.H1, self.W1.shape[0]
         sub = self.sub
+        colw = 1 / torch.diagonal(H1, dim1=-2, dim2=-1)[:, None, :].square()  # GPTQ's cost per column
         for j0 in range(0, self.bs, sub):
             j1 = min(j0 + sub, self.bs)
             for i in range(j0, j1):
                 g = i // self.gs
                 if i % self.gs == 0:  # the group's columns are all updated up to here
-                    s_new, z_new = group_params(W1[:, :, i:i + self.gs], self.bits_t, self.sym, self.has_binary)
+                    s_new, z_new = _batch_params(W1[:, :, i:i + self.gs], colw[:, :, i:i + self.gs], self.bits_t,
+                                                 self.parts, self.sym, self.grid)
                     self.S1[:, :, g] = s_new[..., 0]
                     self.Z1[:, :, g] = z_new[..., 0]
                 s, z = self.S1[:, :, g, None], self.Z1[:, :, g, None]
@@ -149,9 +177,11 @@ USE_CUDA_GRAPHS = True
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], groupsize: int = 128,
                   sym: bool = False, percdamp: float = 0.01, act_order: bool = False,
-                  blocksize: int = 128) -> GPTQResult:
-    """weight (B, R, C), hessian (B, C, C) -> GPTQResult. bits: one width per matrix."""
+                  blocksize: int = 128, grid: str = "search") -> GPTQResult:
+    """weight (B, R, C), hessian (B, C, C) -> GPTQResult. bits: one width per matrix.
+    grid: "search" | "minmax" (see quant/quantizer.py)."""
     B, R, C = weight.shape
+    check_grid(grid)
     gs = C if groupsize <= 0 else groupsize
     if C % gs:
         raise ValueError(f"group size {gs} does not divide the {C} input columns")
@@ -161,12 +191,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
     zero = torch.zeros(B, R, G, device=W.device, dtype=W.dtype)
     if act_order:
         perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # (B, C)
-        s, z = group_params(W.reshape(B, R * G, gs), bits_t, sym)
-        scale, zero = s.reshape(B, R, G), z.reshape(B, R, G)
-        W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))
         H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(B, C, C)), 2, perm[:, None, :].expand(B, C, C))
         Hinv = _inverse_cholesky(H, percdamp)
         del H
+        # GPTQ's cost of each column where act_order puts it, back in the original order
+        cost = 1 / torch.diagonal(Hinv, dim1=-2, dim2=-1).square()
+        colw = torch.empty_like(cost).scatter_(1, perm, cost)[:, None, :]
+        parts = _parts(bits_t)
+        for g in range(G):
+            cols = slice(g * gs, (g + 1) * gs)
+            s, z = _batch_params(W[:, :, cols], colw[:, :, cols], bits_t, parts, sym, grid)
+            scale[:, :, g], zero[:, :, g] = s[..., 0], z[..., 0]
+        W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))
         Q = _act_order_loop(W, Hinv, scale, zero, torch.div(perm, gs, rounding_mode="floor"), maxq, blocksize)
         Q = torch.gather(Q, 2, torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, C))
     else:
@@ -175,12 +211,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
         # Blocks hold whole groups, so a group's params come from fully updated weights.
         bs = max(blocksize // gs, 1) * gs
         Q = torch.empty_like(W)
-        runner = _BlockRunner(B, R, bs, gs, bits_t, maxq, sym, W.device, W.dtype,
+        runner = _BlockRunner(B, R, bs, gs, bits_t, maxq, sym, grid, W.device, W.dtype,
                               graphs=W.is_cuda and USE_CUDA_GRAPHS)
         for i1 in range(0, C, bs):
             i2 = min(i1 + bs, C)
             if i2 - i1 != bs:  # a last, narrower block: its own (eager) runner
-                runner = _BlockRunner(B, R, i2 - i1, gs, bits_t, maxq, sym, W.device, W.dtype, graphs=False)
+                runner = _BlockRunner(B, R, i2 - i1, gs, bits_t, maxq, sym, grid, W.device, W.dtype,
+                                      graphs=False)
             q1, e1, s1, z1 = runner(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2])
             Q[:, :, i1:i2] = q1
             scale[:, :, i1 // gs:i2 // gs] = s1
@@ -193,11 +230,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
 
 
 def rtn_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], groupsize: int = 128,
-                 sym: bool = False, percdamp: float = 0.0, act_order: bool = False) -> GPTQResult:
+                 sym: bool = False, percdamp: float = 0.0, act_order: bool = False,
+                 grid: str = "search") -> GPTQResult:
     """Round-to-nearest, the baseline GPTQ is compared with: same grid, no error
     feedback (``percdamp`` and ``act_order`` do not apply). The Hessian only measures
     the resulting output error."""
-    parts = [rtn(w, b, groupsize, sym) for w, b in zip(weight.float(), bits)]
+    parts = [rtn(w, b, groupsize, sym, grid) for w, b in zip(weight.float(), bits)]
     codes, scale, zero, deq = (torch.stack(t) for t in zip(*parts))
     return GPTQResult(codes, scale, zero, deq, output_error(weight.float(), deq, hessian.float()))
 
@@ -241,7 +279,7 @@ def _act_order_loop(W, Hinv, scale, zero, group_of_col, maxq, bs):
 
 @torch.no_grad()
 def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, bits: int, groupsize: int = 128,
-                   sym: bool = False, percdamp: float = 0.01) -> torch.Tensor:
+                   sym: bool = False, percdamp: float = 0.01, grid: str = "search") -> torch.Tensor:
     """Slow, obviously-correct GPTQ of one (R, C) matrix: no blocks, no batching,
     every column's error propagated into all later columns immediately. Returns the
     dequantized weights. (No act_order: that is the same algorithm on permuted columns.)"""
@@ -254,7 +292,10 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group
     out = torch.zeros_like(W)
     for i in range(C):
         if i % gs == 0:
-            s, z = group_params(W[None, :, i:i + gs], bits_t, sym)
+            # Column j's loss will be err_j^2 / (H^-1 conditioned on the columns before j)_jj,
+            # the squared diagonal of the Cholesky factor of the group's block of H^-1 now.
+            d = torch.diagonal(torch.linalg.cholesky(Hinv[i:i + gs, i:i + gs], upper=True))
+            s, z = group_params(W[None, :, i:i + gs], bits_t, sym, grid=grid, colw=1 / d[None, None].square())
             s, z = s[0, :, 0], z[0, :, 0]
         q = quantize_codes(W[:, i], s, z, maxq[0, 0])
         out[:, i] = dequantize(q, s, z)
