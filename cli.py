@@ -47,7 +47,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                    help="bits of dense MLPs in blocks without experts (DeepSeek's first layers; 16: unquantized)")
     g = ap.add_argument_group("GPTQ")
     g.add_argument("--groupsize", type=int, default=128, help="weights per quantization group (-1: one per row)")
-    g.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric, min-max)")
+    g.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    g.add_argument("--quant_grid", default="search", choices=["search", "minmax"],
+                   help="each group's scale and zero: searched (weighted by GPTQ's column costs) or plain min-max")
     g.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
                    help="quantize columns by decreasing Hessian diagonal (static groups)")
     g.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal")
@@ -111,7 +113,7 @@ def quant_config(a) -> QuantConfig:
                        attn_bits=attn_bits(a.attn_bit_level), groupsize=a.groupsize,
                        shared_bits=attn_bits(a.shared_expert_bit_level, "--shared_expert_bit_level"),
                        dense_bits=attn_bits(a.dense_bit_level, "--dense_bit_level"),
-                       sym=a.sym, act_order=a.act_order, percdamp=a.percdamp, seed=a.seed,
+                       sym=a.sym, grid=a.quant_grid, act_order=a.act_order, percdamp=a.percdamp, seed=a.seed,
                        min_expert_tokens=a.min_expert_tokens, batch_size=a.batch_size, expert_batch=a.expert_batch,
                        round_avg_bits=a.round_avg_bits)
 

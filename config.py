@@ -71,6 +71,7 @@ class QuantConfig:
     dense_bits: int | None = 4           # dense MLPs of blocks without experts (e.g. DeepSeek's first layers)
     groupsize: int = 128                 # -1: one group per row
     sym: bool = False
+    grid: str = "search"                 # each group's scale and zero: "search" (quant/quantizer.py) | "minmax"
     act_order: bool = False
     percdamp: float = 0.01
     seed: int = 0                        # random expert orders
@@ -81,6 +82,7 @@ class QuantConfig:
 
     def __post_init__(self):
         _check(self.method in METHODS, f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        _check(self.grid in ("search", "minmax"), f"--quant_grid {self.grid!r}: choose search or minmax")
         _check(self.mixed_type in ("mixed", "uniform"),
                f"--mixed_type {self.mixed_type!r}: choose mixed or uniform")
         _check(self.order_type in ORDER_TYPES,

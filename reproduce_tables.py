@@ -91,7 +91,7 @@ def quant_config(row: dict, a) -> QuantConfig:
     return QuantConfig(method=row["method"], mixed_type="uniform" if row["order"] == "uniform" else "mixed",
                        order_type=order, zeta=row.get("zeta", 3.0), avg_bits=row["avg_bits"], high_bits=high,
                        mid_bits=mid, low_bits=low, attn_bits=attn_bits(a.attn_bits),
-                       groupsize=a.groupsize, seed=row.get("seed", 0), batch_size=a.batch_size,
+                       groupsize=a.groupsize, grid=a.quant_grid, seed=row.get("seed", 0), batch_size=a.batch_size,
                        min_expert_tokens=a.min_expert_tokens)
 
 
@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval_windows", type=int, default=0, help="evaluate only the first N test windows (0: all)")
     ap.add_argument("--attn_bits", type=int, default=4, help="attention linears (16: keep fp)")
     ap.add_argument("--groupsize", type=int, default=128)
+    ap.add_argument("--quant_grid", default="search", choices=["search", "minmax"],
+                    help="each group's scale and zero: searched or plain min-max (every row)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--min_expert_tokens", type=int, default=16)
     ap.add_argument("--tasks", nargs="*", default=None, help="lm-eval tasks (accuracy columns)")
@@ -272,7 +274,7 @@ def _main(a, argv) -> int:
                            "calibration": {"source": md.calib_source, "nsamples": a.nsamples, "seqlen": md.seqlen,
                                            "seed": a.calib_seed},
                            "eval_windows": {k: int(v.shape[0]) for k, v in md.evals.items()},
-                           "attn_bits": a.attn_bits, "groupsize": a.groupsize})
+                           "attn_bits": a.attn_bits, "groupsize": a.groupsize, "quant_grid": a.quant_grid})
             append_run(runs_path, result)
             ppl = " ".join(f"{k} {v:.3f}" for k, v in result["ppl"].items())
             print(f"[{i + 1}/{len(todo)}] {row['id']:<40} {os.path.basename(os.path.dirname(model_path.rstrip('/')))}"

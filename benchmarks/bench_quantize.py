@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Quantization speed and memory on Mixtral-8x7B-shaped layers (random weights, real dims).
+"""Quantization speed and memory on layers of real MoE shapes (random weights, real dims).
 
-    python benchmarks/bench_quantize.py --layers 1 --nsamples 128 --seqlen 2048
+    python benchmarks/bench_quantize.py --layers 4 [--shape mixtral8x7b|qwen3-30b-a3b|deepseek-v3]
 
-1. writes a sharded safetensors checkpoint of ``--layers`` Mixtral-shaped blocks (one
-   shard per block) with random weights, in a child process;
+1. writes a sharded safetensors checkpoint of ``--layers`` blocks of the shape (one shard
+   per block, the model's own tensor names) with random bf16 weights, in a child process;
 2. runs the real pipeline on it in a second child process (streamed block by block,
-   random calibration tokens, experts at 3/3/2/2/2/2/1/1 bits = avg 2.0 with levels
-   3/2/1, attention 4 bits, group size 128), packs and saves;
+   random calibration tokens, experts at an average of 2.0 bits with levels 3/2/1, the
+   paper's combined order, attention, shared experts and dense MLPs at 4 bits, group size
+   128), packs and saves;
 3. prints per-phase seconds, peak GPU memory, peak host RSS of the quantizing process,
-   mean GPTQ relative output error per module kind, the projection to 32 layers, and
-   for block 0 the loss of a one-expert-at-a-time GPTQ of two experts for comparison.
+   mean GPTQ relative output error per module kind, the projection to the full model's
+   layer count, and for block 0 the loss of a one-expert-at-a-time GPTQ of two experts for
+   comparison.
 """
 from __future__ import annotations
 
@@ -24,37 +26,71 @@ import time
 from contextlib import contextmanager
 
 
+FULL_LAYERS = {"mixtral8x7b": 32, "qwen3-30b-a3b": 48, "deepseek-v3": 61}
+SHAPES = {  # real dimensions of the models named; --layers of them
+    "mixtral8x7b": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                                    vocab_size=32000, sliding_window=None)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
+                                        num_key_value_heads=4, head_dim=128, vocab_size=151936)),
+    "deepseek-v3": ("deepseek_v3", dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+                                        topk_group=4, first_k_dense_replace=0, num_attention_heads=128,
+                                        num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                                        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                                        vocab_size=129280)),
+}
+
+
+OVERRIDES = {"hidden": ["hidden_size"], "heads": ["num_attention_heads"], "kv_heads": ["num_key_value_heads"],
+             "vocab": ["vocab_size"], "intermediate": ["moe_intermediate_size", "intermediate_size"],
+             "experts": ["num_local_experts", "num_experts", "n_routed_experts"]}
+
+
+def model_config(a):
+    from transformers import AutoConfig
+    model_type, dims = SHAPES[a.shape]
+    dims = dict(dims)
+    for flag, keys in OVERRIDES.items():
+        if getattr(a, flag, None) is not None:
+            key = next(k for k in keys if k in dims)
+            dims[key] = getattr(a, flag)
+    return AutoConfig.for_model(model_type, num_hidden_layers=a.layers, max_position_embeddings=max(4096, a.seqlen),
+                                dtype="bfloat16", **dims)
+
+
 def make_checkpoint(a, path):
+    """Random bf16 weights in the model's own tensor names, one shard per block."""
     import torch
+    from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import MixtralConfig
-    cfg = MixtralConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                        num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                        num_local_experts=a.experts, num_experts_per_tok=2, max_position_embeddings=max(4096, a.seqlen),
-                        sliding_window=None, dtype="bfloat16")
+    from transformers import AutoModelForCausalLM
+    cfg = model_config(a)
     cfg.save_pretrained(path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    shapes = {n: tuple(p.shape) for n, p in skeleton.state_dict().items()}
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are much faster on the GPU
     g = torch.Generator(device=dev).manual_seed(0)
-    H, I, E, hd = a.hidden, a.intermediate, a.experts, a.hidden // a.heads
-    rnd = lambda *shape, std=0.02: (torch.randn(*shape, generator=g, device=dev) * std).to(torch.bfloat16).cpu()
+
+    def rnd(name, shape):
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        if name.endswith("e_score_correction_bias"):
+            return torch.zeros(shape, dtype=torch.bfloat16)
+        t = torch.randn(*shape, generator=g, device=dev) * (1.0 if "embed_tokens" in name else 0.02)
+        if name.endswith(("mlp.gate.weight", "router.weight")):   # distinct router norms, as trained ones have
+            t *= torch.linspace(0.5, 2, shape[0], device=dev)[:, None]
+        return t.to(torch.bfloat16).cpu()
+
     weight_map, n = {}, a.layers + 1
-    for i in range(a.layers):
-        p = f"model.layers.{i}."
-        t = {p + "self_attn.q_proj.weight": rnd(a.heads * hd, H), p + "self_attn.k_proj.weight": rnd(a.kv_heads * hd, H),
-             p + "self_attn.v_proj.weight": rnd(a.kv_heads * hd, H), p + "self_attn.o_proj.weight": rnd(H, a.heads * hd),
-             p + "mlp.gate.weight": rnd(E, H) * torch.linspace(0.5, 2, E).to(torch.bfloat16)[:, None],
-             p + "mlp.experts.gate_up_proj": rnd(E, 2 * I, H), p + "mlp.experts.down_proj": rnd(E, H, I),
-             p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
-             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16)}
+    groups = [[k for k in shapes if k.startswith(f"model.layers.{i}.")] for i in range(a.layers)]
+    groups.append([k for k in shapes if not k.startswith("model.layers.")])
+    for i, names in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(t, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in t})
-        del t
-    t = {"model.embed_tokens.weight": rnd(a.vocab, H, std=1.0), "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
-         "lm_head.weight": rnd(a.vocab, H)}
-    fname = f"model-{n:05d}-of-{n:05d}.safetensors"
-    save_file(t, os.path.join(path, fname), metadata={"format": "pt"})
-    weight_map.update({k: fname for k in t})
+        save_file({k: rnd(k, shapes[k]) for k in names}, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in names})
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
@@ -86,7 +122,7 @@ def run(a, path):
 
     device = torch.device(a.device)
     t0 = time.time()
-    model = load_skeleton(path, torch.bfloat16, "sdpa")
+    model = load_skeleton(path, torch.bfloat16)
     family = family_for(model)
     block_rss = []   # per block: peak host RSS while it was quantized, pending packed shard bytes
 
@@ -102,7 +138,8 @@ def run(a, path):
     loader = TracingLoader(family, device, TensorSource(path), torch.bfloat16, keep=False)
     loader.materialize_rest(model)
     setup = time.time() - t0
-    windows = torch.randint(0, a.vocab, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, model.config.vocab_size, (a.nsamples, a.seqlen),
+                            generator=torch.Generator().manual_seed(0))
     reference = {}
 
     def check(name, W, H, bits, res, first):  # block 0 only: a plain one-expert GPTQ call for two experts
@@ -112,7 +149,7 @@ def run(a, path):
                 reference[f"{name}[{e}]"] = (float(res["loss"][e]), float(one.loss[0]))
 
     cfg = QuantConfig(order_type="combined", avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, attn_bits=4,
-                      groupsize=128, batch_size=a.batch_size)
+                      groupsize=128, batch_size=a.batch_size, expert_batch=a.expert_batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     act = torch.device("cpu") if a.offload_activations else device
@@ -139,7 +176,8 @@ def run(a, path):
         "packed_vs_theory": sizes["disk_bytes"] / sizes["theoretical_bytes"],
         "avg_expert_bits": report.avg_expert_bits(),
     }
-    result["projected_32_layers_min"] = (result["per_layer_s"] * 32 + report.timings.get("capture", 0)) / 60
+    result["full_layers"] = FULL_LAYERS[a.shape]
+    result["projected_full_min"] = (result["per_layer_s"] * FULL_LAYERS[a.shape] + report.timings.get("capture", 0)) / 60
     print("RESULT " + json.dumps(result))
 
 
@@ -149,12 +187,10 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv_heads", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="mixtral8x7b", help="whose real dimensions")
+    ap.add_argument("--expert_batch", type=int, default=0, help="experts quantized at once (0: as memory allows)")
+    for k in ("hidden", "intermediate", "heads", "kv_heads", "experts", "vocab"):
+        ap.add_argument(f"--{k}", type=int, default=None, help=f"override the shape's {k} (small CPU runs)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--offload_activations", action="store_true")
     ap.add_argument("--reference_experts", type=int, default=2)
@@ -170,7 +206,7 @@ def main():
         return run(a, a._path)
     work = a.workdir or tempfile.mkdtemp()
     a.workdir = work
-    path = os.path.join(work, f"mixtral_shaped_{a.layers}l")
+    path = os.path.join(work, f"{a.shape}_{a.layers}l")
     os.makedirs(path, exist_ok=True)
     args = [a for a in sys.argv[1:]]
     if "--workdir" not in args:
@@ -178,16 +214,19 @@ def main():
     t0 = time.time()
     subprocess.run([sys.executable, __file__, *args, "--_stage", "make", "--_path", path], check=True)
     print(f"checkpoint written in {time.time() - t0:.1f}s: {path}")
-    r = subprocess.run([sys.executable, __file__, *args, "--_stage", "run", "--_path", path], check=True,
+    r = subprocess.run([sys.executable, __file__, *args, "--_stage", "run", "--_path", path],
                        capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"the quantizing process failed:\n{r.stderr[-4000:]}")
     line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
     res = json.loads(line[7:])
     print(f"command: python benchmarks/bench_quantize.py {' '.join(sys.argv[1:])}")
-    print(f"device: {res['device']}; {res['layers']} layer(s), {res['nsamples']} x {res['seqlen']} calibration tokens")
+    print(f"device: {res['device']}; {a.shape}: {res['layers']} layer(s), {res['nsamples']} x {res['seqlen']} "
+          f"calibration tokens")
     for k, v in res["phases_s"].items():
         print(f"  {k:<18} {v:8.2f} s" + ("   (reference check, excluded)" if k == "callback" else ""))
     print(f"  per layer          {res['per_layer_s']:8.2f} s   (total quantize {res['quantize_s']:.1f} s, "
-          f"projection to 32 layers {res['projected_32_layers_min']:.1f} min)")
+          f"projection to the full {res['full_layers']} layers {res['projected_full_min']:.1f} min)")
     print(f"peak GPU memory {res['peak_gpu_gib']} GiB; peak host RSS {res['peak_rss_gib']:.2f} GiB")
     for b in res["per_block_rss"]:
         print(f"  {b['block']:<18} peak host RSS {b['peak_rss_gib']:.3f} GiB "

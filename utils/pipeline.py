@@ -114,7 +114,8 @@ def _check_scales(scale: torch.Tensor, weight: torch.Tensor, name: str, bits: li
 
 def _gptq_experts(weight, hessian, bits, cfg: QuantConfig) -> dict:
     """GPTQ of a stack of experts (n, R, C) in one batched call, each at its own bits."""
-    res = QUANTIZERS[cfg.method](weight, hessian, bits, cfg.groupsize, cfg.sym, cfg.percdamp, cfg.act_order)
+    res = QUANTIZERS[cfg.method](weight, hessian, bits, cfg.groupsize, cfg.sym, cfg.percdamp, cfg.act_order,
+                                 grid=cfg.grid)
     return {attr: getattr(res, attr) for attr in ("codes", "scale", "zero", "weight", "loss")}
 
 
@@ -133,7 +134,7 @@ def _quantize_linears(run: _Run, block_name, block, hessians, linears: dict, bit
         t0 = time.time()
         with phase(run.report, f"gptq_{phase_name}", run.device):
             res = QUANTIZERS[cfg.method](stacked, H[None], [bits], cfg.groupsize, cfg.sym, cfg.percdamp,
-                                         cfg.act_order)
+                                         cfg.act_order, grid=cfg.grid)
         _check_scales(res.scale, stacked, group_name, [bits])
         seconds = time.time() - t0
         row = 0
