@@ -149,7 +149,7 @@ def run(a, path):
                 reference[f"{name}[{e}]"] = (float(res["loss"][e]), float(one.loss[0]))
 
     cfg = QuantConfig(order_type="combined", avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, attn_bits=4,
-                      groupsize=128, batch_size=a.batch_size, expert_batch=a.expert_batch)
+                      groupsize=128, batch_size=a.batch_size, expert_batch=a.expert_batch, grid=a.quant_grid)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     act = torch.device("cpu") if a.offload_activations else device
@@ -189,6 +189,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="mixtral8x7b", help="whose real dimensions")
     ap.add_argument("--expert_batch", type=int, default=0, help="experts quantized at once (0: as memory allows)")
+    ap.add_argument("--quant_grid", default="search", choices=["search", "minmax"], help="the groups' grid")
     for k in ("hidden", "intermediate", "heads", "kv_heads", "experts", "vocab"):
         ap.add_argument(f"--{k}", type=int, default=None, help=f"override the shape's {k} (small CPU runs)")
     ap.add_argument("--device", default="cuda")
@@ -212,8 +213,11 @@ def main():
     if "--workdir" not in args:
         args += ["--workdir", work]
     t0 = time.time()
-    subprocess.run([sys.executable, __file__, *args, "--_stage", "make", "--_path", path], check=True)
-    print(f"checkpoint written in {time.time() - t0:.1f}s: {path}")
+    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):   # same shape and layers: reused
+        print(f"checkpoint reused: {path}")
+    else:
+        subprocess.run([sys.executable, __file__, *args, "--_stage", "make", "--_path", path], check=True)
+        print(f"checkpoint written in {time.time() - t0:.1f}s: {path}")
     r = subprocess.run([sys.executable, __file__, *args, "--_stage", "run", "--_path", path],
                        capture_output=True, text=True)
     if r.returncode:
@@ -222,7 +226,7 @@ def main():
     res = json.loads(line[7:])
     print(f"command: python benchmarks/bench_quantize.py {' '.join(sys.argv[1:])}")
     print(f"device: {res['device']}; {a.shape}: {res['layers']} layer(s), {res['nsamples']} x {res['seqlen']} "
-          f"calibration tokens")
+          f"calibration tokens; grid {a.quant_grid}")
     for k, v in res["phases_s"].items():
         print(f"  {k:<18} {v:8.2f} s" + ("   (reference check, excluded)" if k == "callback" else ""))
     print(f"  per layer          {res['per_layer_s']:8.2f} s   (total quantize {res['quantize_s']:.1f} s, "

@@ -110,7 +110,7 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 
 def encode_zero(zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """(R, G) zero points -> their stored bytes as int8 (R, nbytes)."""
+    """(..., R, G) zero points -> their stored bytes as int8 (..., R, nbytes)."""
     if bits == 1:
         return zero.to(torch.float16).contiguous().view(torch.int8)
     return pack_codes(zero.round().to(torch.int64), bits).view(torch.int8)
@@ -177,9 +177,13 @@ class PackedWriter:
         the tensors are written once every expert of ``path`` has come."""
         total = len(bits) if total is None else total
         parts = self._parts.setdefault(path, {})
-        for i, b in enumerate(bits):   # packed on arrival: only the compact bytes wait
-            parts[first + i] = (pack_codes(codes[i], b).reshape(-1).cpu(), scale[i].to(torch.float16).cpu(),
-                                encode_zero(zero[i], b).reshape(-1).cpu(), b)
+        for b in sorted(set(bits)):   # packed on arrival, the experts of one width together: only bytes wait
+            idx = [i for i, x in enumerate(bits) if x == b]
+            packed = pack_codes(codes[idx], b).cpu()
+            scales = scale[idx].to(torch.float16).cpu()
+            zeros = encode_zero(zero[idx], b).cpu()
+            for j, i in enumerate(idx):
+                parts[first + i] = (packed[j].reshape(-1), scales[j], zeros[j].reshape(-1), b)
         if len(parts) < total:
             return
         del self._parts[path]
@@ -241,6 +245,7 @@ class ShardWriter(PackedWriter):
         self.files: list[str] = []
         self.weight_map: dict[str, str] = {}
         self.total = 0
+        self._hashes = {}   # shard -> future sha256, hashed in a thread while quantizing goes on
 
     def _put(self, name, t):
         if name in self.weight_map or name in self.pending:
@@ -256,6 +261,7 @@ class ShardWriter(PackedWriter):
         from safetensors.torch import save_file
         fname = f".shard-{len(self.files):05d}.safetensors"
         save_file(self.pending, os.path.join(self.out_dir, fname), metadata={"format": "pt"})
+        self._hashes[fname] = _hasher().submit(file_sha256, os.path.join(self.out_dir, fname))
         self.weight_map.update({k: fname for k in self.pending})
         self.files.append(fname)
         self.pending, self.pending_bytes = {}, 0
@@ -267,6 +273,7 @@ class ShardWriter(PackedWriter):
             self._flush()
         n = len(self.files)
         final = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        hashes = {old: future.result() for old, future in self._hashes.items()}   # before the files move
         for old, new in zip(self.files, final):
             os.rename(os.path.join(self.out_dir, old), os.path.join(self.out_dir, new))
         rename = dict(zip(self.files, final))
@@ -275,10 +282,22 @@ class ShardWriter(PackedWriter):
                         "weight_map": {k: rename[v] for k, v in self.weight_map.items()}},
                        os.path.join(self.out_dir, INDEX))
         qc = self.quantization_config()
-        qc["checksums"] = {f: file_sha256(os.path.join(self.out_dir, f)) for f in final}
+        qc["checksums"] = {new: hashes[old] for old, new in rename.items()}
         write_json({**model_config, "quantization_config": qc}, os.path.join(self.out_dir, "config.json"))
         disk = sum(os.path.getsize(os.path.join(self.out_dir, f)) for f in final)
         return {**self.sizes(), "disk_bytes": disk, "files": final}
+
+
+def _hasher():
+    """One background thread for checksums (hashlib releases the GIL on large reads)."""
+    from concurrent.futures import ThreadPoolExecutor
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeq-sha256")
+    return _HASHER
+
+
+_HASHER = None
 
 
 def file_sha256(path: str) -> str:

@@ -123,6 +123,24 @@ def materialize(module: nn.Module, prefix: str, source: TensorSource, family, de
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):  # checked on the device: fast
             raise BadWeights(f"weight {full} contains NaN or inf: the checkpoint is corrupt; re-download or "
                              f"re-export it")
+    if only is None:
+        load_buffers(module, prefix, source, family, device)
+
+
+def load_buffers(module: nn.Module, prefix: str, source: TensorSource, family, device) -> None:
+    """Buffers saved with the weights (e.g. DeepSeek-V3's score-correction bias) are read from
+    the checkpoint in their own dtype; the others (rotary frequencies) only move to ``device``."""
+    from accelerate.utils import set_module_tensor_to_device
+    saved = set(module.state_dict())
+    for name, buf in list(module.named_buffers()):
+        full = f"{prefix}.{name}" if prefix else name
+        value = buf
+        if name in saved:
+            try:
+                value = family.read_tensor(source, full).to(buf.dtype)
+            except KeyError:   # not in this checkpoint: the model's initial value, as from_pretrained does
+                pass
+        set_module_tensor_to_device(module, name, device, value=value)
 
 
 def release(module: nn.Module) -> None:
@@ -233,10 +251,13 @@ def check_source(model, family, source: TensorSource, flag: str = "--model") -> 
     shape the config implies, and the files hold no layers the config does not have."""
     import re
     used = set()
-    for name, p in model.named_parameters():
+    buffers = {n for n, _ in model.named_buffers()}
+    for name, p in model.state_dict(keep_vars=True).items():
         try:
             where = family.locate(source, name)
         except KeyError:
+            if name in buffers:   # a buffer the checkpoint lacks keeps its initial value, as in from_pretrained
+                continue
             raise ConfigError(f"{flag} {source.path}: tensor {name} is in no weight file: config.json does not "
                               f"match the weights (a missing shard, or more layers in the config than were "
                               f"saved)") from None
