@@ -163,7 +163,8 @@ def run(a, path):
     kinds = {}
     for row in report.modules:
         kind = row["name"].split(".")[-1].split("[")[0]
-        kinds.setdefault(kind, []).append(row["rel_err"])
+        if row["rel_err"] is not None:   # None: an expert routed no calibration token
+            kinds.setdefault(kind, []).append(row["rel_err"])
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "layers": a.layers, "nsamples": a.nsamples, "seqlen": a.seqlen, "offload_activations": a.offload_activations,
@@ -174,7 +175,7 @@ def run(a, path):
         "mean_rel_err": {k: sum(v) / len(v) for k, v in kinds.items()},
         "reference_check": reference, "packed_gib": sizes["disk_bytes"] / 2**30,
         "packed_vs_theory": sizes["disk_bytes"] / sizes["theoretical_bytes"],
-        "avg_expert_bits": report.avg_expert_bits(),
+        "avg_expert_bits": report.avg_expert_bits(), "starved_experts": len(report.starved),
     }
     result["full_layers"] = FULL_LAYERS[a.shape]
     result["projected_full_min"] = (result["per_layer_s"] * FULL_LAYERS[a.shape] + report.timings.get("capture", 0)) / 60
