@@ -187,10 +187,12 @@ class _ExpertStats:
     routing weights (all experts), and Hessians of every expert matrix from exactly the
     tokens routed to it, for the experts of ``chunk`` (those in ``fallback``: all tokens)."""
 
-    def __init__(self, family, moe, device, chunk: range | None = None, fallback: set[int] = frozenset()):
+    def __init__(self, family, moe, device, chunk: range | None = None, fallback: set[int] = frozenset(),
+                 keep: torch.device | None = None):
         self.family, self.moe, self.fallback = family, moe, fallback
         E = moe.num_experts
         self.chunk = range(E) if chunk is None else chunk
+        self.keep, self.batches = keep, []   # keep: where the routed batches are kept for later chunks
         self.accs = {m.name: HessianAccumulator(m.get().shape[2], device, len(self.chunk)) for m in moe.matrices}
         self.tokens = torch.zeros(E, dtype=torch.long)
         self.weight_sum = torch.zeros(E, dtype=torch.float64)
@@ -199,29 +201,42 @@ class _ExpertStats:
     def add(self, x: torch.Tensor, top: torch.Tensor, weights: torch.Tensor) -> None:
         """x (T, hidden) real tokens; top (T, k) their experts; weights (T, k) or (T, E)."""
         E = self.moe.num_experts
+        if self.keep is not None:
+            self.batches.append((x.to(self.keep), top.to(self.keep), weights.to(self.keep)))
         self.n_tokens += x.shape[0]
         if weights.shape[-1] == E and top.shape[-1] != E:   # full router probabilities
             self.weight_sum += weights.float().sum(0).double().cpu()
         else:                                               # the routing weights of the chosen experts
             self.weight_sum.index_add_(0, top.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
-        self.tokens += torch.bincount(top.reshape(-1).cpu(), minlength=E)[:E]
+        counts = torch.bincount(top.reshape(-1), minlength=E)[:E]
+        self.tokens += counts.cpu()
+        # the tokens of each expert, contiguous: one sort of the (token, slot) pairs by expert
+        order = torch.argsort(top.reshape(-1), stable=True) // top.shape[-1]
+        ends = torch.cumsum(counts, 0).tolist()
         for i, e in enumerate(self.chunk):
-            xe = x if e in self.fallback else x[(top == e).any(dim=-1)]
+            xe = x if e in self.fallback else x[order[ends[e] - int(counts[e]):ends[e]]]
             if xe.shape[0]:
                 for name, inp in self.family.expert_inputs(self.moe, e, xe).items():
                     self.accs[name].add(inp, i)
+
+    def replay(self, chunk: range, fallback: set[int]) -> "_ExpertStats":
+        """The same routed batches, Hessians for another chunk of experts (no block run)."""
+        stats = _ExpertStats(self.family, self.moe, next(iter(self.accs.values())).sum.device, chunk, fallback)
+        for x, top, w in self.batches:
+            stats.add(x.to(stats.accs[self.moe.matrices[0].name].sum.device), top.to(x.device), w.to(x.device))
+        return stats
 
     def routing_weight(self) -> list[float]:
         return (self.weight_sum / max(self.n_tokens, 1)).tolist()
 
 
 def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, chunk=None, fallback=frozenset(),
-                       hessians=None):
+                       hessians=None, keep=None):
     """A pass of the block to its MoE recording, per batch, which real tokens go to which
     expert: at the experts module's input, as the model's own router sent them (experts-
     interface families; the experts' own computation is skipped), or by the family's routing
     at the MoE block's input (Switch). ``hessians``: the MLP's other linears (shared experts)."""
-    stats = _ExpertStats(run.family, moe, run.device, chunk, fallback)
+    stats = _ExpertStats(run.family, moe, run.device, chunk, fallback, keep)
     current = {}
 
     def real(x):
@@ -293,8 +308,13 @@ def _quantize_feed_forward(run: _Run, block_name, block, inputs, kwargs, masks) 
         return done
     try:
         with phase(report, "hessian_experts", run.device):
-            stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks,
-                                       range(expert_chunk_size(moe, cfg, run.device)), hessians=hessians)
+            size = expert_chunk_size(moe, cfg, run.device)
+            if size < moe.num_experts:
+                run.say(f"  {moe.name}: {moe.num_experts} experts quantized in chunks of {size}")
+            # more than one chunk: the routed batches are kept (where the activations live) and
+            # replayed for the later chunks, instead of running the block again for each
+            stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, range(size), hessians=hessians,
+                                       keep=run.act_device if size < moe.num_experts else None)
     finally:
         if hessians is not None:
             hessians.remove()
@@ -330,11 +350,12 @@ def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _Expe
     report.layers.append({"name": moe.name, "expert_order": order, "bits": bits, "scores": scores,
                           "router_score": "norm_change" if ref is not None else "norm"})
     results = {mat.name: [] for mat in moe.matrices}
-    size = len(stats.chunk)
+    size, first = len(stats.chunk), stats
     for chunk in [range(s, min(s + size, E)) for s in range(0, E, size)]:
         if chunk.start > 0 or starved & set(chunk):   # the first pass holds chunk 0's routed-token Hessians
             with phase(report, "hessian_experts", run.device):
-                stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, chunk, starved & set(chunk))
+                stats = first.replay(chunk, starved & set(chunk)) if first.batches else \
+                    _collect_moe_stats(run, moe, block, inputs, kwargs, masks, chunk, starved & set(chunk))
         _gptq_chunk(run, moe, chunk, bits, stats, results)
     done = []
     for mat in moe.matrices:
