@@ -42,7 +42,8 @@ class QuantizeResult:
         """bit_allocation.json: the achieved average, and per MoE layer the expert order
         (most sensitive first), bits by expert id and the scores the order came from."""
         q = self.config.quant
-        return {"avg_bits": self.avg_bits, "target_avg_bits": q.avg_bits if q.level_counts is None else None,
+        return {"avg_bits": self.avg_bits, "stored_bits_per_expert_weight": self.report.avg_expert_stored_bits(),
+                "target_avg_bits": q.avg_bits if q.level_counts is None else None,
                 "level_counts": q.to_dict()["level_counts"], "model": self.config.model,
                 "router_reference": self.config.router_reference, "method": q.method, "order_type": q.order_type,
                 "zeta": q.zeta, "mixed_type": q.mixed_type,
@@ -61,6 +62,7 @@ class QuantizeResult:
                 "versions": {"moeq": __version__, "torch": torch.__version__,
                              "transformers": transformers.__version__, "python": sys.version.split()[0]},
                 "device": _device_name(self.config), "avg_expert_bits": self.avg_bits,
+                "stored_bits_per_expert_weight": self.report.avg_expert_stored_bits(),
                 "calibration": self.calibration, "evaluation": self.evaluation, "sizes": self.sizes,
                 "saved_to": self.saved_to, "seconds": self.seconds, "timings": self.report.timings,
                 "layers": [{k: layer[k] for k in ("name", "expert_order", "bits")} for layer in self.report.layers],
@@ -305,7 +307,8 @@ def _summarise(result: QuantizeResult, say) -> None:
     q, report = result.config.quant, result.report
     target = q.avg_bits if q.level_counts is None else f"explicit counts {q.level_counts}"
     say(f"quantized in {result.seconds['quantize']:.1f}s; average expert bits {result.avg_bits:.4f} "
-        f"(target {target})")
+        f"(target {target}); {report.avg_expert_stored_bits():.4f} bits per expert weight as stored, "
+        f"with scales and zero points")
     for layer in report.layers:
         say(f"  {layer['name']}: bits by expert {' '.join(map(str, layer['bits']))}; "
             f"order {' '.join(map(str, layer['expert_order']))}")

@@ -77,6 +77,13 @@ def zero_bytes(rows: int, groups: int, bits: int) -> int:
     return rows * groups * 2 if bits == 1 else rows * packed_width(groups, bits)
 
 
+def stored_bits(rows: int, cols: int, bits: int, groupsize: int) -> int:
+    """Bits one quantized (rows x cols) matrix takes in this format: packed codes, fp16
+    scales and zero points (row padding included), i.e. what "bits per weight" costs."""
+    groups = num_groups(cols, groupsize)
+    return 8 * (rows * packed_width(cols, bits) + rows * groups * 2 + zero_bytes(rows, groups, bits))
+
+
 @dataclass(frozen=True)
 class ExpertsLayout:
     """Where each expert's codes and zeros lie in the flat ``P`` / ``P_zero`` tensors."""

@@ -121,6 +121,13 @@ def test_family_quantizes_packs_and_loads(model_type, trained, small_text_dir, t
     assert any("norm" in k for k in common)
     for k in common:
         assert torch.equal(source[k].to(written[k].dtype), written[k]), k
+    # the reported bits per expert weight as stored are the expert tensors' bytes on disk
+    experts = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["modules"]
+    experts = {k: v for k, v in experts.items() if isinstance(v["bits"], list)}
+    stored = sum(written[k + suffix].nbytes * 8 for k in experts for suffix in ("", "_scale", "_zero")) \
+        / sum(len(v["bits"]) * v["shape"][0] * v["shape"][1] for v in experts.values())
+    assert abs(alloc["stored_bits_per_expert_weight"] - stored) < 1e-9, (alloc["stored_bits_per_expert_weight"], stored)
+    assert alloc["stored_bits_per_expert_weight"] > 2.0
     packed = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32)
     assert type(packed.model.layers[-1].mlp.experts if hasattr(packed.model.layers[-1], "mlp")
                 else packed.model.layers[-1].block_sparse_moe.experts).__name__ == "QuantExperts"

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import QuantConfig
-from ..quant import allocation
+from ..quant import allocation, format
 from ..quant.gptq import QUANTIZERS, output_error
 from .loading import BadWeights, BlockLoader
 from .sequential import HessianAccumulator, SharedInputHessians, batch_masks, capture_block_inputs, run_block
@@ -42,6 +42,12 @@ class QuantReport:
     def avg_expert_bits(self) -> float:
         bits = [b for layer in self.layers for b in layer["bits"]]
         return sum(bits) / len(bits) if bits else float("nan")
+
+    def avg_expert_stored_bits(self) -> float:
+        """Bits per expert weight as stored: codes plus scales and zero points."""
+        pairs = [(s * layer["weights_per_expert"], layer["weights_per_expert"])
+                 for layer in self.layers for s in layer.get("stored_bits", [])]
+        return sum(p[0] for p in pairs) / sum(p[1] for p in pairs) if pairs else float("nan")
 
 
 @dataclass
@@ -363,6 +369,10 @@ def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _Expe
         seconds, losses = sum(r[0] for r in results[mat.name]), torch.cat([r[1] for r in results[mat.name]])
         done += [name] if mat.linears is None else [f"{lin}.weight" for lin in mat.linears]
         _log(run, name, bits, tokens, losses, seconds)
+    shapes = [results[mat.name][0][2] for mat in moe.matrices]
+    weights = sum(r * c for r, c in shapes)
+    report.layers[-1].update(weights_per_expert=weights, stored_bits=[
+        sum(format.stored_bits(r, c, b, cfg.groupsize) for r, c in shapes) / weights for b in bits])
     return done
 
 
@@ -393,7 +403,7 @@ def _gptq_chunk(run: _Run, moe, chunk: range, bits: list[int], stats: _ExpertSta
                     for i, e in enumerate(chunk):
                         run.sink.add_linear(mat.linears[e], res["codes"][i], res["scale"][i], res["zero"][i],
                                             bits[e])
-        results[mat.name].append((time.time() - t0, res["loss"].cpu()))
+        results[mat.name].append((time.time() - t0, res["loss"].cpu(), tuple(W.shape[1:])))
 
 
 @torch.no_grad()
