@@ -80,10 +80,11 @@ def main(argv=None) -> int:
 
     fp = rows[0][3]
     print(f"\nperplexity on held-out Python docs (lower is better), {a.model}:")
-    print(f"  {'run':<47} {'avg bits':>8} {'ppl':>9} {'vs unquantized':>15}")
-    for name, what, bits, ppl, _ in rows:
+    print(f"  {'run':<47} {'avg bits':>8} {'stored':>7} {'ppl':>9} {'vs unquantized':>15}")
+    for name, what, bits, ppl, r in rows:
         rel = "" if bits is None else f"{100 * (ppl / fp - 1):+.1f}%"
-        print(f"  {what:<47} {'16' if bits is None else f'{bits:.2f}':>8} {ppl:9.3f} {rel:>15}")
+        stored = "16" if r is None else f"{r.report.avg_expert_stored_bits():.2f}"   # with scales and zeros
+        print(f"  {what:<47} {'16' if bits is None else f'{bits:.2f}':>8} {stored:>7} {ppl:9.3f} {rel:>15}")
     print("\nbits per expert (layer: experts 0..7), from each run's bit_allocation.json:")
     for name, _, _, _, result in rows[1:3]:
         print(f"  {name}:")
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     summary = {"command": f"python demo.py {' '.join(sys.argv[1:])}", "model": a.model, "data": a.data,
                "calibration": data.info, "seconds": time.time() - t_start,
                "rows": [{"run": name, "what": what, "avg_bits": bits, "ppl": ppl,
+                         "stored_bits_per_expert_weight": None if r is None else r.report.avg_expert_stored_bits(),
                          "checkpoint": None if r is None else r.saved_to} for name, what, bits, ppl, r in rows]}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "summary.json"), "w") as f:
