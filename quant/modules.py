@@ -4,8 +4,12 @@
 - ``QuantExperts``: drop-in for a transformers-5 fused experts module (``gate_up_proj`` /
   ``up_proj`` and ``down_proj``, forward ``(hidden_states, top_k_index, top_k_weights)``),
   every expert at its own bit width. It goes through transformers' experts interface
-  (``use_experts_implementation``), so an experts implementation (a fused kernel) is chosen
-  the way transformers chooses one; ``MOEQ_EXPERTS_FUNCTIONS`` lists ours.
+  (``use_experts_implementation``); every experts implementation name transformers knows
+  maps to ``packed_experts_forward``, which runs ``QuantExperts.backend``:
+  ``"fused"`` the mixed-bit Triton kernels (quant/triton_experts.py), ``"dequantize"``
+  each routed expert dequantized then plain matmuls (the reference), ``"auto"`` (the
+  default) fused on CUDA where the kernel applies, else dequantize. ``set_experts_backend``
+  sets it for a whole model.
 
 No model-family knowledge: module shapes come from the quantization_config, activation
 and gating from the module being replaced.
@@ -19,14 +23,19 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations import moe as _hf_moe
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
-from . import triton_dequant
+from . import triton_dequant, triton_experts
 from .format import ExpertsLayout, decode_zero, num_groups
 from .packing import dequantize_packed, packed_width
 
 # GPU: one fused Triton kernel per dequantization (MOEQ_TRITON=0 for the eager path).
 USE_TRITON = triton_dequant.available() and os.environ.get("MOEQ_TRITON", "1") != "0"
+
+# transformers' SwiGLU on [gate; up] halves, which every decorated experts class without its
+# own gate gets; ours is the same math (and the fused kernel's), so it is not copied over.
+_DEFAULT_GATE = getattr(_hf_moe, "_default_apply_gate", None)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -97,8 +106,10 @@ class QuantExperts(nn.Module):
             if not k.startswith("_") and isinstance(v, (bool, int, float, str)) and k not in ("training",):
                 setattr(self, k, v)
         gate = getattr(type(template), "_apply_gate", None)
-        if gate is not None:  # the family's own gating (e.g. a clamped, interleaved SwiGLU), run on our weights
+        if gate is not None and gate is not _DEFAULT_GATE:  # the family's own gating (e.g. a clamped, interleaved SwiGLU), run on our weights
             self._template_gate = types.MethodType(gate, self)
+        self.backend = "auto"
+        self._kernel_cache: dict = {}
 
     def weight(self, kind: str, e: int, dtype=torch.float32) -> torch.Tensor:
         """Expert e's (rows, cols) matrix of ``kind``, dequantized."""
@@ -124,7 +135,74 @@ class QuantExperts(nn.Module):
         return F.linear(h, self.weight("down_proj", e, x.dtype), self._bias("down_proj", e))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        return dequantize_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return packed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    def packed(self, kind: str) -> triton_experts.PackedMatrices:
+        """``kind``'s matrices as the fused kernel reads them (zeros decoded once, per device)."""
+        codes = getattr(self, kind)
+        key = (kind, codes.device, codes.data_ptr())
+        if key not in self._kernel_cache:
+            layout = self.layouts[kind]
+            zeros = torch.stack([layout.zero(getattr(self, f"{kind}_zero"), e) for e in range(self.num_experts)])
+            bias = getattr(self, f"{kind}_bias", None)
+            self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if k[0] != kind}
+            self._kernel_cache[key] = triton_experts.PackedMatrices(
+                codes=codes.view(torch.uint8),
+                code_offsets=torch.tensor(layout.code_offsets()[:-1], dtype=torch.int64, device=codes.device),
+                bits=torch.tensor(layout.bits, dtype=torch.int32, device=codes.device),
+                scale=getattr(self, f"{kind}_scale"), zero=zeros.to(torch.float16).contiguous(),
+                rows=layout.rows, cols=layout.cols, group_size=layout.cols // layout.groups,
+                bias=None if bias is None else bias.contiguous())
+        return self._kernel_cache[key]
+
+    def fused_applies(self) -> bool:
+        """The kernel takes these shapes (group size a multiple of 16) and Triton is there."""
+        return all(triton_experts.block_k_for(layout.cols // layout.groups) > 0 and layout.cols % layout.groups == 0
+                   for layout in self.layouts.values()) and triton_experts.available()
+
+    def _silu_gate(self) -> bool:
+        """Plain SwiGLU on [gate; up] rows: the kernel can apply it in registers."""
+        return (self.gate_kind == "gate_up_proj" and not hasattr(self, "_template_gate")
+                and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation"))
+
+
+def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
+    """The mixed-bit Triton kernels: two launches for all routed experts, whatever their widths."""
+    gated = self.gate_kind == "gate_up_proj"
+
+    def activation(h):
+        return self._apply_gate(h) if gated else self.act_fn(h)
+    sms = (torch.cuda.get_device_properties(hidden_states.device).multi_processor_count
+           if hidden_states.is_cuda else 132)
+    return triton_experts.fused_experts(hidden_states, top_k_index, top_k_weights, self.packed(self.gate_kind),
+                                        self.packed("down_proj"), gated=gated, fuse_silu=self._silu_gate(),
+                                        activation=activation, sms=sms)
+
+
+def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
+    """Runs ``self.backend`` (module docstring)."""
+    backend = self.backend
+    if backend == "auto":
+        backend = "fused" if hidden_states.is_cuda and self.fused_applies() else "dequantize"
+    if backend == "fused":
+        return fused_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return dequantize_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+EXPERTS_BACKENDS = ("auto", "fused", "dequantize")
+
+
+def set_experts_backend(model: nn.Module, backend: str) -> int:
+    """Every packed experts module of ``model`` runs ``backend``; returns how many there are."""
+    if backend not in EXPERTS_BACKENDS:
+        raise ValueError(f"experts backend {backend!r} is not one of {', '.join(EXPERTS_BACKENDS)}")
+    mods = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    for m in mods:
+        if backend == "fused" and not m.fused_applies():
+            raise ValueError("the fused experts kernel needs Triton and a group size that is a multiple of 16; "
+                             "use backend='dequantize'")
+        m.backend = backend
+    return len(mods)
 
 
 def dequantize_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
@@ -142,8 +220,9 @@ def dequantize_experts_forward(self: QuantExperts, hidden_states, top_k_index, t
 
 class MoeqExpertsInterface(ExpertsInterface):
     """Experts implementations for packed experts. transformers' own (grouped_mm, batched_mm)
-    read dense 3D weights, so their names map to the packed path too."""
-    _global_mapping = {"grouped_mm": dequantize_experts_forward, "batched_mm": dequantize_experts_forward}
+    read dense 3D weights, so their names map to the packed path, which picks its backend
+    from the module (``QuantExperts.backend``), not from the name."""
+    _global_mapping = {"grouped_mm": packed_experts_forward, "batched_mm": packed_experts_forward}
 
 
 MOEQ_EXPERTS_FUNCTIONS = MoeqExpertsInterface()

@@ -1,0 +1,244 @@
+"""Fused mixed-bit MoE experts: grouped GEMMs straight from the packed codes (GPU path).
+
+One launch computes every routed expert's gate/up projection, whatever width each expert
+has (its bits are read per program, not compiled in), and one more launch its down
+projection; the codes are unpacked and dequantized in registers, never written out:
+
+    tokens sorted by expert (a stable sort of the T*k routing slots, no host sync)
+    h  = silu(x W_gate^T) * (x W_up^T)      launch 1, rows of x gathered by slot // k
+    y  = w_route * (h W_down^T)             launch 2, rows written back to their slot
+    out[t] = sum over t's k slots of y      (one reduction)
+
+A program owns (expert, BLOCK_M of its tokens, BLOCK_N output rows) and walks the input
+columns BLOCK_K at a time: BLOCK_K codes of a row are BLOCK_K/8 chunks of 8 codes in
+``bits`` bytes (quant/packing.py), read as ``bits`` strided byte loads, shifted apart, and
+scaled as W = scale * (q - zero) for the row's group, exactly the reference arithmetic (in
+float32, then the activation dtype) before ``tl.dot``. Programs past an expert's token
+count return at once, so the grid is sized from T alone. With few tokens (decode) the down
+projection is split over K (``split_k``) and summed with float32 atomics, to keep every SM
+reading codes.
+
+The reference it is tested against is quant/modules.dequantize_experts_forward (dequantize
+the routed experts, then matmuls); the tests run this file through Triton's interpreter on
+the CPU (TRITON_INTERPRET=1), benchmarks/check_experts_kernel.py on the GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path runs instead
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+    @triton.jit
+    def _dequant_tile(codes_ptr, rows, row_mask, k0, bits, row_bytes, scale_ptr, zero_ptr, G, GS, K,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K) float32 weights of ``rows``, columns k0.. (one quantization group)."""
+        chunks = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        m2 = row_mask[:, None] & (chunks < (K + 7) // 8)[None, :]
+        ptr = codes_ptr + rows[:, None].to(tl.int64) * row_bytes + chunks[None, :] * bits
+        v = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.int64)
+        for t in range(bits):                                       # 8 codes = ``bits`` bytes
+            byte = tl.load(ptr + t, mask=m2, other=0)
+            v = v | (byte.to(tl.int64) << (8 * t))
+        shifts = (tl.arange(0, 8) * bits).to(tl.int64)
+        codes = (v[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)
+        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))               # column = chunk * 8 + k
+        g = k0 // GS
+        s = tl.load(scale_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
+        return s[:, None] * (codes.to(tl.float32) - z[:, None])
+
+    @triton.jit
+    def _experts_gemm_kernel(
+            a_ptr, out_ptr, codes_ptr, code_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
+            order_ptr, counts_ptr, starts_ptr, route_w_ptr,
+            N, K, R, G, GS, TOPK, M_TILES,
+            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+            ROUTE_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        """out = a @ W_e^T for each expert e's sorted rows. N output columns (with SILU: the
+        gate rows 0..N-1 and the up rows N..2N-1 of an expert's R = 2N rows)."""
+        pid_em = tl.program_id(0)
+        e = pid_em // M_TILES
+        m_tile = pid_em % M_TILES
+        count = tl.load(counts_ptr + e)
+        if m_tile * BLOCK_M >= count:
+            return
+        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m < count
+        pos = tl.load(starts_ptr + e) + m                               # sorted slot positions
+        slot = tl.load(order_ptr + pos, mask=m_mask, other=0)           # the original (token, k) slot
+        if GATHER_A:
+            a_rows = slot // TOPK
+        else:
+            a_rows = pos.to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        bits = tl.load(bits_ptr + e)
+        row_bytes = ((K + 7) // 8) * bits
+        codes_e = codes_ptr + tl.load(code_off_ptr + e)
+        scale_e = scale_ptr + e.to(tl.int64) * R * G
+        zero_e = zero_ptr + e.to(tl.int64) * R * G
+        k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        k_lo = tl.program_id(2) * k_steps * BLOCK_K
+        k_hi = tl.minimum(K, k_lo + k_steps * BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + a_rows[:, None] * K + kk[None, :],
+                        mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            w = _dequant_tile(codes_e, n, n_mask, k0, bits, row_bytes, scale_e, zero_e, G, GS, K, BLOCK_N, BLOCK_K)
+            if FP32_DOT:
+                acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+            if SILU:
+                w_up = _dequant_tile(codes_e, n + N, n_mask, k0, bits, row_bytes, scale_e, zero_e, G, GS, K,
+                                     BLOCK_N, BLOCK_K)
+                if FP32_DOT:
+                    acc_up += tl.dot(a, tl.trans(w_up.to(a.dtype)), input_precision="ieee")
+                else:
+                    acc_up += tl.dot(a, tl.trans(w_up.to(a.dtype)))
+        if HAS_BIAS:
+            if tl.program_id(2) == 0:
+                acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                if SILU:
+                    acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if ROUTE_WEIGHT:
+            acc = acc * tl.load(route_w_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        if SCATTER_OUT:
+            out_rows = slot
+        else:
+            out_rows = pos.to(tl.int64)
+        optr = out_ptr + out_rows[:, None] * N + n[None, :]
+        omask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            tl.atomic_add(optr, acc, mask=omask)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of one launch; ``split_k`` > 1 sums partial products with atomics."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class PackedMatrices:
+    """One kind (gate_up_proj, up_proj, down_proj) of a layer's packed experts, as the kernel
+    reads them: flat uint8 codes, per-expert byte offsets and widths (device tensors), fp16
+    scales and decoded zeros (E, R, G), R x C per expert, groups of ``group_size`` columns."""
+    codes: torch.Tensor
+    code_offsets: torch.Tensor
+    bits: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    rows: int
+    cols: int
+    group_size: int
+    bias: torch.Tensor | None = None
+
+
+def block_k_for(group_size: int) -> int:
+    """The largest K tile (16..128, a power of two) inside one group; 0 if there is none."""
+    for bk in (128, 64, 32, 16):
+        if group_size % bk == 0:
+            return bk
+    return 0
+
+
+def supported(m: PackedMatrices) -> bool:
+    return available() and block_k_for(m.group_size) > 0
+
+
+def choose_tiles(slots: int, n_out: int, k: int, group_size: int, active_experts: int, sms: int,
+                 split: bool) -> Tiles:
+    """Few slots (decode): thin M tiles, and K split until the active experts' row tiles
+    fill the GPU twice over; many (prefill): tensor-core sized tiles."""
+    bk = block_k_for(group_size)
+    if slots <= 64 * active_experts:
+        bm, bn, bk = 16, 64, min(bk, 128)
+        split_k = 1
+        if split:
+            programs = max(1, active_experts) * triton.cdiv(n_out, bn) * triton.cdiv(min(slots, 64), bm)
+            split_k = max(1, min(triton.cdiv(k, bk), triton.cdiv(2 * sms, programs)))
+        return Tiles(bm, bn, bk, split_k, num_warps=4, num_stages=3)
+    return Tiles(64, 128, min(bk, 64), 1, num_warps=8, num_stages=3)
+
+
+def _launch(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool, silu: bool,
+            route_w: torch.Tensor | None, tiles: Tiles):
+    order, counts, starts, top_k = routing
+    num_experts = mats.scale.shape[0]
+    # An expert gets at most one slot per token (top-k picks distinct experts): T rows.
+    m_tiles = max(1, triton.cdiv(order.numel() // top_k, tiles.block_m))
+    grid = (num_experts * m_tiles, triton.cdiv(n_out, tiles.block_n), tiles.split_k)
+    dummy = mats.scale
+    _experts_gemm_kernel[grid](
+        a, out, mats.codes, mats.code_offsets, mats.bits, mats.scale, mats.zero,
+        mats.bias if mats.bias is not None else dummy, order, counts, starts,
+        route_w if route_w is not None else dummy,
+        n_out, mats.cols, mats.rows, mats.scale.shape[2], mats.cols // mats.scale.shape[2], top_k, m_tiles,
+        GATHER_A=gather_a, SCATTER_OUT=scatter_out, SILU=silu, HAS_BIAS=mats.bias is not None,
+        ROUTE_WEIGHT=route_w is not None, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, FP32_DOT=a.dtype == torch.float32, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
+
+
+def route(top_k_index: torch.Tensor, num_experts: int):
+    """Slots sorted by expert (stable), tokens per expert and each expert's first sorted
+    position; all on the device, no host sync."""
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    return order, counts, starts, top_k_index.shape[-1]
+
+
+def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  up: PackedMatrices, down: PackedMatrices, *, gated: bool, fuse_silu: bool, activation=None,
+                  sms: int = 132, tiles: tuple[Tiles, Tiles] | None = None) -> torch.Tensor:
+    """The MoE experts output (T, hidden) for routed tokens. ``gated``: ``up`` holds
+    [gate; up] rows (R = 2 I); ``fuse_silu``: silu(gate) * up inside the kernel, otherwise
+    ``activation`` maps launch 1's (slots, R) output to (slots, I) (a family's own gating)."""
+    T, H = hidden.shape
+    k = top_k_index.shape[-1]
+    num_experts = up.scale.shape[0]
+    routing = route(top_k_index, num_experts)
+    slots = T * k
+    active = min(num_experts, slots)
+    inter = up.rows // 2 if gated else up.rows
+    fused = gated and fuse_silu
+    n1 = inter if fused else up.rows
+    t1 = tiles[0] if tiles else choose_tiles(slots, n1, H, up.group_size, active, sms, split=False)
+    h = torch.empty(slots, n1, device=hidden.device, dtype=hidden.dtype)
+    _launch(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused, route_w=None,
+            tiles=t1)
+    if not fused:
+        h = activation(h).contiguous()
+    t2 = tiles[1] if tiles else choose_tiles(slots, H, inter, down.group_size, active, sms, split=True)
+    y = torch.zeros(slots, H, device=hidden.device, dtype=torch.float32)
+    _launch(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,
+            route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
+    return y.view(T, k, H).sum(1).to(hidden.dtype)

@@ -1,0 +1,42 @@
+"""Packed experts with random codes at given widths, for kernel tests and benchmarks.
+
+The codes, scales and zero points are random (not a quantized model: speed and agreement
+between two ways of computing the same packed layer do not depend on where the codes came
+from); the tensors are written by quant/format.py's writer, so they are laid out exactly as
+in a real packed checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.format import MemoryWriter, num_groups
+from ..quant.modules import QuantExperts, experts_class
+
+
+def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[int, int]], bits: list[int],
+                          groupsize: int, device="cpu", seed: int = 0) -> QuantExperts:
+    """A QuantExperts replacing ``template`` (a transformers experts module, on meta is fine)
+    with ``shapes = {kind: (rows, cols)}`` (out x in), expert e at ``bits[e]``."""
+    gen = torch.Generator().manual_seed(seed)
+    sink = MemoryWriter(groupsize, False)
+    E = len(bits)
+    for kind, (rows, cols) in shapes.items():
+        groups = num_groups(cols, groupsize)
+        for e, b in enumerate(bits):
+            codes = torch.randint(0, 2 ** b, (1, rows, cols), generator=gen, dtype=torch.int64)
+            scale = (torch.rand(1, rows, groups, generator=gen) + 0.5) * (0.04 / 2 ** b)
+            if b == 1:
+                zero = torch.rand(1, rows, groups, generator=gen) * 0.6 + 0.2
+            else:
+                zero = torch.randint(0, 2 ** b, (1, rows, groups), generator=gen).float()
+            sink.add_experts(f"x.{kind}", codes, scale, zero, [b], first=e, total=E)
+    specs = {kind: (rows, cols, list(bits)) for kind, (rows, cols) in shapes.items()}
+    has_bias = any(isinstance(getattr(template, f"{k}_bias", None), torch.Tensor) for k in shapes)
+    module = experts_class("gate_up_proj" in shapes, has_bias)(config, specs, groupsize, template)
+    state = {name[2:]: t for name, t in sink.tensors.items()}
+    for kind, (rows, _) in shapes.items():
+        if has_bias:
+            state[f"{kind}_bias"] = torch.randn(E, rows, generator=gen) * 0.1
+    module.load_state_dict(state, assign=True, strict=True)
+    return module.to(device)
