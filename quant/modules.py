@@ -66,12 +66,39 @@ class QuantLinear(nn.Module):
         zero = (out_features, self.groups) if bits == 1 else (out_features, packed_width(self.groups, bits))
         self.weight_zero = _frozen(torch.empty(zero, dtype=torch.float16 if bits == 1 else torch.int8, **kw))
         self.bias = _frozen(torch.empty(out_features, dtype=dtype, **kw)) if bias else None
+        self.backend = "auto"   # as QuantExperts.backend
+        self._kernel_cache: dict = {}
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         zero = decode_zero(self.weight_zero, self.bits, self.groups)
         return dequantize(self.weight.view(torch.uint8), self.weight_scale, zero, self.bits, self.in_features, dtype)
 
+    def fused_applies(self) -> bool:
+        return triton_experts.available() and triton_experts.block_k_for(self.in_features // self.groups) > 0 \
+            and self.in_features % self.groups == 0
+
+    def packed(self) -> triton_experts.PackedMatrices:
+        """This matrix as the fused kernel reads it: one "expert" (zeros decoded once, per device)."""
+        key = (self.weight.device, self.weight.data_ptr())
+        if key not in self._kernel_cache:
+            dev = self.weight.device
+            zero = decode_zero(self.weight_zero, self.bits, self.groups)
+            self._kernel_cache = {key: triton_experts.PackedMatrices(
+                codes=self.weight.view(torch.uint8).reshape(-1), code_offsets=torch.zeros(1, dtype=torch.int64, device=dev),
+                bits=torch.full((1,), self.bits, dtype=torch.int32, device=dev), scale=self.weight_scale[None],
+                zero=zero.to(torch.float16)[None].contiguous(), rows=self.out_features, cols=self.in_features,
+                group_size=self.in_features // self.groups)}
+        return self._kernel_cache[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = self.backend
+        if backend == "auto":
+            backend = "fused" if x.is_cuda and self.fused_applies() else "dequantize"
+        if backend == "fused":
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+            y = triton_experts.fused_linear(x.reshape(-1, self.in_features), self.packed(), sms)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -192,14 +219,16 @@ def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k
 EXPERTS_BACKENDS = ("auto", "fused", "dequantize")
 
 
-def set_experts_backend(model: nn.Module, backend: str) -> int:
-    """Every packed experts module of ``model`` runs ``backend``; returns how many there are."""
+def set_experts_backend(model: nn.Module, backend: str, linears: bool = True) -> int:
+    """Every packed experts module of ``model`` (and, with ``linears``, every packed linear)
+    runs ``backend``; returns how many modules that is."""
     if backend not in EXPERTS_BACKENDS:
         raise ValueError(f"experts backend {backend!r} is not one of {', '.join(EXPERTS_BACKENDS)}")
-    mods = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    kinds = (QuantExperts, QuantLinear) if linears else (QuantExperts,)
+    mods = [m for m in model.modules() if isinstance(m, kinds)]
     for m in mods:
         if backend == "fused" and not m.fused_applies():
-            raise ValueError("the fused experts kernel needs Triton and a group size that is a multiple of 16; "
+            raise ValueError("the fused kernel needs Triton and a group size that is a multiple of 16; "
                              "use backend='dequantize'")
         m.backend = backend
     return len(mods)

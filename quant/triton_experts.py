@@ -242,3 +242,19 @@ def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     _launch(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,
             route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
     return y.view(T, k, H).sum(1).to(hidden.dtype)
+
+
+def linear_routing(tokens: int, device) -> tuple:
+    """One "expert" that every token goes to: a quantized linear through the same kernel."""
+    return (torch.arange(tokens, device=device), torch.full((1,), tokens, dtype=torch.int32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device), 1)
+
+
+def fused_linear(x: torch.Tensor, mats: PackedMatrices, sms: int = 132, tiles: Tiles | None = None) -> torch.Tensor:
+    """x (T, C) @ W^T for one packed (R, C) matrix (``mats`` with one expert), no bias."""
+    T = x.shape[0]
+    t = tiles or choose_tiles(T, mats.rows, mats.cols, mats.group_size, 1, sms, split=True)
+    out = torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32 if t.split_k > 1 else x.dtype)
+    _launch(x.contiguous(), out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
+            silu=False, route_w=None, tiles=t)
+    return out.to(x.dtype)

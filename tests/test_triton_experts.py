@@ -2,7 +2,9 @@
 interpreter on the CPU, against the reference path (dequantize each routed expert, then
 matmuls): every width alone and mixed in one layer, 1 to 1500 tokens (decode tiles with
 split-K and prefill tiles), an expert that gets no token, SwiGLU fused in the kernel
-(Mixtral) and a family's own gating with biases (GPT-OSS), float32 and float16."""
+(Mixtral) and a family's own gating with biases (GPT-OSS), float32 and float16 (the
+interpreter's bfloat16 tl.dot is wrong in Triton 3.9, so bfloat16 is checked on the GPU by
+benchmarks/bench_experts_kernel.py --check); and a quantized linear through the same kernel."""
 import os
 import subprocess
 import sys
@@ -70,6 +72,21 @@ for tiles in ((tx.Tiles(16, 32, 32), tx.Tiles(16, 16, 16, split_k=4)), (tx.Tiles
 out = tx.fused_experts(torch.zeros(4, H), idx[:4], w[:4], m.packed("gate_up_proj"), m.packed("down_proj"),
                        gated=True, fuse_silu=True)
 assert torch.equal(out, torch.zeros(4, H))
+
+# a quantized linear goes through the same kernel as one expert that every token uses
+from moeq.quant.format import linear_tensors
+from moeq.quant.modules import QuantLinear
+for bits in (1, 2, 3, 4, 8):
+    lin = QuantLinear(96, 40, bits, 32, bias=True, dtype=torch.float32, device="cpu")
+    zero = torch.rand(40, 3, generator=gen) if bits == 1 else torch.randint(0, 2 ** bits, (40, 3), generator=gen).float()
+    state = linear_tensors(torch.randint(0, 2 ** bits, (40, 96), generator=gen), torch.rand(40, 3, generator=gen) * 0.1,
+                           zero, bits)
+    lin.load_state_dict({**state, "bias": torch.randn(40, generator=gen)}, assign=True)
+    for shape in ((1, 96), (2, 7, 96), (300, 96)):
+        x = torch.randn(*shape, generator=gen)
+        lin.backend = "dequantize"; ref = lin(x)
+        lin.backend = "fused"; got = lin(x)
+        assert got.shape == ref.shape and ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5, (bits, shape)
 print("ok")
 """
 

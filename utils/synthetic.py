@@ -10,26 +10,45 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.format import MemoryWriter, num_groups
-from ..quant.modules import QuantExperts, experts_class
+from ..quant.format import MemoryWriter, linear_tensors, num_groups
+from ..quant.modules import QuantExperts, QuantLinear, experts_class
+
+
+def random_packed_linear(in_features: int, out_features: int, bits: int, groupsize: int, device="cpu",
+                         seed: int = 0, bias: bool = False, dtype=torch.float16) -> QuantLinear:
+    """A QuantLinear with random codes, scales and zero points."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(generator=gen, device=device)
+    groups = num_groups(in_features, groupsize)
+    zero = (torch.rand(out_features, groups, **kw) * 0.6 + 0.2 if bits == 1
+            else torch.randint(0, 2 ** bits, (out_features, groups), **kw).float())
+    state = linear_tensors(torch.randint(0, 2 ** bits, (out_features, in_features), **kw),
+                           (torch.rand(out_features, groups, **kw) + 0.5) * (0.04 / 2 ** bits), zero, bits)
+    if bias:
+        state["bias"] = torch.randn(out_features, **kw).to(dtype) * 0.1
+    lin = QuantLinear(in_features, out_features, bits, groupsize, bias, dtype=dtype)
+    lin.load_state_dict(state, assign=True, strict=True)
+    return lin.to(device)
 
 
 def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[int, int]], bits: list[int],
                           groupsize: int, device="cpu", seed: int = 0) -> QuantExperts:
     """A QuantExperts replacing ``template`` (a transformers experts module, on meta is fine)
-    with ``shapes = {kind: (rows, cols)}`` (out x in), expert e at ``bits[e]``."""
-    gen = torch.Generator().manual_seed(seed)
+    with ``shapes = {kind: (rows, cols)}`` (out x in), expert e at ``bits[e]``; the random
+    tensors are drawn (and packed) on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     sink = MemoryWriter(groupsize, False)
     E = len(bits)
     for kind, (rows, cols) in shapes.items():
         groups = num_groups(cols, groupsize)
         for e, b in enumerate(bits):
-            codes = torch.randint(0, 2 ** b, (1, rows, cols), generator=gen, dtype=torch.int64)
-            scale = (torch.rand(1, rows, groups, generator=gen) + 0.5) * (0.04 / 2 ** b)
+            kw = dict(generator=gen, device=device)
+            codes = torch.randint(0, 2 ** b, (1, rows, cols), dtype=torch.int64, **kw)
+            scale = (torch.rand(1, rows, groups, **kw) + 0.5) * (0.04 / 2 ** b)
             if b == 1:
-                zero = torch.rand(1, rows, groups, generator=gen) * 0.6 + 0.2
+                zero = torch.rand(1, rows, groups, **kw) * 0.6 + 0.2
             else:
-                zero = torch.randint(0, 2 ** b, (1, rows, groups), generator=gen).float()
+                zero = torch.randint(0, 2 ** b, (1, rows, groups), **kw).float()
             sink.add_experts(f"x.{kind}", codes, scale, zero, [b], first=e, total=E)
     specs = {kind: (rows, cols, list(bits)) for kind, (rows, cols) in shapes.items()}
     has_bias = any(isinstance(getattr(template, f"{k}_bias", None), torch.Tensor) for k in shapes)
@@ -37,6 +56,6 @@ def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[i
     state = {name[2:]: t for name, t in sink.tensors.items()}
     for kind, (rows, _) in shapes.items():
         if has_bias:
-            state[f"{kind}_bias"] = torch.randn(E, rows, generator=gen) * 0.1
+            state[f"{kind}_bias"] = torch.randn(E, rows, generator=gen, device=device).cpu() * 0.1
     module.load_state_dict(state, assign=True, strict=True)
     return module.to(device)

@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""The fused mixed-bit experts kernel on the GPU: agreement with the reference, then speed.
+
+    python benchmarks/bench_experts_kernel.py --check --layer mixtral8x7b qwen3-30b-a3b --generate --json_out F
+
+1. ``--check``: on small shapes, bf16 and fp16, the fused kernels (quant/triton_experts.py)
+   against the reference path (each routed expert dequantized, then matmuls): every width
+   alone and 3/3/2/2/2/2/1/1 in one layer, T = 1 .. 4096 tokens, an expert that gets no
+   token, Mixtral-style (SwiGLU fused) and GPT-OSS-style (own gating, biases) experts, and a
+   packed linear. Prints the largest relative difference per case; exits 1 on a failure.
+2. ``--layer SHAPE ...``: one MoE layer of the real shape (random weights; random top-k
+   routing over all experts), T tokens in: bf16 experts with each implementation
+   transformers offers (grouped_mm, batched_mm, eager) against the packed layer at
+   3/3/2/2/2/2/1/1 (the first 8 experts' pattern repeated for more experts), uniform 2 and
+   uniform 4 bits, fused and dequantize backends; median of CUDA-event timings after a
+   warm-up at the same T. At T = 1, bytes of the routed experts read per second against the
+   GPU's peak.
+3. ``--generate``: 8 Mixtral-8x7B-shaped layers (random weights): greedy generation of 64
+   new tokens after a 32-token prompt at batch 1 and 16, bf16 (grouped_mm, eager) against the
+   packed model (experts mixed as above, attention 4 bits), warmed up at the same lengths.
+4. ``--sweep``: tile sizes for the mixed Mixtral layer at T = 1, 16, 4096.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from moeq.quant import triton_experts as tx
+from moeq.quant.modules import QuantExperts, dequantize_experts_forward, set_experts_backend
+from moeq.utils.synthetic import random_packed_experts, random_packed_linear
+
+MIXED = [3, 3, 2, 2, 2, 2, 1, 1]
+SHAPES = {  # model_type, hidden, expert intermediate, experts, top-k
+    "mixtral8x7b": ("mixtral", 4096, 14336, 8, 2),
+    "qwen3-30b-a3b": ("qwen3_moe", 2048, 768, 128, 8),
+}
+DEV = "cuda"    # --smoke: "cpu" (Triton's interpreter), tiny shapes, to try this script without a GPU
+SMALL = dict(H=512, I=1024, T=(1, 7, 64, 333, 4096), gen=(4096, 14336, 32000), layers=8, new_tokens=64)
+PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}   # HBM3 / HBM3e spec sheets (SXM)
+RESULTS: dict = {}
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def experts_template(model_type, hidden, inter, experts, top_k):
+    from transformers import AutoConfig
+    if model_type == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+        config = AutoConfig.for_model("mixtral", hidden_size=hidden, intermediate_size=inter,
+                                      num_local_experts=experts, num_experts_per_tok=top_k)
+    elif model_type == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+        config = AutoConfig.for_model("qwen3_moe", hidden_size=hidden, moe_intermediate_size=inter,
+                                      num_experts=experts, num_experts_per_tok=top_k)
+    else:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+        config = AutoConfig.for_model("gpt_oss", hidden_size=hidden, intermediate_size=inter,
+                                      num_local_experts=experts, num_experts_per_tok=top_k)
+    return cls, config
+
+
+def packed_layer(model_type, hidden, inter, experts, top_k, bits, seed=0):
+    cls, config = experts_template(model_type, hidden, inter, experts, top_k)
+    with torch.device("meta"):
+        template = cls(config)
+    return random_packed_experts(template, config, {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)},
+                                 bits, 128, device=DEV, seed=seed)
+
+
+def routing(T, experts, top_k, dtype, gen, starve=None):
+    logits = torch.randn(T, experts, device=DEV, generator=gen)
+    if starve is not None:
+        logits[:, starve] = -1e9
+    w, idx = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    return idx, (w / w.sum(-1, keepdim=True)).to(dtype)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def check() -> bool:
+    ok = True
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    H, I, E = SMALL["H"], SMALL["I"], 8
+    cases = [("mixtral", [b] * E) for b in (1, 2, 3, 4, 8)] + [("mixtral", MIXED), ("gpt_oss", [8, 4, 3, 2, 1, 8, 4, 3])]
+    for family, bits in cases:
+        m = packed_layer(family, H, I, E, 2, bits)
+        for dtype in (torch.bfloat16, torch.float16):
+            worst = 0.0
+            for T in SMALL["T"]:
+                x = torch.randn(T, H, device=DEV, generator=gen).to(dtype)
+                idx, w = routing(T, E, 2, dtype, gen, starve=E - 1)
+                ref = dequantize_experts_forward(m, x, idx, w)
+                set_experts_backend(m, "fused")
+                got = m(x, idx, w)
+                worst = max(worst, rel(got, ref))
+            tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
+            ok &= worst < tol
+            log(f"check experts {family:8s} bits {bits} {str(dtype):15s} T 1..4096: max rel diff {worst:.2e} "
+                f"{'ok' if worst < tol else 'FAIL'}")
+            RESULTS.setdefault("check", []).append({"family": family, "bits": bits, "dtype": str(dtype),
+                                                    "max_rel": worst, "ok": worst < tol})
+    for bits in (1, 2, 3, 4, 8):
+        lin = random_packed_linear(SMALL["gen"][0], SMALL["H"], bits, 128, device=DEV, bias=True, dtype=torch.bfloat16)
+        worst = 0.0
+        for T in SMALL["T"]:
+            x = torch.randn(T, SMALL["gen"][0], device=DEV, generator=gen).to(torch.bfloat16)
+            lin.backend = "dequantize"
+            ref = lin(x)
+            lin.backend = "fused"
+            worst = max(worst, rel(lin(x), ref))
+        ok &= worst < 3e-2
+        log(f"check linear bits {bits} bf16 T 1..4096: max rel diff {worst:.2e} {'ok' if worst < 3e-2 else 'FAIL'}")
+    return ok
+
+
+def timed(fn, reps):
+    if DEV == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def routed_bytes(m: QuantExperts, idx) -> int:
+    """Bytes of codes, scales and zero points of the experts ``idx`` routes to."""
+    total = 0
+    for e in sorted(set(idx.flatten().tolist())):
+        for kind, layout in m.layouts.items():
+            c, z = layout.code_offsets(), layout.zero_offsets()
+            total += (c[e + 1] - c[e]) + (z[e + 1] - z[e]) + layout.rows * layout.groups * 2
+    return total
+
+
+def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
+    model_type, H, I, E, k = SHAPES[shape]
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    peak = next((v for key, v in PEAK_GBS.items() if key in name), None)
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    cls, config = experts_template(model_type, H, I, E, k)
+    with torch.device(DEV):
+        dense = cls(config).to(dtype)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    packed = {label: packed_layer(model_type, H, I, E, k, bits) for label, bits in
+              (("mixed 3/3/2/2/2/2/1/1", (MIXED * (E // 8 + 1))[:E]), ("uniform 2", [2] * E), ("uniform 4", [4] * E))}
+    log(f"\n## one {shape} MoE layer ({E} experts, top-{k}, hidden {H}, intermediate {I}), {dtype}, group 128; {name}")
+    log("| T | implementation | ms | x bf16 best | routed GB/s (T=1) |")
+    log("|---|---|---|---|---|")
+    rows = []
+    for T in tokens:
+        x = torch.randn(T, H, device=DEV, generator=gen).to(dtype)
+        idx, w = routing(T, E, k, dtype, gen)
+        reps = 50 if T <= 64 else 10
+        base = {}
+        for impl in ("grouped_mm", "batched_mm", "eager"):
+            if impl == "batched_mm" and T * k * 2 * I * H * 2 > 20e9:
+                continue   # batched_mm gathers a weight copy per routed token: out of memory here
+            config._experts_implementation = impl
+            try:
+                with torch.no_grad():
+                    base[impl] = timed(lambda: dense(x, idx, w), reps)
+            except Exception as exc:  # noqa: BLE001 (report, go on)
+                log(f"bf16 {impl} T={T}: {type(exc).__name__}: {str(exc)[:200]}")
+        best = min(base.values())
+        dense_bytes = len(set(idx.flatten().tolist())) * 3 * H * I * 2
+        for impl, ms in base.items():
+            bw = f"{dense_bytes / ms / 1e6:.0f}" if T == 1 else ""
+            log(f"| {T} | bf16 {impl} | {ms:.3f} | {best / ms:.2f} | {bw} |")
+            rows.append({"shape": shape, "T": T, "impl": f"bf16 {impl}", "ms": ms})
+        for label, m in packed.items():
+            for backend in ("fused", "dequantize"):
+                set_experts_backend(m, backend)
+                with torch.no_grad():
+                    ms = timed(lambda: m(x, idx, w), reps)
+                bw = ""
+                if T == 1:
+                    gbs = routed_bytes(m, idx) / ms / 1e6
+                    bw = f"{gbs:.0f}" + (f" ({100 * gbs / peak:.0f}% of {peak:.0f})" if peak else "")
+                log(f"| {T} | packed {label}, {backend} | {ms:.3f} | {best / ms:.2f} | {bw} |")
+                rows.append({"shape": shape, "T": T, "impl": f"packed {label} {backend}", "ms": ms,
+                             "x_bf16_best": best / ms})
+    RESULTS.setdefault("layer", []).extend(rows)
+    del dense, packed
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sweep():
+    model_type, H, I, E, k = SHAPES["mixtral8x7b"]
+    m = packed_layer(model_type, H, I, E, k, MIXED)
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    up, down = m.packed("gate_up_proj"), m.packed("down_proj")
+    cands = {1: [(16, 32, 128, 1), (16, 64, 128, 1), (16, 128, 128, 1)],
+             16: [(16, 32, 128, 1), (16, 64, 128, 1), (16, 128, 64, 1)],
+             4096: [(64, 128, 64, 1), (128, 128, 64, 1), (64, 64, 128, 1), (128, 64, 64, 1)]}
+    splits = {1: [1, 2, 4, 8], 16: [1, 2, 4], 4096: [1]}
+    log("\n## tile sweep, mixed Mixtral layer (launch 1 tiles; launch 2 same M/N/K with split-K)")
+    for T, tl in cands.items():
+        x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+        idx, w = routing(T, E, k, torch.bfloat16, gen)
+        for bm, bn, bk, _ in tl:
+            for sk in splits[T]:
+                for warps in ((4, 8) if T >= 4096 else (4,)):
+                    t1 = tx.Tiles(bm, bn, bk, 1, warps, 3)
+                    t2 = tx.Tiles(bm, bn, bk, sk, warps, 3)
+                    try:
+                        ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,
+                                                            tiles=(t1, t2)), 20 if T < 64 else 5)
+                        log(f"T {T:5d} tiles m{bm} n{bn} k{bk} split_k {sk} warps {warps}: {ms:.3f} ms")
+                        RESULTS.setdefault("sweep", []).append({"T": T, "tiles": [bm, bn, bk, sk, warps], "ms": ms})
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"T {T} tiles {bm},{bn},{bk},{sk},{warps}: {type(exc).__name__} {str(exc)[:150]}")
+
+
+def generate(prompt=32):
+    layers, new_tokens = SMALL["layers"], SMALL["new_tokens"]
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hidden, inter, vocab = SMALL["gen"]
+    config = AutoConfig.for_model("mixtral", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                  num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                  num_experts_per_tok=2, vocab_size=vocab, sliding_window=None)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    log(f"\n## greedy generation, {layers} Mixtral-8x7B-shaped layers, {prompt}-token prompt + {new_tokens} new tokens")
+    log("| batch | model | tokens/s | x bf16 best |")
+    log("|---|---|---|---|")
+    out = []
+
+    def tok_s(batch):
+        ids = torch.randint(0, vocab, (batch, prompt), device=DEV, generator=gen)
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            model.generate(ids, **kw)          # warm-up at the same lengths
+            sync()
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)
+            sync()
+        return batch * new_tokens / (time.perf_counter() - t0)
+    base = {}
+    for batch in (1, 16):
+        for impl in ("grouped_mm", "eager"):
+            model.set_experts_implementation(impl)
+            base[(batch, impl)] = tok_s(batch)
+    model.set_experts_implementation("grouped_mm")
+    for i, layer in enumerate(model.model.layers):   # pack in place: experts mixed, attention 4 bits
+        layer.mlp.experts = packed_layer("mixtral", hidden, inter, 8, 2, MIXED, seed=i)
+        layer.mlp.experts.config = model.config      # dispatch as in a loaded model
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            old = getattr(layer.self_attn, name)
+            setattr(layer.self_attn, name, random_packed_linear(old.in_features, old.out_features, 4, 128, device=DEV,
+                                                                seed=i, dtype=torch.bfloat16))
+            del old
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    for batch in (1, 16):
+        best = max(v for (b, _), v in base.items() if b == batch)
+        for (b, impl), v in base.items():
+            if b == batch:
+                log(f"| {batch} | bf16 {impl} | {v:.1f} | {v / best:.2f} |")
+                out.append({"batch": batch, "model": f"bf16 {impl}", "tok_s": v})
+        for backend in ("fused", "dequantize"):
+            set_experts_backend(model, backend)
+            v = tok_s(batch)
+            log(f"| {batch} | packed, {backend} | {v:.1f} | {v / best:.2f} |")
+            out.append({"batch": batch, "model": f"packed {backend}", "tok_s": v, "x_bf16_best": v / best})
+    RESULTS["generate"] = out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--layer", nargs="*", default=[], choices=sorted(SHAPES))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096])
+    ap.add_argument("--generate", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json_out", default=None)
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.smoke:   # tiny shapes on the CPU through Triton's interpreter: the script's own test
+        global DEV
+        DEV = "cpu"
+        SMALL.update(H=128, I=256, T=(1, 5, 40), gen=(256, 256, 512), layers=2, new_tokens=3)
+        SHAPES.update({k: (v[0], 128, 256, v[3], v[4]) for k, v in SHAPES.items()})
+    elif not torch.cuda.is_available():
+        sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
+    log("command: python " + " ".join(sys.argv))
+    log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
+    ok = True
+    steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer] + \
+        ([generate] if a.generate else []) + ([sweep] if a.sweep else [])
+    for step in steps:
+        t0 = time.time()
+        try:
+            r = step()
+            ok &= r is not False
+        except Exception as exc:  # noqa: BLE001 (the other steps still run)
+            import traceback
+            traceback.print_exc()
+            log(f"step failed: {type(exc).__name__}: {exc}")
+            ok = False
+        log(f"[{time.time() - t0:.0f} s]")
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                json.dump(RESULTS, f, indent=1)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
