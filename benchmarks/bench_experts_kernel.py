@@ -205,7 +205,7 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
                 rows.append({"shape": shape, "T": T, "impl": f"packed {label} {backend}", "ms": ms,
                              "x_bf16_best": best / ms})
     RESULTS.setdefault("layer", []).extend(rows)
-    del dense, packed
+    dense = packed = None   # free before the next shape
     if DEV == "cuda":
         torch.cuda.empty_cache()
 
