@@ -71,12 +71,12 @@ def experts_template(model_type, hidden, inter, experts, top_k):
     return cls, config
 
 
-def packed_layer(model_type, hidden, inter, experts, top_k, bits, seed=0):
+def packed_layer(model_type, hidden, inter, experts, top_k, bits, seed=0, dtype=torch.bfloat16):
     cls, config = experts_template(model_type, hidden, inter, experts, top_k)
     with torch.device("meta"):
         template = cls(config)
     return random_packed_experts(template, config, {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)},
-                                 bits, 128, device=DEV, seed=seed)
+                                 bits, 128, device=DEV, seed=seed, bias_dtype=dtype)
 
 
 def routing(T, experts, top_k, dtype, gen, starve=None):
@@ -97,8 +97,8 @@ def check() -> bool:
     H, I, E = SMALL["H"], SMALL["I"], 8
     cases = [("mixtral", [b] * E) for b in (1, 2, 3, 4, 8)] + [("mixtral", MIXED), ("gpt_oss", [8, 4, 3, 2, 1, 8, 4, 3])]
     for family, bits in cases:
-        m = packed_layer(family, H, I, E, 2, bits)
         for dtype in (torch.bfloat16, torch.float16):
+            m = packed_layer(family, H, I, E, 2, bits, dtype=dtype)
             worst = 0.0
             for T in SMALL["T"]:
                 x = torch.randn(T, H, device=DEV, generator=gen).to(dtype)
@@ -215,9 +215,9 @@ def sweep():
     m = packed_layer(model_type, H, I, E, k, MIXED)
     gen = torch.Generator(device=DEV).manual_seed(2)
     up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-    cands = {1: [(16, 32, 128, 1), (16, 64, 128, 1), (16, 128, 128, 1)],
-             16: [(16, 32, 128, 1), (16, 64, 128, 1), (16, 128, 64, 1)],
-             4096: [(64, 128, 64, 1), (128, 128, 64, 1), (64, 64, 128, 1), (128, 64, 64, 1)]}
+    cands = {1: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 64, 1), (16, 64, 32, 1)],
+             16: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 32, 1)],
+             4096: [(64, 128, 64, 1), (128, 128, 32, 1), (64, 64, 64, 1), (32, 128, 64, 1)]}
     splits = {1: [1, 2, 4, 8], 16: [1, 2, 4], 4096: [1]}
     log("\n## tile sweep, mixed Mixtral layer (launch 1 tiles; launch 2 same M/N/K with split-K)")
     for T, tl in cands.items():

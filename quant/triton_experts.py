@@ -10,10 +10,11 @@ projection; the codes are unpacked and dequantized in registers, never written o
     out[t] = sum over t's k slots of y      (one reduction)
 
 A program owns (expert, BLOCK_M of its tokens, BLOCK_N output rows) and walks the input
-columns BLOCK_K at a time: BLOCK_K codes of a row are BLOCK_K/8 chunks of 8 codes in
-``bits`` bytes (quant/packing.py), read as ``bits`` strided byte loads, shifted apart, and
-scaled as W = scale * (q - zero) for the row's group, exactly the reference arithmetic (in
-float32, then the activation dtype) before ``tl.dot``. Programs past an expert's token
+columns BLOCK_K at a time: a packed row (quant/packing.py) is a little-endian bit stream
+with code c at bit c * bits, so each code is read from its byte (and the next, for 3-bit
+codes that run over), shifted out and scaled as W = scale * (q - zero) for the row's group,
+exactly the reference arithmetic (in float32, then the activation dtype) before ``tl.dot``.
+The width is read per expert at run time, so one compiled kernel serves every mix. Programs past an expert's token
 count return at once, so the grid is sized from T alone. With few tokens (decode) the down
 projection is split over K (``split_k``) and summed with float32 atomics, to keep every SM
 reading codes.
@@ -43,21 +44,23 @@ if triton is not None:
     @triton.jit
     def _dequant_tile(codes_ptr, rows, row_mask, k0, bits, row_bytes, scale_ptr, zero_ptr, G, GS, K,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_N, BLOCK_K) float32 weights of ``rows``, columns k0.. (one quantization group)."""
-        chunks = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        m2 = row_mask[:, None] & (chunks < (K + 7) // 8)[None, :]
-        ptr = codes_ptr + rows[:, None].to(tl.int64) * row_bytes + chunks[None, :] * bits
-        v = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.int64)
-        for t in range(bits):                                       # 8 codes = ``bits`` bytes
-            byte = tl.load(ptr + t, mask=m2, other=0)
-            v = v | (byte.to(tl.int64) << (8 * t))
-        shifts = (tl.arange(0, 8) * bits).to(tl.int64)
-        codes = (v[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)
-        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))               # column = chunk * 8 + k
+        """(BLOCK_K, BLOCK_N) float32 weights W^T of ``rows``, columns k0.. (one quantization
+        group). A packed row is a little-endian bit stream, code c at bit c * bits, so each
+        code is read from its byte and, where it runs over (3 bits), the next one."""
+        cols = k0 + tl.arange(0, BLOCK_K)
+        bit = cols * bits
+        byte = bit >> 3
+        shift = bit & 7
+        over = (shift + bits > 8) & (cols < K)                     # the code continues in the next byte
+        ptr = codes_ptr + rows[None, :].to(tl.int64) * row_bytes + byte[:, None]
+        m2 = row_mask[None, :] & (cols < K)[:, None]
+        lo = tl.load(ptr, mask=m2, other=0).to(tl.int32)
+        hi = tl.load(ptr + 1, mask=m2 & over[:, None], other=0).to(tl.int32)
+        codes = ((lo | (hi << 8)) >> shift[:, None]) & ((1 << bits) - 1)
         g = k0 // GS
         s = tl.load(scale_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
-        return s[:, None] * (codes.to(tl.float32) - z[:, None])
+        return s[None, :] * (codes.to(tl.float32) - z[None, :])
 
     @triton.jit
     def _experts_gemm_kernel(
@@ -101,16 +104,16 @@ if triton is not None:
                         mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
             w = _dequant_tile(codes_e, n, n_mask, k0, bits, row_bytes, scale_e, zero_e, G, GS, K, BLOCK_N, BLOCK_K)
             if FP32_DOT:
-                acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
+                acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
             else:
-                acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+                acc += tl.dot(a, w.to(a.dtype))
             if SILU:
                 w_up = _dequant_tile(codes_e, n + N, n_mask, k0, bits, row_bytes, scale_e, zero_e, G, GS, K,
                                      BLOCK_N, BLOCK_K)
                 if FP32_DOT:
-                    acc_up += tl.dot(a, tl.trans(w_up.to(a.dtype)), input_precision="ieee")
+                    acc_up += tl.dot(a, w_up.to(a.dtype), input_precision="ieee")
                 else:
-                    acc_up += tl.dot(a, tl.trans(w_up.to(a.dtype)))
+                    acc_up += tl.dot(a, w_up.to(a.dtype))
         if HAS_BIAS:
             if tl.program_id(2) == 0:
                 acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -177,13 +180,13 @@ def choose_tiles(slots: int, n_out: int, k: int, group_size: int, active_experts
     fill the GPU twice over; many (prefill): tensor-core sized tiles."""
     bk = block_k_for(group_size)
     if slots <= 64 * active_experts:
-        bm, bn, bk = 16, 64, min(bk, 128)
+        bm, bn, bk = 16, 64, min(bk, 64)
         split_k = 1
         if split:
             programs = max(1, active_experts) * triton.cdiv(n_out, bn) * triton.cdiv(min(slots, 64), bm)
             split_k = max(1, min(triton.cdiv(k, bk), triton.cdiv(2 * sms, programs)))
-        return Tiles(bm, bn, bk, split_k, num_warps=4, num_stages=3)
-    return Tiles(64, 128, min(bk, 64), 1, num_warps=8, num_stages=3)
+        return Tiles(bm, bn, bk, split_k, num_warps=4, num_stages=2)
+    return Tiles(64, 128, min(bk, 64), 1, num_warps=8, num_stages=2)
 
 
 def _launch(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool, silu: bool,

@@ -32,7 +32,7 @@ def random_packed_linear(in_features: int, out_features: int, bits: int, groupsi
 
 
 def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[int, int]], bits: list[int],
-                          groupsize: int, device="cpu", seed: int = 0) -> QuantExperts:
+                          groupsize: int, device="cpu", seed: int = 0, bias_dtype=torch.float32) -> QuantExperts:
     """A QuantExperts replacing ``template`` (a transformers experts module, on meta is fine)
     with ``shapes = {kind: (rows, cols)}`` (out x in), expert e at ``bits[e]``; the random
     tensors are drawn (and packed) on ``device``."""
@@ -56,6 +56,6 @@ def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[i
     state = {name[2:]: t for name, t in sink.tensors.items()}
     for kind, (rows, _) in shapes.items():
         if has_bias:
-            state[f"{kind}_bias"] = torch.randn(E, rows, generator=gen, device=device).cpu() * 0.1
+            state[f"{kind}_bias"] = (torch.randn(E, rows, generator=gen, device=device).cpu() * 0.1).to(bias_dtype)
     module.load_state_dict(state, assign=True, strict=True)
     return module.to(device)
