@@ -215,10 +215,10 @@ def sweep():
     m = packed_layer(model_type, H, I, E, k, MIXED)
     gen = torch.Generator(device=DEV).manual_seed(2)
     up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-    cands = {1: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 64, 1), (16, 64, 32, 1)],
-             16: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 32, 1)],
-             4096: [(64, 128, 64, 1), (128, 128, 32, 1), (64, 64, 64, 1), (32, 128, 64, 1)]}
-    splits = {1: [1, 2, 4, 8], 16: [1, 2, 4], 4096: [1]}
+    cands = {1: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 64, 1), (16, 32, 128, 1), (16, 64, 128, 1)],
+             16: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 64, 1), (16, 64, 128, 1)],
+             4096: [(64, 128, 64, 1), (128, 128, 32, 1), (64, 64, 64, 1), (128, 64, 64, 1)]}
+    splits = {1: [1, 4], 16: [1, 4], 4096: [1]}
     log("\n## tile sweep, mixed Mixtral layer (launch 1 tiles; launch 2 same M/N/K with split-K)")
     for T, tl in cands.items():
         x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)

@@ -93,7 +93,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         if backend == "auto":
-            backend = "fused" if x.is_cuda and self.fused_applies() else "dequantize"
+            fused = x.is_cuda and x.numel() // self.in_features <= FUSED_MAX_TOKENS and self.fused_applies()
+            backend = "fused" if fused else "dequantize"
         if backend == "fused":
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
             y = triton_experts.fused_linear(x.reshape(-1, self.in_features), self.packed(), sms)
@@ -206,11 +207,18 @@ def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_
                                         activation=activation, sms=sms)
 
 
+# "auto" runs the fused kernels up to this many tokens per call (decode, small batches) and
+# dequantize-then-matmul above it, where dequantizing each expert once beats dequantizing it
+# again for every tile of tokens (benchmarks/results/bench_experts_kernel_h100.txt).
+FUSED_MAX_TOKENS = 64
+
+
 def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
     """Runs ``self.backend`` (module docstring)."""
     backend = self.backend
     if backend == "auto":
-        backend = "fused" if hidden_states.is_cuda and self.fused_applies() else "dequantize"
+        fused = hidden_states.is_cuda and hidden_states.shape[0] <= FUSED_MAX_TOKENS and self.fused_applies()
+        backend = "fused" if fused else "dequantize"
     if backend == "fused":
         return fused_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return dequantize_experts_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -1,8 +1,7 @@
 """Fused unpack + dequantize of one packed matrix as a Triton kernel (GPU path).
 
-Reads each packed byte once and writes the weight once in the compute dtype, where the
-eager version (quant/packing.dequantize_packed) makes several passes over
-intermediate tensors. Same arithmetic: w = scale * (q - zero) in float32, then cast.
+Writes the weight once in the compute dtype, where the eager version
+(quant/packing.dequantize_packed) makes several passes over intermediate tensors. Same arithmetic: w = scale * (q - zero) in float32, then cast.
 The tests run it through Triton's interpreter on the CPU (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -19,25 +18,25 @@ except ImportError:  # CPU-only installs
 if triton is not None:
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS,
-                        BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+                        BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A packed row is a little-endian bit stream (code c at bit c * BITS): each code is
+        read from its byte, and the next one where it runs over (3 bits). Neighbouring
+        threads take neighbouring columns, so the reads and the writes are coalesced."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        chunks = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)          # groups of 8 codes
-        rmask = rows < R
-        cmask = chunks < (C + 7) // 8
-        m2 = rmask[:, None] & cmask[None, :]
-        v = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.int64)
-        for t in tl.static_range(BITS):                                     # BITS bytes per 8 codes
-            byte = tl.load(q_ptr + rows[:, None] * W + chunks[None, :] * BITS + t, mask=m2, other=0)
-            v = v | (byte.to(tl.int64) << (8 * t))
-        k = tl.arange(0, 8)
-        codes = (v[:, :, None] >> (k[None, None, :] * BITS)) & ((1 << BITS) - 1)
-        cols = chunks[:, None] * 8 + k[None, :]                              # (BLOCK_J, 8)
-        m3 = rmask[:, None, None] & (cols < C)[None, :, :]
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m2 = (rows < R)[:, None] & (cols < C)[None, :]
+        bit = cols * BITS
+        shift = (bit & 7)[None, :]
+        ptr = q_ptr + rows[:, None].to(tl.int64) * W + (bit >> 3)[None, :]
+        v = tl.load(ptr, mask=m2, other=0).to(tl.int32)
+        if BITS == 3:
+            v = v | (tl.load(ptr + 1, mask=m2 & (shift > 5), other=0).to(tl.int32) << 8)
+        codes = (v >> shift) & ((1 << BITS) - 1)
         g = cols // GS
-        scale = tl.load(s_ptr + rows[:, None, None] * G + g[None, :, :], mask=m3, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + rows[:, None, None] * G + g[None, :, :], mask=m3, other=0.0)
+        scale = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0.0)
         w = scale * (codes.to(tl.float32) - zero)
-        tl.store(out_ptr + rows[:, None, None] * C + cols[None, :, :], w.to(out_ptr.dtype.element_ty), mask=m3)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 def available() -> bool:
@@ -49,8 +48,8 @@ def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zero: torch.T
     """zero: the unpacked zero points as float32 (R, G)."""
     rows, groups = scales.shape
     out = torch.empty(rows, cols, device=qweight.device, dtype=dtype)
-    block_r, block_j = 16, 32
-    grid = (triton.cdiv(rows, block_r), triton.cdiv((cols + 7) // 8, block_j))
+    block_r, block_c = 8, 256
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _dequant_kernel[grid](qweight, scales, zero.contiguous(), out, rows, cols, qweight.shape[1], groups,
-                          cols // groups, BITS=bits, BLOCK_R=block_r, BLOCK_J=block_j)
+                          cols // groups, BITS=bits, BLOCK_R=block_r, BLOCK_C=block_c)
     return out

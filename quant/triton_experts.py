@@ -46,21 +46,22 @@ if triton is not None:
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(BLOCK_K, BLOCK_N) float32 weights W^T of ``rows``, columns k0.. (one quantization
         group). A packed row is a little-endian bit stream, code c at bit c * bits, so each
-        code is read from its byte and, where it runs over (3 bits), the next one."""
+        code is read from its byte and, where it runs over (3 bits), the next one. The tile
+        is read row-major (neighbouring threads on neighbouring bytes), then transposed."""
         cols = k0 + tl.arange(0, BLOCK_K)
         bit = cols * bits
         byte = bit >> 3
         shift = bit & 7
         over = (shift + bits > 8) & (cols < K)                     # the code continues in the next byte
-        ptr = codes_ptr + rows[None, :].to(tl.int64) * row_bytes + byte[:, None]
-        m2 = row_mask[None, :] & (cols < K)[:, None]
+        ptr = codes_ptr + rows[:, None].to(tl.int64) * row_bytes + byte[None, :]
+        m2 = row_mask[:, None] & (cols < K)[None, :]
         lo = tl.load(ptr, mask=m2, other=0).to(tl.int32)
-        hi = tl.load(ptr + 1, mask=m2 & over[:, None], other=0).to(tl.int32)
-        codes = ((lo | (hi << 8)) >> shift[:, None]) & ((1 << bits) - 1)
+        hi = tl.load(ptr + 1, mask=m2 & over[None, :], other=0).to(tl.int32)
+        codes = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << bits) - 1)
         g = k0 // GS
         s = tl.load(scale_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
-        return s[None, :] * (codes.to(tl.float32) - z[None, :])
+        return tl.trans(s[:, None] * (codes.to(tl.float32) - z[:, None]))
 
     @triton.jit
     def _experts_gemm_kernel(
