@@ -350,15 +350,22 @@ def check_version(qc: dict, where: str) -> None:
                           f"version {FORMAT_VERSION}); upgrade moeq or re-quantize")
 
 
+def read_index(path: str) -> dict[str, str] | None:
+    """The index's weight_map (tensor name -> file name), None if ``path`` has no index."""
+    index = os.path.join(path, INDEX)
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        raise FormatError(f"{index} is damaged ({e}): copy the checkpoint again") from None
+
+
 def weight_files(path: str) -> dict[str, str]:
     """tensor name -> file, from the index or the single model.safetensors."""
-    index = os.path.join(path, INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise FormatError(f"{index} is damaged ({e}): copy the checkpoint again") from None
+    weight_map = read_index(path)
+    if weight_map is not None:
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     single = os.path.join(path, SINGLE)
     if not os.path.isfile(single):

@@ -96,8 +96,7 @@ class QuantLinear(nn.Module):
             fused = x.is_cuda and x.numel() // self.in_features <= FUSED_MAX_TOKENS_PER_EXPERT and self.fused_applies()
             backend = "fused" if fused else "dequantize"
         if backend == "fused":
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-            y = triton_experts.fused_linear(x.reshape(-1, self.in_features), self.packed(), sms)
+            y = triton_experts.fused_linear(x.reshape(-1, self.in_features), self.packed())
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize(x.dtype), self.bias)
@@ -200,11 +199,9 @@ def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_
 
     def activation(h):
         return self._apply_gate(h) if gated else self.act_fn(h)
-    sms = (torch.cuda.get_device_properties(hidden_states.device).multi_processor_count
-           if hidden_states.is_cuda else 132)
     return triton_experts.fused_experts(hidden_states, top_k_index, top_k_weights, self.packed(self.gate_kind),
                                         self.packed("down_proj"), gated=gated, fuse_silu=self._silu_gate(),
-                                        activation=activation, sms=sms)
+                                        activation=activation)
 
 
 # "auto" runs the fused kernels up to this many routed tokens per expert (T * k / E) and

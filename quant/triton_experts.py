@@ -26,6 +26,7 @@ the CPU (TRITON_INTERPRET=1), benchmarks/check_experts_kernel.py on the GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -163,6 +164,15 @@ class PackedMatrices:
     bias: torch.Tensor | None = None
 
 
+@lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 for anything not CUDA: the interpreter
+    then picks the tiles an H100 would get)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def block_k_for(group_size: int) -> int:
     """The largest K tile (16..128, a power of two) inside one group; 0 if there is none."""
     for bk in (128, 64, 32, 16):
@@ -222,12 +232,13 @@ def route(top_k_index: torch.Tensor, num_experts: int):
 
 def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   up: PackedMatrices, down: PackedMatrices, *, gated: bool, fuse_silu: bool, activation=None,
-                  sms: int = 132, tiles: tuple[Tiles, Tiles] | None = None) -> torch.Tensor:
+                  tiles: tuple[Tiles, Tiles] | None = None) -> torch.Tensor:
     """The MoE experts output (T, hidden) for routed tokens. ``gated``: ``up`` holds
     [gate; up] rows (R = 2 I); ``fuse_silu``: silu(gate) * up inside the kernel, otherwise
     ``activation`` maps launch 1's (slots, R) output to (slots, I) (a family's own gating)."""
     T, H = hidden.shape
     k = top_k_index.shape[-1]
+    sms = sm_count(hidden.device)
     num_experts = up.scale.shape[0]
     routing = route(top_k_index, num_experts)
     slots = T * k
@@ -254,10 +265,10 @@ def linear_routing(tokens: int, device) -> tuple:
             torch.zeros(1, dtype=torch.int32, device=device), 1)
 
 
-def fused_linear(x: torch.Tensor, mats: PackedMatrices, sms: int = 132, tiles: Tiles | None = None) -> torch.Tensor:
+def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = None) -> torch.Tensor:
     """x (T, C) @ W^T for one packed (R, C) matrix (``mats`` with one expert), no bias."""
     T = x.shape[0]
-    t = tiles or choose_tiles(T, mats.rows, mats.cols, mats.group_size, 1, sms, split=True)
+    t = tiles or choose_tiles(T, mats.rows, mats.cols, mats.group_size, 1, sm_count(x.device), split=True)
     out = torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32 if t.split_k > 1 else x.dtype)
     _launch(x.contiguous(), out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
             silu=False, route_w=None, tiles=t)

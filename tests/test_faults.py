@@ -255,11 +255,17 @@ def _wait_for_partial(work, proc, timeout=120):
     raise AssertionError("no partial directory appeared")
 
 
-def test_sigterm_cleans_up_like_ctrl_c(tiny_mixtral_dir, small_text_dir, tmp_path):
+def _packing_run_under_way(tiny_mixtral_dir, small_text_dir, tmp_path):
+    """A packing run to tmp_path/ckpt, once its partial folder exists: (argv, process)."""
     argv = ["--model", tiny_mixtral_dir, "--dataset", small_text_dir, *FLAGS, "--save", "--pack", "--saving_path",
             tmp_path / "ckpt"]
     proc = _start(argv, tmp_path)
     _wait_for_partial(tmp_path, proc)
+    return argv, proc
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tiny_mixtral_dir, small_text_dir, tmp_path):
+    _, proc = _packing_run_under_way(tiny_mixtral_dir, small_text_dir, tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "error: interrupted" in err, err[-2000:]
@@ -267,10 +273,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_mixtral_dir, small_text_dir, tmp_pat
 
 
 def test_kill_9_leaves_a_partial_that_the_next_run_removes(tiny_mixtral_dir, small_text_dir, tmp_path):
-    argv = ["--model", tiny_mixtral_dir, "--dataset", small_text_dir, *FLAGS, "--save", "--pack", "--saving_path",
-            tmp_path / "ckpt"]
-    proc = _start(argv, tmp_path)
-    _wait_for_partial(tmp_path, proc)
+    argv, proc = _packing_run_under_way(tiny_mixtral_dir, small_text_dir, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     left = [p for p in listing(tmp_path) if p.startswith(".ckpt.partial-")]

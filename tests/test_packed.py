@@ -131,6 +131,14 @@ def test_size_close_to_theory(tmp_path, tokenizer, small_text_dir):
     assert sizes["code_bytes"] == (expert_params * 2.5 + attn_params * 4) / 8
 
 
+def _copy_with_quantization_config(src, dst, **fields):
+    """A copy of checkpoint ``src`` at ``dst`` whose config.json quantization_config has ``fields`` set."""
+    shutil.copytree(src, dst)
+    cfg = json.load(open(dst / "config.json"))
+    cfg["quantization_config"].update(fields)
+    json.dump(cfg, open(dst / "config.json", "w"))
+
+
 def test_not_packed_missing_truncated_and_version_errors(quantized, tiny_mixtral_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -153,10 +161,7 @@ def test_not_packed_missing_truncated_and_version_errors(quantized, tiny_mixtral
         with pytest.raises(FormatError, match=shard):
             load(str(bad))
     shutil.rmtree(bad)
-    shutil.copytree(out, bad)
-    cfg = json.load(open(bad / "config.json"))
-    cfg["quantization_config"]["version"] = 99
-    json.dump(cfg, open(bad / "config.json", "w"))
+    _copy_with_quantization_config(out, bad, version=99)
     with pytest.raises(FormatError, match="version 99"):
         load_quantized_model(str(bad))
 
@@ -177,18 +182,14 @@ def test_flipped_bytes_and_edited_config_are_caught(quantized, tmp_path):
     with pytest.raises(FormatError, match=f"{shard} does not match its sha256"):
         AutoModelForCausalLM.from_pretrained(str(bad))
     edited = tmp_path / "edited"
-    shutil.copytree(out, edited)
-    cfg = json.load(open(edited / "config.json"))
-    bits = cfg["quantization_config"]["modules"]["model.layers.0.mlp.experts.down_proj"]["bits"]
+    modules = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["modules"]
+    bits = modules["model.layers.0.mlp.experts.down_proj"]["bits"]
     bits[0] = 4 if bits[0] != 4 else 3
-    json.dump(cfg, open(edited / "config.json", "w"))
+    _copy_with_quantization_config(out, edited, modules=modules)
     with pytest.raises(FormatError, match="model.layers.0.mlp.experts.down_proj.*config.json was edited"):
         AutoModelForCausalLM.from_pretrained(str(edited))
     shutil.rmtree(edited)
-    shutil.copytree(out, edited)
-    cfg = json.load(open(edited / "config.json"))
-    cfg["quantization_config"]["group_size"] = 16
-    json.dump(cfg, open(edited / "config.json", "w"))
+    _copy_with_quantization_config(out, edited, group_size=16)
     with pytest.raises(FormatError, match="group_size 16.*config.json was edited"):
         AutoModelForCausalLM.from_pretrained(str(edited))
 

@@ -8,7 +8,6 @@ RAM holds about one block, not the model.
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 
@@ -33,15 +32,11 @@ class TensorSource:
     file is found before any work (FormatError naming it), not when its block is reached."""
 
     def __init__(self, path: str):
-        from ..quant.format import INDEX, SINGLE, FormatError, read_header
+        from ..quant.format import INDEX, SINGLE, FormatError, read_header, read_index
         self.path = path
         index = os.path.join(path, INDEX)
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise FormatError(f"{index} is damaged ({e}): copy the checkpoint again") from None
+        weight_map = read_index(path)
+        if weight_map is not None:
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(path, SINGLE)):
             files = [SINGLE]

@@ -14,18 +14,26 @@ from ..quant.format import MemoryWriter, linear_tensors, num_groups
 from ..quant.modules import QuantExperts, QuantLinear, experts_class
 
 
+def _random_matrix(rows: int, cols: int, bits: int, groupsize: int, gen: torch.Generator, device):
+    """Codes (rows, cols), scales and zero points (rows, groups) of one random packed matrix."""
+    kw = dict(generator=gen, device=device)
+    groups = num_groups(cols, groupsize)
+    codes = torch.randint(0, 2 ** bits, (rows, cols), dtype=torch.int64, **kw)
+    scale = (torch.rand(rows, groups, **kw) + 0.5) * (0.04 / 2 ** bits)
+    if bits == 1:
+        zero = torch.rand(rows, groups, **kw) * 0.6 + 0.2
+    else:
+        zero = torch.randint(0, 2 ** bits, (rows, groups), **kw).float()
+    return codes, scale, zero
+
+
 def random_packed_linear(in_features: int, out_features: int, bits: int, groupsize: int, device="cpu",
                          seed: int = 0, bias: bool = False, dtype=torch.float16) -> QuantLinear:
     """A QuantLinear with random codes, scales and zero points."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(generator=gen, device=device)
-    groups = num_groups(in_features, groupsize)
-    zero = (torch.rand(out_features, groups, **kw) * 0.6 + 0.2 if bits == 1
-            else torch.randint(0, 2 ** bits, (out_features, groups), **kw).float())
-    state = linear_tensors(torch.randint(0, 2 ** bits, (out_features, in_features), **kw),
-                           (torch.rand(out_features, groups, **kw) + 0.5) * (0.04 / 2 ** bits), zero, bits)
+    state = linear_tensors(*_random_matrix(out_features, in_features, bits, groupsize, gen, device), bits)
     if bias:
-        state["bias"] = torch.randn(out_features, **kw).to(dtype) * 0.1
+        state["bias"] = torch.randn(out_features, generator=gen, device=device).to(dtype) * 0.1
     lin = QuantLinear(in_features, out_features, bits, groupsize, bias, dtype=dtype)
     lin.load_state_dict(state, assign=True, strict=True)
     return lin.to(device)
@@ -40,16 +48,9 @@ def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[i
     sink = MemoryWriter(groupsize, False)
     E = len(bits)
     for kind, (rows, cols) in shapes.items():
-        groups = num_groups(cols, groupsize)
         for e, b in enumerate(bits):
-            kw = dict(generator=gen, device=device)
-            codes = torch.randint(0, 2 ** b, (1, rows, cols), dtype=torch.int64, **kw)
-            scale = (torch.rand(1, rows, groups, **kw) + 0.5) * (0.04 / 2 ** b)
-            if b == 1:
-                zero = torch.rand(1, rows, groups, **kw) * 0.6 + 0.2
-            else:
-                zero = torch.randint(0, 2 ** b, (1, rows, groups), **kw).float()
-            sink.add_experts(f"x.{kind}", codes, scale, zero, [b], first=e, total=E)
+            codes, scale, zero = _random_matrix(rows, cols, b, groupsize, gen, device)
+            sink.add_experts(f"x.{kind}", codes[None], scale[None], zero[None], [b], first=e, total=E)
     specs = {kind: (rows, cols, list(bits)) for kind, (rows, cols) in shapes.items()}
     has_bias = any(isinstance(getattr(template, f"{k}_bias", None), torch.Tensor) for k in shapes)
     module = experts_class("gate_up_proj" in shapes, has_bias)(config, specs, groupsize, template)
