@@ -19,6 +19,7 @@
    new tokens after a 32-token prompt at batch 1 and 16, bf16 (grouped_mm, eager) against the
    packed model (experts mixed as above, attention 4 bits), warmed up at the same lengths.
 4. ``--sweep``: tile sizes for the mixed Mixtral layer at T = 1, 16, 4096.
+5. ``--profile``: torch.profiler tables (CUDA time per kernel) for that layer, both backends.
 """
 from __future__ import annotations
 
@@ -215,26 +216,47 @@ def sweep():
     m = packed_layer(model_type, H, I, E, k, MIXED)
     gen = torch.Generator(device=DEV).manual_seed(2)
     up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-    cands = {1: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 64, 1), (16, 32, 128, 1), (16, 64, 128, 1)],
-             16: [(16, 32, 64, 1), (16, 64, 64, 1), (16, 128, 64, 1), (16, 64, 128, 1)],
-             4096: [(64, 128, 64, 1), (128, 128, 32, 1), (64, 64, 64, 1), (128, 64, 64, 1)]}
-    splits = {1: [1, 4], 16: [1, 4], 4096: [1]}
-    log("\n## tile sweep, mixed Mixtral layer (launch 1 tiles; launch 2 same M/N/K with split-K)")
+    # (block_m, block_n, split_k of launch 2, warps, stages); block_k is the kernel's 128
+    cands = {1: [(16, 32, 4, 4, 2), (16, 64, 4, 4, 2), (16, 64, 8, 4, 3), (16, 128, 4, 4, 2), (16, 32, 8, 2, 2)],
+             16: [(16, 32, 4, 4, 2), (16, 64, 4, 4, 2), (16, 64, 1, 4, 3), (16, 128, 2, 4, 2)],
+             4096: [(64, 128, 1, 8, 2), (128, 128, 1, 8, 2), (64, 64, 1, 4, 3), (128, 64, 1, 8, 3), (64, 128, 1, 4, 3)]}
+    log("\n## tile sweep, mixed Mixtral layer (launch 1 tiles; launch 2 same M/N with split-K)")
     for T, tl in cands.items():
         x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
         idx, w = routing(T, E, k, torch.bfloat16, gen)
-        for bm, bn, bk, _ in tl:
-            for sk in splits[T]:
-                for warps in ((4, 8) if T >= 4096 else (4,)):
-                    t1 = tx.Tiles(bm, bn, bk, 1, warps, 3)
-                    t2 = tx.Tiles(bm, bn, bk, sk, warps, 3)
-                    try:
-                        ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,
-                                                            tiles=(t1, t2)), 20 if T < 64 else 5)
-                        log(f"T {T:5d} tiles m{bm} n{bn} k{bk} split_k {sk} warps {warps}: {ms:.3f} ms")
-                        RESULTS.setdefault("sweep", []).append({"T": T, "tiles": [bm, bn, bk, sk, warps], "ms": ms})
-                    except Exception as exc:  # noqa: BLE001
-                        log(f"T {T} tiles {bm},{bn},{bk},{sk},{warps}: {type(exc).__name__} {str(exc)[:150]}")
+        for bm, bn, sk, warps, stages in tl:
+            t1 = tx.Tiles(bm, bn, tx.BLOCK_K, 1, warps, stages)
+            t2 = tx.Tiles(bm, bn, tx.BLOCK_K, sk, warps, stages)
+            try:
+                ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,
+                                                    tiles=(t1, t2)), 20 if T < 64 else 5)
+                log(f"T {T:5d} tiles m{bm} n{bn} split_k {sk} warps {warps} stages {stages}: {ms:.3f} ms")
+                RESULTS.setdefault("sweep", []).append({"T": T, "tiles": [bm, bn, sk, warps, stages], "ms": ms})
+            except Exception as exc:  # noqa: BLE001
+                log(f"T {T} tiles {bm},{bn},{sk},{warps},{stages}: {type(exc).__name__} {str(exc)[:150]}")
+
+
+def profile():
+    """Where a mixed Mixtral layer's time goes (torch.profiler, CUDA time per kernel)."""
+    model_type, H, I, E, k = SHAPES["mixtral8x7b"]
+    m = packed_layer(model_type, H, I, E, k, MIXED)
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    for T in (1, 16, 4096):
+        x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+        idx, w = routing(T, E, k, torch.bfloat16, gen)
+        for backend in ("fused", "dequantize"):
+            set_experts_backend(m, backend)
+            with torch.no_grad():
+                for _ in range(3):
+                    m(x, idx, w)
+                sync()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        m(x, idx, w)
+                    sync()
+            log(f"\n## profile, mixed Mixtral layer, T={T}, {backend} (5 calls)")
+            log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 def generate(prompt=32):
@@ -300,6 +322,7 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096])
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of a mixed Mixtral layer")
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -314,7 +337,7 @@ def main():
     log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
     ok = True
     steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer] + \
-        ([generate] if a.generate else []) + ([sweep] if a.sweep else [])
+        ([generate] if a.generate else []) + ([sweep] if a.sweep else []) + ([profile] if a.profile else [])
     for step in steps:
         t0 = time.time()
         try:

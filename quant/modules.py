@@ -74,7 +74,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.weight.view(torch.uint8), self.weight_scale, zero, self.bits, self.in_features, dtype)
 
     def fused_applies(self) -> bool:
-        return triton_experts.available() and triton_experts.block_k_for(self.in_features // self.groups) > 0 \
+        return triton_experts.available() and triton_experts.group_size_ok(self.in_features // self.groups) \
             and self.in_features % self.groups == 0
 
     def packed(self) -> triton_experts.PackedMatrices:
@@ -184,7 +184,7 @@ class QuantExperts(nn.Module):
 
     def fused_applies(self) -> bool:
         """The kernel takes these shapes (group size a multiple of 16) and Triton is there."""
-        return all(triton_experts.block_k_for(layout.cols // layout.groups) > 0 and layout.cols % layout.groups == 0
+        return all(triton_experts.group_size_ok(layout.cols // layout.groups) and layout.cols % layout.groups == 0
                    for layout in self.layouts.values()) and triton_experts.available()
 
     def _silu_gate(self) -> bool:

@@ -43,26 +43,100 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
-    def _dequant_tile(codes_ptr, rows, row_mask, k0, bits, row_bytes, scale_ptr, zero_ptr, G, GS, K,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_K, BLOCK_N) float32 weights W^T of ``rows``, columns k0.. (one quantization
-        group). A packed row is a little-endian bit stream, code c at bit c * bits, so each
-        code is read from its byte and, where it runs over (3 bits), the next one. The tile
-        is read row-major (neighbouring threads on neighbouring bytes), then transposed."""
-        cols = k0 + tl.arange(0, BLOCK_K)
-        bit = cols * bits
-        byte = bit >> 3
-        shift = bit & 7
-        over = (shift + bits > 8) & (cols < K)                     # the code continues in the next byte
-        ptr = codes_ptr + rows[:, None].to(tl.int64) * row_bytes + byte[None, :]
-        m2 = row_mask[:, None] & (cols < K)[None, :]
-        lo = tl.load(ptr, mask=m2, other=0).to(tl.int32)
-        hi = tl.load(ptr + 1, mask=m2 & over[None, :], other=0).to(tl.int32)
-        codes = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << bits) - 1)
-        g = k0 // GS
-        s = tl.load(scale_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
-        return tl.trans(s[:, None] * (codes.to(tl.float32) - z[:, None]))
+    def _unit_codes(row_ptr, unit, mask, BITS: tl.constexpr):
+        """The 8-code units ``unit`` of the packed rows at ``row_ptr`` (BLOCK_N, U) as int32,
+        8 * BITS bits each (BITS <= 4): a unit is BITS consecutive bytes, little-endian."""
+        ptr = row_ptr[:, None] + unit[None, :] * BITS
+        v = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+        for b in tl.static_range(1, BITS):
+            v = v | (tl.load(ptr + b, mask=mask, other=0).to(tl.int32) << (8 * b))
+        return v
+
+    @triton.jit
+    def _code(v, row_ptr, unit, mask, j: tl.constexpr, BITS: tl.constexpr):
+        """Code j of every unit (BLOCK_N, U): shifted out of the unit's bits, or (8 bits) its byte."""
+        if BITS == 8:
+            return tl.load(row_ptr[:, None] + unit[None, :] * 8 + j, mask=mask, other=0).to(tl.int32)
+        else:
+            return (v >> (j * BITS)) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        """acc (+ acc_up) += a @ W^T over columns k_lo..k_hi, for one width (BITS, compiled in).
+
+        A K tile is U = BLOCK_K / 8 units of 8 codes. Code j of every unit is column
+        8u + j: it is multiplied with those columns of a (a strided load), so the codes are
+        shifted straight out of the loaded bytes, never rearranged. With the whole tile in
+        one quantization group (ONE_GROUP) the scale and zero point come out of the sum:
+        sum_k a_k s (q_k - z) = s (sum_k a_k q_k - z sum_k a_k), so the codes go to the dot
+        as they are (exact small integers); otherwise each weight is s * (q - z) first."""
+        U: tl.constexpr = BLOCK_K // 8
+        u = tl.arange(0, U)
+        rows = codes_e + n.to(tl.int64) * row_bytes
+        rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            unit = k0 // 8 + u
+            mask = n_mask[:, None] & (unit * 8 < K)[None, :]
+            v = tl.zeros((BLOCK_N, U), dtype=tl.int32)
+            v_up = tl.zeros((BLOCK_N, U), dtype=tl.int32)
+            if BITS != 8:
+                v = _unit_codes(rows, unit, mask, BITS)
+                if SILU:
+                    v_up = _unit_codes(rows_up, unit, mask, BITS)
+            if ONE_GROUP:
+                g = k0 // GS
+                s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+                z = tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+                s_up, z_up = s, z
+                if SILU:
+                    s_up = tl.load(scale_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)
+                    z_up = tl.load(zero_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)
+            else:
+                gu = (unit * 8) // GS
+                s = tl.load(scale_e + n[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(zero_e + n[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
+                s_up, z_up = s, z
+                if SILU:
+                    s_up = tl.load(scale_e + (n + N)[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
+                    z_up = tl.load(zero_e + (n + N)[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                col = unit * 8 + j
+                a = tl.load(a_ptr + a_rows[:, None] * K + col[None, :], mask=m_mask[:, None] & (col < K)[None, :],
+                            other=0.0)
+                q = _code(v, rows, unit, mask, j, BITS)
+                if ONE_GROUP:
+                    w = q.to(a.dtype)
+                    a_sum += tl.sum(a.to(tl.float32), axis=1)
+                else:
+                    w = (s * (q.to(tl.float32) - z)).to(a.dtype)
+                if FP32_DOT:
+                    part += tl.dot(a, tl.trans(w), input_precision="ieee")
+                else:
+                    part += tl.dot(a, tl.trans(w))
+                if SILU:
+                    q_up = _code(v_up, rows_up, unit, mask, j, BITS)
+                    if ONE_GROUP:
+                        w_up = q_up.to(a.dtype)
+                    else:
+                        w_up = (s_up * (q_up.to(tl.float32) - z_up)).to(a.dtype)
+                    if FP32_DOT:
+                        part_up += tl.dot(a, tl.trans(w_up), input_precision="ieee")
+                    else:
+                        part_up += tl.dot(a, tl.trans(w_up))
+            if ONE_GROUP:
+                acc += s[None, :] * (part - z[None, :] * a_sum[:, None])
+                if SILU:
+                    acc_up += s_up[None, :] * (part_up - z_up[None, :] * a_sum[:, None])
+            else:
+                acc += part
+                if SILU:
+                    acc_up += part_up
+        return acc, acc_up
 
     @triton.jit
     def _experts_gemm_kernel(
@@ -70,7 +144,7 @@ if triton is not None:
             order_ptr, counts_ptr, starts_ptr, route_w_ptr,
             N, K, R, G, GS, TOPK, M_TILES,
             GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-            ROUTE_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr,
+            ROUTE_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
         """out = a @ W_e^T for each expert e's sorted rows. N output columns (with SILU: the
         gate rows 0..N-1 and the up rows N..2N-1 of an expert's R = 2N rows)."""
@@ -100,22 +174,22 @@ if triton is not None:
         k_hi = tl.minimum(K, k_lo + k_steps * BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + a_rows[:, None] * K + kk[None, :],
-                        mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            w = _dequant_tile(codes_e, n, n_mask, k0, bits, row_bytes, scale_e, zero_e, G, GS, K, BLOCK_N, BLOCK_K)
-            if FP32_DOT:
-                acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
-            else:
-                acc += tl.dot(a, w.to(a.dtype))
-            if SILU:
-                w_up = _dequant_tile(codes_e, n + N, n_mask, k0, bits, row_bytes, scale_e, zero_e, G, GS, K,
-                                     BLOCK_N, BLOCK_K)
-                if FP32_DOT:
-                    acc_up += tl.dot(a, w_up.to(a.dtype), input_precision="ieee")
-                else:
-                    acc_up += tl.dot(a, w_up.to(a.dtype))
+        # one loop per width, each with its width compiled in; the expert's width picks one
+        if bits == 1:
+            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                                  k_lo, k_hi, 1, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
+        elif bits == 2:
+            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                                  k_lo, k_hi, 2, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
+        elif bits == 3:
+            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                                  k_lo, k_hi, 3, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
+        elif bits == 4:
+            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                                  k_lo, k_hi, 4, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
+        else:
+            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                                  k_lo, k_hi, 8, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
         if HAS_BIAS:
             if tl.program_id(2) == 0:
                 acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -173,31 +247,31 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def block_k_for(group_size: int) -> int:
-    """The largest K tile (16..128, a power of two) inside one group; 0 if there is none."""
-    for bk in (128, 64, 32, 16):
-        if group_size % bk == 0:
-            return bk
-    return 0
+# K tile: 16 units of 8 codes, so each of a tile's 8 dots (one per code position) has
+# K = 16, the least tl.dot takes.
+BLOCK_K = 128
+
+
+def group_size_ok(group_size: int) -> bool:
+    """The kernel reads whole 8-code units inside one group: group sizes that are multiples of 16."""
+    return group_size % 16 == 0
 
 
 def supported(m: PackedMatrices) -> bool:
-    return available() and block_k_for(m.group_size) > 0
+    return available() and group_size_ok(m.group_size)
 
 
-def choose_tiles(slots: int, n_out: int, k: int, group_size: int, active_experts: int, sms: int,
-                 split: bool) -> Tiles:
+def choose_tiles(slots: int, n_out: int, k: int, active_experts: int, sms: int, split: bool) -> Tiles:
     """Few slots (decode): thin M tiles, and K split until the active experts' row tiles
     fill the GPU twice over; many (prefill): tensor-core sized tiles."""
-    bk = block_k_for(group_size)
     if slots <= 64 * active_experts:
-        bm, bn, bk = 16, 64, min(bk, 64)
+        bm, bn = 16, 64
         split_k = 1
         if split:
             programs = max(1, active_experts) * triton.cdiv(n_out, bn) * triton.cdiv(min(slots, 64), bm)
-            split_k = max(1, min(triton.cdiv(k, bk), triton.cdiv(2 * sms, programs)))
-        return Tiles(bm, bn, bk, split_k, num_warps=4, num_stages=2)
-    return Tiles(64, 128, min(bk, 64), 1, num_warps=8, num_stages=2)
+            split_k = max(1, min(triton.cdiv(k, BLOCK_K), triton.cdiv(2 * sms, programs)))
+        return Tiles(bm, bn, BLOCK_K, split_k, num_warps=4, num_stages=2)
+    return Tiles(64, 128, BLOCK_K, 1, num_warps=8, num_stages=2)
 
 
 def _launch(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool, silu: bool,
@@ -215,7 +289,7 @@ def _launch(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool
         n_out, mats.cols, mats.rows, mats.scale.shape[2], mats.cols // mats.scale.shape[2], top_k, m_tiles,
         GATHER_A=gather_a, SCATTER_OUT=scatter_out, SILU=silu, HAS_BIAS=mats.bias is not None,
         ROUTE_WEIGHT=route_w is not None, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, FP32_DOT=a.dtype == torch.float32, num_warps=tiles.num_warps,
+        ONE_GROUP=(mats.group_size % tiles.block_k == 0), BLOCK_K=tiles.block_k, FP32_DOT=a.dtype == torch.float32, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
 
 
@@ -246,13 +320,13 @@ def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     inter = up.rows // 2 if gated else up.rows
     fused = gated and fuse_silu
     n1 = inter if fused else up.rows
-    t1 = tiles[0] if tiles else choose_tiles(slots, n1, H, up.group_size, active, sms, split=False)
+    t1 = tiles[0] if tiles else choose_tiles(slots, n1, H, active, sms, split=False)
     h = torch.empty(slots, n1, device=hidden.device, dtype=hidden.dtype)
     _launch(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused, route_w=None,
             tiles=t1)
     if not fused:
         h = activation(h).contiguous()
-    t2 = tiles[1] if tiles else choose_tiles(slots, H, inter, down.group_size, active, sms, split=True)
+    t2 = tiles[1] if tiles else choose_tiles(slots, H, inter, active, sms, split=True)
     y = torch.zeros(slots, H, device=hidden.device, dtype=torch.float32)
     _launch(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,
             route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
@@ -268,7 +342,7 @@ def linear_routing(tokens: int, device) -> tuple:
 def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = None) -> torch.Tensor:
     """x (T, C) @ W^T for one packed (R, C) matrix (``mats`` with one expert), no bias."""
     T = x.shape[0]
-    t = tiles or choose_tiles(T, mats.rows, mats.cols, mats.group_size, 1, sm_count(x.device), split=True)
+    t = tiles or choose_tiles(T, mats.rows, mats.cols, 1, sm_count(x.device), split=True)
     out = torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32 if t.split_k > 1 else x.dtype)
     _launch(x.contiguous(), out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
             silu=False, route_w=None, tiles=t)

@@ -4,7 +4,8 @@ matmuls): every width alone and mixed in one layer, 1 to 1500 tokens (decode til
 split-K and prefill tiles), an expert that gets no token, SwiGLU fused in the kernel
 (Mixtral) and a family's own gating with biases (GPT-OSS), float32 and float16 (the
 interpreter's bfloat16 tl.dot is wrong in Triton 3.9, so bfloat16 is checked on the GPU by
-benchmarks/bench_experts_kernel.py --check); and a quantized linear through the same kernel."""
+benchmarks/bench_experts_kernel.py --check), group sizes inside a K tile (32) and spanning it
+(128: scales applied after the dots); and a quantized linear through the same kernel."""
 import os
 import subprocess
 import sys
@@ -54,19 +55,35 @@ for family, bits in cases:
             assert got.dtype == dtype and got.shape == ref.shape
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, dtype, err)
-            t = tx.choose_tiles(T * 2, H, I, GS, min(E, T * 2), 132, split=True)
+            t = tx.choose_tiles(T * 2, H, I, min(E, T * 2), 132, split=True)
             seen_split.add((t.block_m, t.split_k > 1))
-# both tile shapes and the split-K path were exercised
-assert (16, True) in seen_split and (64, False) in seen_split, seen_split
+# both tile shapes were exercised (split-K needs K > 128: below)
+assert (16, False) in seen_split and (64, False) in seen_split, seen_split
 
 # explicit tiles: several M tiles per expert, split-K on both launches' shapes
 m = make("mixtral", [4, 2, 1, 3, 8, 2, 2, 1]).to(torch.float32)
 x = torch.randn(70, H, generator=gen); idx, w = routing(70, gen, torch.float32)
 ref = dequantize_experts_forward(m, x, idx, w)
-for tiles in ((tx.Tiles(16, 32, 32), tx.Tiles(16, 16, 16, split_k=4)), (tx.Tiles(32, 64, 16), tx.Tiles(64, 32, 32, 3))):
+for tiles in ((tx.Tiles(16, 32, 128), tx.Tiles(16, 16, 128, split_k=4)), (tx.Tiles(32, 64, 128), tx.Tiles(64, 32, 128, 3))):
     got = tx.fused_experts(x, idx, w, m.packed("gate_up_proj"), m.packed("down_proj"), gated=True, fuse_silu=True,
                            tiles=tiles)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5, tiles
+
+# group size a multiple of the K tile (128): scale and zero point applied after each tile's dots
+# and the down projection split over K (3 tiles of 128, summed with atomics)
+config = MixtralConfig(hidden_size=128, intermediate_size=384, num_local_experts=E)
+with torch.device("meta"):
+    template = MixtralExperts(config)
+for bits in ([3, 3, 2, 2, 2, 2, 1, 1], [8, 4, 8, 4, 8, 4, 8, 4]):
+    big = random_packed_experts(template, config, {"gate_up_proj": (768, 128), "down_proj": (128, 384)}, bits, 128)
+    for T, tiles in ((1, None), (40, None), (3, (tx.Tiles(16, 64, 128), tx.Tiles(16, 64, 128, split_k=3)))):
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(T, 128, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
+            ref = dequantize_experts_forward(big.to(dtype), x, idx, w)
+            got = tx.fused_experts(x, idx, w, big.packed("gate_up_proj"), big.packed("down_proj"), gated=True,
+                                   fuse_silu=True, tiles=tiles)
+            err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("one group", bits, T, dtype, err)
 
 # a token routed nowhere real changes nothing else: all-zero output rows stay zero
 out = tx.fused_experts(torch.zeros(4, H), idx[:4], w[:4], m.packed("gate_up_proj"), m.packed("down_proj"),
