@@ -217,8 +217,9 @@ def sweep():
     gen = torch.Generator(device=DEV).manual_seed(2)
     up, down = m.packed("gate_up_proj"), m.packed("down_proj")
     # (block_m, block_n, split_k of launch 2, warps, stages); block_k is the kernel's 128
-    cands = {1: [(16, 32, 4, 4, 2), (16, 64, 4, 4, 2), (16, 64, 8, 4, 3), (16, 128, 4, 4, 2), (16, 32, 8, 2, 2)],
-             16: [(16, 32, 4, 4, 2), (16, 64, 4, 4, 2), (16, 64, 1, 4, 3), (16, 128, 2, 4, 2)],
+    cands = {1: [(1, 32, 4, 4, 2), (1, 64, 4, 4, 2), (1, 64, 8, 4, 3), (1, 128, 2, 4, 2), (1, 128, 4, 8, 2),
+                 (1, 64, 2, 2, 2)],
+             16: [(4, 64, 4, 4, 2), (8, 64, 4, 4, 2), (8, 32, 4, 4, 2), (8, 128, 2, 8, 2), (16, 64, 4, 4, 2)],
              4096: [(64, 128, 1, 8, 2), (128, 128, 1, 8, 2), (64, 64, 1, 4, 3), (128, 64, 1, 8, 3), (64, 128, 1, 4, 3)]}
     log("\n## tile sweep, mixed Mixtral layer (launch 1 tiles; launch 2 same M/N with split-K)")
     for T, tl in cands.items():

@@ -3,7 +3,7 @@
 Writes the weight once in the compute dtype, where the eager version
 (quant/packing.dequantize_packed) makes several passes over intermediate tensors. Same
 arithmetic: w = scale * (q - zero) in float32, then cast. The codes are read as the fused
-experts kernel reads them (quant/triton_experts.py: _unit_codes, _code).
+experts kernel reads them (quant/triton_experts.py: _codes_tile).
 The tests run it through Triton's interpreter on the CPU (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -18,29 +18,25 @@ except ImportError:  # CPU-only installs
 
 
 if triton is not None:
-    from .triton_experts import _code, _unit_codes
+    from .triton_experts import _codes_tile
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS,
                         BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr):
         """A packed row is units of 8 codes, BITS bytes each (quant/packing.py): a program
-        loads U units of BLOCK_R rows once, then shifts out code j of every unit and writes
-        column 8u + j, for j = 0..7."""
+        loads U units of BLOCK_R rows, unpacks them in registers in column order and writes
+        8 U consecutive columns per row."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         unit = tl.program_id(1) * U + tl.arange(0, U)
-        mask = (rows < R)[:, None] & (unit * 8 < C)[None, :]
-        row_ptr = q_ptr + rows.to(tl.int64) * W
-        v = tl.zeros((BLOCK_R, U), dtype=tl.int32)
-        if BITS != 8:
-            v = _unit_codes(row_ptr, unit, mask, BITS)
-        g = (unit * 8) // GS
-        scale = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + rows[:, None] * G + g[None, :], mask=mask, other=0.0)
-        out_row = out_ptr + rows[:, None].to(tl.int64) * C
-        for j in tl.static_range(8):
-            col = unit * 8 + j
-            w = scale * (_code(v, row_ptr, unit, mask, j, BITS).to(tl.float32) - zero)
-            tl.store(out_row + col[None, :], w.to(out_ptr.dtype.element_ty), mask=mask & (col < C)[None, :])
+        cols = tl.program_id(1) * U * 8 + tl.arange(0, U * 8)
+        row_ok = (rows < R)[:, None]
+        q = _codes_tile(q_ptr + rows.to(tl.int64) * W, unit, row_ok & (unit * 8 < C)[None, :], BITS)
+        m2 = row_ok & (cols < C)[None, :]
+        g = (cols // GS)[None, :]
+        scale = tl.load(s_ptr + rows[:, None] * G + g, mask=m2, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + rows[:, None] * G + g, mask=m2, other=0.0)
+        w = scale * (q.to(tl.float32) - zero)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 def available() -> bool:
@@ -52,7 +48,7 @@ def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zero: torch.T
     """zero: the unpacked zero points as float32 (R, G)."""
     rows, groups = scales.shape
     out = torch.empty(rows, cols, device=qweight.device, dtype=dtype)
-    block_r, units = 16, 32
+    block_r, units = 8, 32
     grid = (triton.cdiv(rows, block_r), triton.cdiv(triton.cdiv(cols, 8), units))
     _dequant_kernel[grid](qweight, scales, zero.contiguous(), out, rows, cols, qweight.shape[1], groups,
                           cols // groups, BITS=bits, BLOCK_R=block_r, U=units)

@@ -25,6 +25,7 @@ the CPU (TRITON_INTERPRET=1), benchmarks/check_experts_kernel.py on the GPU.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -43,9 +44,9 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
-    def _unit_codes(row_ptr, unit, mask, BITS: tl.constexpr):
-        """The 8-code units ``unit`` of the packed rows at ``row_ptr`` (BLOCK_N, U) as int32,
-        8 * BITS bits each (BITS <= 4): a unit is BITS consecutive bytes, little-endian."""
+    def _unit_words(row_ptr, unit, mask, BITS: tl.constexpr):
+        """Units ``unit`` of the packed rows at ``row_ptr``, (rows, U) int32 of 8 * BITS bits
+        (BITS <= 4): a unit is 8 codes in BITS consecutive bytes, little-endian."""
         ptr = row_ptr[:, None] + unit[None, :] * BITS
         v = tl.load(ptr, mask=mask, other=0).to(tl.int32)
         for b in tl.static_range(1, BITS):
@@ -53,90 +54,150 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _code(v, row_ptr, unit, mask, j: tl.constexpr, BITS: tl.constexpr):
-        """Code j of every unit (BLOCK_N, U): shifted out of the unit's bits, or (8 bits) its byte."""
+    def _plane(v, row_ptr, unit, mask, j: tl.constexpr, BITS: tl.constexpr):
+        """Code j of every unit, (rows, U) int32: shifted out of the unit, or (8 bits) its byte."""
         if BITS == 8:
             return tl.load(row_ptr[:, None] + unit[None, :] * 8 + j, mask=mask, other=0).to(tl.int32)
         else:
             return (v >> (j * BITS)) & ((1 << BITS) - 1)
 
     @triton.jit
-    def _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
-        """acc (+ acc_up) += a @ W^T over columns k_lo..k_hi, for one width (BITS, compiled in).
+    def _codes_tile(row_ptr, unit, mask, BITS: tl.constexpr):
+        """The codes of units ``unit`` in column order, (rows, 8 U) int32: the 8 planes
+        interleaved in registers (interleave(x, y) alternates x and y along the last axis)."""
+        v = tl.zeros(mask.shape, dtype=tl.int32)
+        if BITS != 8:
+            v = _unit_words(row_ptr, unit, mask, BITS)
+        p0 = _plane(v, row_ptr, unit, mask, 0, BITS)
+        p1 = _plane(v, row_ptr, unit, mask, 1, BITS)
+        p2 = _plane(v, row_ptr, unit, mask, 2, BITS)
+        p3 = _plane(v, row_ptr, unit, mask, 3, BITS)
+        p4 = _plane(v, row_ptr, unit, mask, 4, BITS)
+        p5 = _plane(v, row_ptr, unit, mask, 5, BITS)
+        p6 = _plane(v, row_ptr, unit, mask, 6, BITS)
+        p7 = _plane(v, row_ptr, unit, mask, 7, BITS)
+        return tl.interleave(tl.interleave(tl.interleave(p0, p4), tl.interleave(p2, p6)),
+                             tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7)))
 
-        A K tile is U = BLOCK_K / 8 units of 8 codes. Code j of every unit is column
-        8u + j: it is multiplied with those columns of a (a strided load), so the codes are
-        shifted straight out of the loaded bytes, never rearranged. With the whole tile in
-        one quantization group (ONE_GROUP) the scale and zero point come out of the sum:
-        sum_k a_k s (q_k - z) = s (sum_k a_k q_k - z sum_k a_k), so the codes go to the dot
-        as they are (exact small integers); otherwise each weight is s * (q - z) first."""
+    @triton.jit
+    def _loop_fma(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                  k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Few tokens (decode): acc (+ acc_up) += a @ W^T on the CUDA cores. A K tile is
+        U = BLOCK_K / 8 units of 8 codes; code j of every unit (column 8u + j) is shifted out
+        of the loaded unit, dequantized (w = q s - z s) and multiplied with those columns of
+        a. The products stay per (token, row, unit) until the loop ends: one reduction
+        over the units at the end, none per tile."""
         U: tl.constexpr = BLOCK_K // 8
         u = tl.arange(0, U)
         rows = codes_e + n.to(tl.int64) * row_bytes
         rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
+        p = tl.zeros((BLOCK_M, BLOCK_N, U), dtype=tl.float32)
+        p_up = tl.zeros((BLOCK_M, BLOCK_N, U), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             unit = k0 // 8 + u
             mask = n_mask[:, None] & (unit * 8 < K)[None, :]
             v = tl.zeros((BLOCK_N, U), dtype=tl.int32)
             v_up = tl.zeros((BLOCK_N, U), dtype=tl.int32)
             if BITS != 8:
-                v = _unit_codes(rows, unit, mask, BITS)
+                v = _unit_words(rows, unit, mask, BITS)
                 if SILU:
-                    v_up = _unit_codes(rows_up, unit, mask, BITS)
+                    v_up = _unit_words(rows_up, unit, mask, BITS)
             if ONE_GROUP:
                 g = k0 // GS
-                s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
-                z = tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
-                s_up, z_up = s, z
+                s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                c = -s * tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                s_up, c_up = s, c
                 if SILU:
-                    s_up = tl.load(scale_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)
-                    z_up = tl.load(zero_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)
+                    s_up = tl.load(scale_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                    c_up = -s_up * tl.load(zero_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             else:
-                gu = (unit * 8) // GS
-                s = tl.load(scale_e + n[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
-                z = tl.load(zero_e + n[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
-                s_up, z_up = s, z
+                gu = ((unit * 8) // GS)[None, :]
+                s = tl.load(scale_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
+                c = -s * tl.load(zero_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
+                s_up, c_up = s, c
                 if SILU:
-                    s_up = tl.load(scale_e + (n + N)[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
-                    z_up = tl.load(zero_e + (n + N)[:, None] * G + gu[None, :], mask=mask, other=0.0).to(tl.float32)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    s_up = tl.load(scale_e + (n + N)[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
+                    c_up = -s_up * tl.load(zero_e + (n + N)[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
             for j in tl.static_range(8):
                 col = unit * 8 + j
                 a = tl.load(a_ptr + a_rows[:, None] * K + col[None, :], mask=m_mask[:, None] & (col < K)[None, :],
-                            other=0.0)
-                q = _code(v, rows, unit, mask, j, BITS)
-                if ONE_GROUP:
-                    w = q.to(a.dtype)
-                    a_sum += tl.sum(a.to(tl.float32), axis=1)
-                else:
-                    w = (s * (q.to(tl.float32) - z)).to(a.dtype)
-                if FP32_DOT:
-                    part += tl.dot(a, tl.trans(w), input_precision="ieee")
-                else:
-                    part += tl.dot(a, tl.trans(w))
+                            other=0.0).to(tl.float32)[:, None, :]
+                w = _plane(v, rows, unit, mask, j, BITS).to(tl.float32) * s + c
+                p += w[None, :, :] * a
                 if SILU:
-                    q_up = _code(v_up, rows_up, unit, mask, j, BITS)
-                    if ONE_GROUP:
-                        w_up = q_up.to(a.dtype)
-                    else:
-                        w_up = (s_up * (q_up.to(tl.float32) - z_up)).to(a.dtype)
-                    if FP32_DOT:
-                        part_up += tl.dot(a, tl.trans(w_up), input_precision="ieee")
-                    else:
-                        part_up += tl.dot(a, tl.trans(w_up))
-            if ONE_GROUP:
-                acc += s[None, :] * (part - z[None, :] * a_sum[:, None])
-                if SILU:
-                    acc_up += s_up[None, :] * (part_up - z_up[None, :] * a_sum[:, None])
-            else:
-                acc += part
-                if SILU:
-                    acc_up += part_up
+                    w_up = _plane(v_up, rows_up, unit, mask, j, BITS).to(tl.float32) * s_up + c_up
+                    p_up += w_up[None, :, :] * a
+        acc += tl.sum(p, axis=2)
+        if SILU:
+            acc_up += tl.sum(p_up, axis=2)
         return acc, acc_up
+
+    @triton.jit
+    def _dot_tile(acc, a, a_sum, rows, unit, umask, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
+                  BITS: tl.constexpr, ONE_GROUP: tl.constexpr, FP32_DOT: tl.constexpr):
+        """acc += a @ W^T for one K tile of rows ``rows`` on the tensor cores. Inside one
+        quantization group the scale and zero point come out of the sum,
+        sum_k a_k s (q_k - z) = s (sum_k a_k q_k - z sum_k a_k), so the codes (exact small
+        integers) go to the dot as they are; otherwise each weight is s (q - z) first."""
+        q = _codes_tile(rows, unit, umask, BITS)
+        if ONE_GROUP:
+            g = k0 // GS
+            s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+            if FP32_DOT:
+                part = tl.dot(a, tl.trans(q.to(a.dtype)), input_precision="ieee")
+            else:
+                part = tl.dot(a, tl.trans(q.to(a.dtype)))
+            acc += s[None, :] * (part - z[None, :] * a_sum[:, None])
+        else:
+            m2 = n_mask[:, None] & kmask[None, :]
+            gk = (k // GS)[None, :]
+            s = tl.load(scale_e + n[:, None] * G + gk, mask=m2, other=0.0).to(tl.float32)
+            z = tl.load(zero_e + n[:, None] * G + gk, mask=m2, other=0.0).to(tl.float32)
+            w = (s * (q.to(tl.float32) - z)).to(a.dtype)
+            if FP32_DOT:
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w))
+        return acc
+
+    @triton.jit
+    def _loop_dot(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                  k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        """Many tokens (prefill): acc (+ acc_up) += a @ W^T, a tile of codes in column order
+        per K step, one dot each."""
+        U: tl.constexpr = BLOCK_K // 8
+        u = tl.arange(0, U)
+        rows = codes_e + n.to(tl.int64) * row_bytes
+        rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            unit = k0 // 8 + u
+            umask = n_mask[:, None] & (unit * 8 < K)[None, :]
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
+            a_sum = tl.sum(a.to(tl.float32), axis=1)
+            acc = _dot_tile(acc, a, a_sum, rows, unit, umask, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
+                            BITS, ONE_GROUP, FP32_DOT)
+            if SILU:
+                acc_up = _dot_tile(acc_up, a, a_sum, rows_up, unit, umask, k, kmask, scale_e, zero_e, n + N, n_mask,
+                                   G, GS, k0, BITS, ONE_GROUP, FP32_DOT)
+        return acc, acc_up
+
+    @triton.jit
+    def _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+                k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        """One width's loop over K (BITS compiled in): CUDA cores for up to 8 tokens per tile,
+        tensor cores above."""
+        if BLOCK_M <= 8:
+            return _loop_fma(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e,
+                             G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            return _loop_dot(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e,
+                             G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
 
     @triton.jit
     def _experts_gemm_kernel(
@@ -261,14 +322,19 @@ def supported(m: PackedMatrices) -> bool:
     return available() and group_size_ok(m.group_size)
 
 
-def choose_tiles(slots: int, n_out: int, k: int, active_experts: int, sms: int, split: bool) -> Tiles:
-    """Few slots (decode): thin M tiles, and K split until the active experts' row tiles
-    fill the GPU twice over; many (prefill): tensor-core sized tiles."""
-    if slots <= 64 * active_experts:
-        bm, bn = 16, 64
+def choose_tiles(tokens: int, top_k: int, n_out: int, k: int, num_experts: int, sms: int, split: bool) -> Tiles:
+    """Few tokens per expert (decode): up to 8 per tile on the CUDA cores, and K split until
+    the active experts' row tiles fill the GPU twice over; many (prefill): tensor-core tiles.
+    An expert gets at most one slot per token."""
+    slots = tokens * top_k
+    active_experts = min(num_experts, slots)
+    per_expert = slots / max(1, active_experts)
+    if per_expert <= 8:
+        bm = min(8, triton.next_power_of_2(min(tokens, math.ceil(2 * per_expert))))
+        bn = 64
         split_k = 1
         if split:
-            programs = max(1, active_experts) * triton.cdiv(n_out, bn) * triton.cdiv(min(slots, 64), bm)
+            programs = max(1, active_experts) * triton.cdiv(n_out, bn)
             split_k = max(1, min(triton.cdiv(k, BLOCK_K), triton.cdiv(2 * sms, programs)))
         return Tiles(bm, bn, BLOCK_K, split_k, num_warps=4, num_stages=2)
     return Tiles(64, 128, BLOCK_K, 1, num_warps=8, num_stages=2)
@@ -315,19 +381,17 @@ def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     sms = sm_count(hidden.device)
     num_experts = up.scale.shape[0]
     routing = route(top_k_index, num_experts)
-    slots = T * k
-    active = min(num_experts, slots)
     inter = up.rows // 2 if gated else up.rows
     fused = gated and fuse_silu
     n1 = inter if fused else up.rows
-    t1 = tiles[0] if tiles else choose_tiles(slots, n1, H, active, sms, split=False)
-    h = torch.empty(slots, n1, device=hidden.device, dtype=hidden.dtype)
+    t1 = tiles[0] if tiles else choose_tiles(T, k, n1, H, num_experts, sms, split=False)
+    h = torch.empty(T * k, n1, device=hidden.device, dtype=hidden.dtype)
     _launch(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused, route_w=None,
             tiles=t1)
     if not fused:
         h = activation(h).contiguous()
-    t2 = tiles[1] if tiles else choose_tiles(slots, H, inter, active, sms, split=True)
-    y = torch.zeros(slots, H, device=hidden.device, dtype=torch.float32)
+    t2 = tiles[1] if tiles else choose_tiles(T, k, H, inter, num_experts, sms, split=True)
+    y = torch.zeros(T * k, H, device=hidden.device, dtype=torch.float32)
     _launch(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,
             route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
     return y.view(T, k, H).sum(1).to(hidden.dtype)
@@ -342,7 +406,7 @@ def linear_routing(tokens: int, device) -> tuple:
 def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = None) -> torch.Tensor:
     """x (T, C) @ W^T for one packed (R, C) matrix (``mats`` with one expert), no bias."""
     T = x.shape[0]
-    t = tiles or choose_tiles(T, mats.rows, mats.cols, 1, sm_count(x.device), split=True)
+    t = tiles or choose_tiles(T, 1, mats.rows, mats.cols, 1, sm_count(x.device), split=True)
     out = torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32 if t.split_k > 1 else x.dtype)
     _launch(x.contiguous(), out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
             silu=False, route_w=None, tiles=t)
