@@ -80,57 +80,62 @@ if triton is not None:
                              tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7)))
 
     @triton.jit
+    def _scales(scale_e, zero_e, n, n_mask, mask, unit, k0, G, GS, ONE_GROUP: tl.constexpr):
+        """Scale s and offset c = -s z of rows n for the units of one K tile: (rows, 1)
+        inside one group, else (rows, U), so that w = q s + c."""
+        if ONE_GROUP:
+            g = k0 // GS
+            s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        else:
+            gu = ((unit * 8) // GS)[None, :]
+            s = tl.load(scale_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(zero_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
+        return s, -s * z
+
+    @triton.jit
     def _loop_fma(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
                   k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Few tokens (decode): acc (+ acc_up) += a @ W^T on the CUDA cores. A K tile is
         U = BLOCK_K / 8 units of 8 codes; code j of every unit (column 8u + j) is shifted out
-        of the loaded unit, dequantized (w = q s - z s) and multiplied with those columns of
-        a. The products stay per (token, row, unit) until the loop ends: one reduction
-        over the units at the end, none per tile."""
+        of the loaded unit, dequantized (w = q s + c) and multiplied with those columns of
+        each token's a. Products stay per (row, unit) until the loop ends, one (rows, U)
+        tile per token, in the layout the codes were loaded in: one reduction over the units
+        at the end, no data moved between threads inside the loop."""
         U: tl.constexpr = BLOCK_K // 8
         u = tl.arange(0, U)
         rows = codes_e + n.to(tl.int64) * row_bytes
         rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
-        p = tl.zeros((BLOCK_M, BLOCK_N, U), dtype=tl.float32)
-        p_up = tl.zeros((BLOCK_M, BLOCK_N, U), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            unit = k0 // 8 + u
-            mask = n_mask[:, None] & (unit * 8 < K)[None, :]
-            v = tl.zeros((BLOCK_N, U), dtype=tl.int32)
-            v_up = tl.zeros((BLOCK_N, U), dtype=tl.int32)
-            if BITS != 8:
-                v = _unit_words(rows, unit, mask, BITS)
-                if SILU:
-                    v_up = _unit_words(rows_up, unit, mask, BITS)
-            if ONE_GROUP:
-                g = k0 // GS
-                s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                c = -s * tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                s_up, c_up = s, c
-                if SILU:
-                    s_up = tl.load(scale_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                    c_up = -s_up * tl.load(zero_e + (n + N) * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            else:
-                gu = ((unit * 8) // GS)[None, :]
-                s = tl.load(scale_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
-                c = -s * tl.load(zero_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
-                s_up, c_up = s, c
-                if SILU:
-                    s_up = tl.load(scale_e + (n + N)[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
-                    c_up = -s_up * tl.load(zero_e + (n + N)[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
-            for j in tl.static_range(8):
-                col = unit * 8 + j
-                a = tl.load(a_ptr + a_rows[:, None] * K + col[None, :], mask=m_mask[:, None] & (col < K)[None, :],
-                            other=0.0).to(tl.float32)[:, None, :]
-                w = _plane(v, rows, unit, mask, j, BITS).to(tl.float32) * s + c
-                p += w[None, :, :] * a
-                if SILU:
-                    w_up = _plane(v_up, rows_up, unit, mask, j, BITS).to(tl.float32) * s_up + c_up
-                    p_up += w_up[None, :, :] * a
-        acc += tl.sum(p, axis=2)
-        if SILU:
-            acc_up += tl.sum(p_up, axis=2)
+        for mi in tl.static_range(BLOCK_M):
+            row_a = tl.sum(tl.where(tl.arange(0, BLOCK_M) == mi, a_rows, 0))      # token mi's row of a
+            ok = tl.sum(tl.where(tl.arange(0, BLOCK_M) == mi, m_mask.to(tl.int32), 0)) > 0
+            p = tl.zeros((BLOCK_N, U), dtype=tl.float32)
+            p_up = tl.zeros((BLOCK_N, U), dtype=tl.float32)
+            if ok:
+                for k0 in range(k_lo, k_hi, BLOCK_K):
+                    unit = k0 // 8 + u
+                    mask = n_mask[:, None] & (unit * 8 < K)[None, :]
+                    v = tl.zeros((BLOCK_N, U), dtype=tl.int32)
+                    v_up = tl.zeros((BLOCK_N, U), dtype=tl.int32)
+                    if BITS != 8:
+                        v = _unit_words(rows, unit, mask, BITS)
+                        if SILU:
+                            v_up = _unit_words(rows_up, unit, mask, BITS)
+                    s, c = _scales(scale_e, zero_e, n, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
+                    s_up, c_up = s, c
+                    if SILU:
+                        s_up, c_up = _scales(scale_e, zero_e, n + N, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
+                    for j in tl.static_range(8):
+                        col = unit * 8 + j
+                        a = tl.load(a_ptr + row_a * K + col, mask=col < K, other=0.0).to(tl.float32)[None, :]
+                        p += (_plane(v, rows, unit, mask, j, BITS).to(tl.float32) * s + c) * a
+                        if SILU:
+                            p_up += (_plane(v_up, rows_up, unit, mask, j, BITS).to(tl.float32) * s_up + c_up) * a
+            hit = (tl.arange(0, BLOCK_M) == mi)[:, None]
+            acc = tl.where(hit, acc + tl.sum(p, axis=1)[None, :], acc)
+            if SILU:
+                acc_up = tl.where(hit, acc_up + tl.sum(p_up, axis=1)[None, :], acc_up)
         return acc, acc_up
 
     @triton.jit
