@@ -25,7 +25,6 @@ the CPU (TRITON_INTERPRET=1), benchmarks/check_experts_kernel.py on the GPU.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -94,48 +93,42 @@ if triton is not None:
         return s, -s * z
 
     @triton.jit
-    def _loop_fma(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
+    def _loop_fma(acc, acc_up, a_ptr, a_row, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
                   k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Few tokens (decode): acc (+ acc_up) += a @ W^T on the CUDA cores. A K tile is
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One token (decode): acc (+ acc_up) += a @ W^T on the CUDA cores. A K tile is
         U = BLOCK_K / 8 units of 8 codes; code j of every unit (column 8u + j) is shifted out
-        of the loaded unit, dequantized (w = q s + c) and multiplied with those columns of
-        each token's a. Products stay per (row, unit) until the loop ends, one (rows, U)
-        tile per token, in the layout the codes were loaded in: one reduction over the units
-        at the end, no data moved between threads inside the loop."""
+        of the loaded unit, dequantized (w = q s + c) and multiplied with those columns of a.
+        Products stay per (row, unit) until the loop ends, in the layout the codes were
+        loaded in: one reduction over the units at the end."""
         U: tl.constexpr = BLOCK_K // 8
         u = tl.arange(0, U)
         rows = codes_e + n.to(tl.int64) * row_bytes
         rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
-        for mi in tl.static_range(BLOCK_M):
-            row_a = tl.sum(tl.where(tl.arange(0, BLOCK_M) == mi, a_rows, 0))      # token mi's row of a
-            ok = tl.sum(tl.where(tl.arange(0, BLOCK_M) == mi, m_mask.to(tl.int32), 0)) > 0
-            p = tl.zeros((BLOCK_N, U), dtype=tl.float32)
-            p_up = tl.zeros((BLOCK_N, U), dtype=tl.float32)
-            if ok:
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    unit = k0 // 8 + u
-                    mask = n_mask[:, None] & (unit * 8 < K)[None, :]
-                    v = tl.zeros((BLOCK_N, U), dtype=tl.int32)
-                    v_up = tl.zeros((BLOCK_N, U), dtype=tl.int32)
-                    if BITS != 8:
-                        v = _unit_words(rows, unit, mask, BITS)
-                        if SILU:
-                            v_up = _unit_words(rows_up, unit, mask, BITS)
-                    s, c = _scales(scale_e, zero_e, n, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
-                    s_up, c_up = s, c
-                    if SILU:
-                        s_up, c_up = _scales(scale_e, zero_e, n + N, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
-                    for j in tl.static_range(8):
-                        col = unit * 8 + j
-                        a = tl.load(a_ptr + row_a * K + col, mask=col < K, other=0.0).to(tl.float32)[None, :]
-                        p += (_plane(v, rows, unit, mask, j, BITS).to(tl.float32) * s + c) * a
-                        if SILU:
-                            p_up += (_plane(v_up, rows_up, unit, mask, j, BITS).to(tl.float32) * s_up + c_up) * a
-            hit = (tl.arange(0, BLOCK_M) == mi)[:, None]
-            acc = tl.where(hit, acc + tl.sum(p, axis=1)[None, :], acc)
+        p = tl.zeros((BLOCK_N, U), dtype=tl.float32)
+        p_up = tl.zeros((BLOCK_N, U), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            unit = k0 // 8 + u
+            mask = n_mask[:, None] & (unit * 8 < K)[None, :]
+            v = tl.zeros((BLOCK_N, U), dtype=tl.int32)
+            v_up = tl.zeros((BLOCK_N, U), dtype=tl.int32)
+            if BITS != 8:
+                v = _unit_words(rows, unit, mask, BITS)
+                if SILU:
+                    v_up = _unit_words(rows_up, unit, mask, BITS)
+            s, c = _scales(scale_e, zero_e, n, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
+            s_up, c_up = s, c
             if SILU:
-                acc_up = tl.where(hit, acc_up + tl.sum(p_up, axis=1)[None, :], acc_up)
+                s_up, c_up = _scales(scale_e, zero_e, n + N, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
+            for j in tl.static_range(8):
+                col = unit * 8 + j
+                a = tl.load(a_ptr + a_row * K + col, mask=col < K, other=0.0).to(tl.float32)[None, :]
+                p += (_plane(v, rows, unit, mask, j, BITS).to(tl.float32) * s + c) * a
+                if SILU:
+                    p_up += (_plane(v_up, rows_up, unit, mask, j, BITS).to(tl.float32) * s_up + c_up) * a
+        acc += tl.sum(p, axis=1)[None, :]
+        if SILU:
+            acc_up += tl.sum(p_up, axis=1)[None, :]
         return acc, acc_up
 
     @triton.jit
@@ -195,11 +188,12 @@ if triton is not None:
     def _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
                 k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
-        """One width's loop over K (BITS compiled in): CUDA cores for up to 8 tokens per tile,
-        tensor cores above."""
-        if BLOCK_M <= 8:
-            return _loop_fma(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e,
-                             G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K)
+        """One width's loop over K (BITS compiled in): the CUDA cores for a tile of one
+        token, the tensor cores for more."""
+        if BLOCK_M == 1:
+            a_row = tl.sum(a_rows)
+            return _loop_fma(acc, acc_up, a_ptr, a_row, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e,
+                             G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_N, BLOCK_K)
         else:
             return _loop_dot(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e,
                              G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
@@ -328,14 +322,14 @@ def supported(m: PackedMatrices) -> bool:
 
 
 def choose_tiles(tokens: int, top_k: int, n_out: int, k: int, num_experts: int, sms: int, split: bool) -> Tiles:
-    """Few tokens per expert (decode): up to 8 per tile on the CUDA cores, and K split until
-    the active experts' row tiles fill the GPU twice over; many (prefill): tensor-core tiles.
-    An expert gets at most one slot per token."""
+    """Few tokens per expert (decode): one token per tile on the CUDA cores (a single token
+    in) or 16 on the tensor cores, and K split until the active experts' row tiles fill the
+    GPU twice over; many (prefill): larger tensor-core tiles."""
     slots = tokens * top_k
     active_experts = min(num_experts, slots)
     per_expert = slots / max(1, active_experts)
     if per_expert <= 8:
-        bm = min(8, triton.next_power_of_2(min(tokens, math.ceil(2 * per_expert))))
+        bm = 1 if tokens == 1 else 16
         bn = 64
         split_k = 1
         if split:

@@ -57,14 +57,14 @@ for family, bits in cases:
             assert err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, dtype, err)
             t = tx.choose_tiles(T, 2, H, I, E, 132, split=True)
             seen_split.add(t.block_m)
-# both loops were exercised: CUDA cores (<= 8 tokens per tile) and tensor cores (split-K needs K > 128: below)
-assert {1, 2, 64} <= seen_split, seen_split
+# both loops were exercised: CUDA cores (1 token per tile) and tensor cores (split-K needs K > 128: below)
+assert {1, 16, 64} <= seen_split, seen_split
 
 # explicit tiles: several M tiles per expert, split-K on both launches' shapes
 m = make("mixtral", [4, 2, 1, 3, 8, 2, 2, 1]).to(torch.float32)
 x = torch.randn(70, H, generator=gen); idx, w = routing(70, gen, torch.float32)
 ref = dequantize_experts_forward(m, x, idx, w)
-for tiles in ((tx.Tiles(16, 32, 128), tx.Tiles(4, 16, 128)), (tx.Tiles(32, 64, 128), tx.Tiles(64, 32, 128))):
+for tiles in ((tx.Tiles(16, 32, 128), tx.Tiles(16, 16, 128)), (tx.Tiles(32, 64, 128), tx.Tiles(64, 32, 128))):
     got = tx.fused_experts(x, idx, w, m.packed("gate_up_proj"), m.packed("down_proj"), gated=True, fuse_silu=True,
                            tiles=tiles)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5, tiles
@@ -77,7 +77,7 @@ with torch.device("meta"):
 for bits in ([3, 3, 2, 2, 2, 2, 1, 1], [8, 4, 8, 4, 8, 4, 8, 4]):
     big = random_packed_experts(template, config, {"gate_up_proj": (768, 128), "down_proj": (128, 384)}, bits, 128)
     for T, tiles in ((1, None), (40, None), (3, (tx.Tiles(16, 64, 128), tx.Tiles(16, 64, 128, split_k=3))),
-                     (6, (tx.Tiles(4, 32, 128), tx.Tiles(2, 64, 128, split_k=3)))):
+                     (1, (tx.Tiles(1, 32, 128), tx.Tiles(1, 64, 128, split_k=3)))):
         for dtype in (torch.float32, torch.float16):
             x = torch.randn(T, 128, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
             ref = dequantize_experts_forward(big.to(dtype), x, idx, w)
