@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -42,6 +43,18 @@ def _timeless(obj):
     return obj
 
 
+@contextmanager
+def one_thread():
+    """The ranks compute with one thread each: the one-process reference too (same arithmetic;
+    a CPU GEMM may round differently with another thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def torchrun(nproc, *args, timeout=180):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -59,7 +72,8 @@ def test_torchrun_two_ranks_write_the_one_process_checkpoint(tiny_mixtral_dir, s
     from moeq.cli import parser, run_config
     flags = ["--model", tiny_mixtral_dir, "--dataset", small_text_dir, *FLAGS, "--pack", "--save"]
     one = tmp_path / "one"
-    quantize(run_config(parser("causal").parse_args([*flags, "--saving_path", str(one)]), "causal", "one"))
+    with one_thread():
+        quantize(run_config(parser("causal").parse_args([*flags, "--saving_path", str(one)]), "causal", "one"))
 
     two = tmp_path / "two"
     r = torchrun(2, *flags, "--saving_path", str(two))
@@ -116,7 +130,8 @@ def tiny_deepseek_dir(tmp_path_factory, tokenizer):
 
 
 def test_api_three_ranks_uneven_splits_equal_one_process(tiny_deepseek_dir, small_text_dir, tmp_path):
-    one = quantize(api_config(tiny_deepseek_dir, small_text_dir, tmp_path / "one"))
+    with one_thread():
+        one = quantize(api_config(tiny_deepseek_dir, small_text_dir, tmp_path / "one"))
     assert one.report.starved and len(one.report.starved) < 16   # some experts fell back to all tokens
     reports = tmp_path / "reports"
     reports.mkdir()

@@ -90,7 +90,7 @@ class Ranks:
             yield from (b for b in kept if b[0].shape[0])
             return
         empty = tuple(t[:0] for t in kept[0])
-        for i in range(self._max(len(kept))):
+        for i in range(self.agree_max(len(kept))):
             parts = self._gather_rows(kept[i] if i < len(kept) else empty, dst)
             yield from (p for p in parts if p[0].shape[0])
 
@@ -133,9 +133,10 @@ class Ranks:
 
     def agree_min(self, value: int) -> int:
         """The smallest ``value`` of all ranks (e.g. experts that fit every GPU at once)."""
-        return -self._max(-value)
+        return -self.agree_max(-value)
 
-    def _max(self, value: int) -> int:
+    def agree_max(self, value: int) -> int:
+        """The largest ``value`` of all ranks."""
         import torch.distributed as dist
         if not self.distributed:
             return value
