@@ -143,6 +143,44 @@ def test_api_three_ranks_uneven_splits_equal_one_process(tiny_deepseek_dir, smal
         assert json.loads((reports / f"rank{rank}.json").read_text()) == json.loads(json.dumps(expected)), rank
 
 
+def _exchange_rank(rank, size, port, out):
+    """The exchanges on their own: batches in global order (uneven counts, rows and dtypes),
+    a result shared from its rank, an error raised on every rank."""
+    import torch.distributed as dist
+
+    from moeq.utils.loading import BadWeights
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=timedelta(seconds=60))
+    ranks, _ = distributed.start("cpu")
+    # global batch b (on rank b % 2): b + 1 rows of b's in bfloat16 and a bool per row; batch 2 has no rows
+    rows = [1, 2, 0, 4, 5]
+    kept = [(torch.full((rows[b], 3), float(b), dtype=torch.bfloat16), torch.ones(rows[b], dtype=torch.bool))
+            for b in ranks.batches(5)]
+    to_all = [(float(x[0, 0]), x.shape[0], x.dtype, bool(f.all())) for x, f in ranks.in_batch_order(kept)]
+    to_one = [float(x[0, 0]) for x, _ in ranks.in_batch_order(kept, dst=1)]
+    payload = {"codes": torch.arange(6, dtype=torch.uint8).view(2, 3), "loss": torch.tensor([0.5, 0.25])}
+    got = ranks.share(payload if rank == 1 else None, src=1)
+    try:
+        ranks.share(BadWeights("expert 3: not finite") if rank == 1 else None, src=1)
+        error = None
+    except BadWeights as e:
+        error = str(e)
+    torch.save({"to_all": to_all, "to_one": to_one, "got": got, "error": error,
+                "min": ranks.agree_min(10 + rank)}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_exchanges_keep_batch_order_and_share_results_and_errors(tmp_path):
+    mp.spawn(_exchange_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["to_all"] == [(float(b), b + 1, torch.bfloat16, True) for b in (0, 1, 3, 4)]   # batch 2: no rows
+        assert r["to_one"] == ([0.0, 1.0, 3.0, 4.0] if rank == 1 else [])
+        assert r["got"]["codes"].dtype == torch.uint8 and r["got"]["codes"].tolist() == [[0, 1, 2], [3, 4, 5]]
+        assert r["got"]["loss"].tolist() == [0.5, 0.25]
+        assert r["error"] == "expert 3: not finite" and r["min"] == 10
+
+
 def test_bad_splits_and_devices_are_one_line_errors(monkeypatch):
     with pytest.raises(ConfigError, match="a MoE layer of this model has 8 experts: .* start at most 8"):
         Ranks(0, 16).check_split([8, 8], 32, 4)

@@ -162,17 +162,19 @@ def _share(run: _Run, res, src: int) -> dict:
         return got
 
 
-def _gptq_group(run: _Run, acc: HessianAccumulator, weights: list[torch.Tensor], bits: int, name: str) -> dict:
+def _gptq_group(run: _Run, acc: HessianAccumulator, stacked: torch.Tensor, rows: list[int], bits: int, name: str,
+                phase_name: str) -> dict:
     """GPTQ of linears that read one input, their rows stacked (GPTQ treats rows independently,
     so this equals one call per linear, in one loop); a relative output error per linear."""
     cfg = run.cfg
     H = acc.hessian(0)
     _check_inputs(H, name)
-    res = QUANTIZERS[cfg.method](torch.cat(weights)[None], H[None], [bits], cfg.groupsize, cfg.sym, cfg.percdamp,
-                                 cfg.act_order, grid=cfg.grid)
-    deq = res.weight[0].split([w.shape[0] for w in weights])
+    with phase(run.report, f"gptq_{phase_name}", run.device):
+        res = QUANTIZERS[cfg.method](stacked, H[None], [bits], cfg.groupsize, cfg.sym, cfg.percdamp, cfg.act_order,
+                                     grid=cfg.grid)
+    pairs = zip(stacked[0].split(rows), res.weight[0].split(rows))
     return {"codes": res.codes, "scale": res.scale, "zero": res.zero, "weight": res.weight,
-            "loss": torch.stack([output_error(w, d, H) for w, d in zip(weights, deq)]), "tokens": acc.n[:1]}
+            "loss": torch.stack([output_error(w, deq, H) for w, deq in pairs]), "tokens": acc.n[:1]}
 
 
 def _quantize_linears(run: _Run, block_name, block, hessians, linears: dict, bits: int, phase_name: str) -> list[str]:
@@ -181,24 +183,25 @@ def _quantize_linears(run: _Run, block_name, block, hessians, linears: dict, bit
     done = []
     for gid, (names, acc) in enumerate(zip(hessians.groups, hessians.accs)):
         group = [(n, linears[n]) for n in names]
-        weights = [linear.weight.data.float() for _, linear in group]
+        stacked = torch.cat([linear.weight.data.float() for _, linear in group])[None]
+        rows = [linear.weight.shape[0] for _, linear in group]
         group_name = f"{block_name}." + "+".join(names)
         t0 = time.time()
-        with phase(run.report, f"gptq_{phase_name}", run.device):
-            res = _on_owner(run, run.ranks.owner(gid), lambda: _gptq_group(run, acc, weights, bits, group_name))
-        _check_scales(res["scale"], torch.cat(weights)[None], group_name, [bits])
+        res = _on_owner(run, run.ranks.owner(gid),
+                        lambda: _gptq_group(run, acc, stacked, rows, bits, group_name, phase_name))
+        _check_scales(res["scale"], stacked, group_name, [bits])
         seconds = time.time() - t0
-        row, total = 0, sum(w.shape[0] for w in weights)
-        for (lname, linear), w, loss in zip(group, weights, res["loss"]):
-            rows = slice(row, row + w.shape[0])
-            row += w.shape[0]
+        first = 0
+        for (lname, linear), n, loss in zip(group, rows, res["loss"]):
+            part = slice(first, first + n)
+            first += n
             name = f"{block_name}.{lname}"
             if run.sink is not None:
                 with phase(run.report, "pack", run.device):
-                    run.sink.add_linear(name, res["codes"][0, rows], res["scale"][0, rows], res["zero"][0, rows],
+                    run.sink.add_linear(name, res["codes"][0, part], res["scale"][0, part], res["zero"][0, part],
                                         bits)
-            _log(run, name, [bits], [int(res["tokens"])], loss[None], seconds * w.shape[0] / total)
-            linear.weight.data.copy_(res["weight"][0, rows].to(linear.weight.dtype))
+            _log(run, name, [bits], [int(res["tokens"])], loss[None], seconds * n / stacked.shape[1])
+            linear.weight.data.copy_(res["weight"][0, part].to(linear.weight.dtype))
             done.append(f"{name}.weight")
     return done
 
@@ -293,8 +296,8 @@ def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, chunk=None,
     routed = []   # several ranks: this rank's (tokens, experts, weights) per batch
 
     def add(x, top, w):
-        if run.ranks.distributed:
-            routed.append((x.to(run.act_device), top.to(run.act_device), w.to(run.act_device)))
+        if run.ranks.distributed:   # copies: the forward may change its tensors in place afterwards
+            routed.append(tuple(t.to(run.act_device, copy=True) for t in (x, top, w)))
         else:
             stats.add(x, top, w)
 

@@ -190,8 +190,8 @@ class SharedInputHessians:
             if gid not in self._added:
                 self._added.add(gid)
                 mask = self.masks.get(self.mask_key(name))
-                if self.ranks is not None and self.ranks.distributed:
-                    self._kept.setdefault(gid, []).append((real_rows(x, mask).to(self.keep),))
+                if self.ranks is not None and self.ranks.distributed:   # a copy: the forward may change x later
+                    self._kept.setdefault(gid, []).append((real_rows(x, mask).to(self.keep, copy=True),))
                 else:
                     self.accs[gid].add(x, mask=mask)
         return hook
