@@ -33,6 +33,7 @@ class QuantizeResult:
     saved_to: str | None = None
     seconds: dict = field(default_factory=dict)      # load, quantize, save, evaluate, total
     model: object = None                     # the fake-quantized model, when config.keep_model
+    ranks: int = 1                           # processes that shared the work (torchrun --nproc_per_node)
 
     @property
     def avg_bits(self) -> float:
@@ -61,7 +62,7 @@ class QuantizeResult:
         return {"command": self.config.command, "config": self.config.to_dict(),
                 "versions": {"moeq": __version__, "torch": torch.__version__,
                              "transformers": transformers.__version__, "python": sys.version.split()[0]},
-                "device": _device_name(self.config), "avg_expert_bits": self.avg_bits,
+                "device": _device_name(self.config), "ranks": self.ranks, "avg_expert_bits": self.avg_bits,
                 "stored_bits_per_expert_weight": self.report.avg_expert_stored_bits(),
                 "calibration": self.calibration, "evaluation": self.evaluation, "sizes": self.sizes,
                 "saved_to": self.saved_to, "seconds": self.seconds, "timings": self.report.timings,
@@ -82,37 +83,46 @@ def prepare_data(config: RunConfig) -> tasks.Data:
 def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=None) -> QuantizeResult:
     """Quantize one model as ``config`` says. Bad input is a ConfigError naming the flag
     and the fix; nothing is left at ``config.saving_path`` unless the whole run succeeds
-    (utils/checkpoint.py says what a run guarantees on disk)."""
-    from .utils import checkpoint
-    say = _printer(config.verbose)
+    (utils/checkpoint.py says what a run guarantees on disk).
+
+    Under torchrun (or in a process group the caller initialized) every rank calls this with
+    the same config and shares the work (utils/distributed.py); rank 0 alone prints, writes
+    the checkpoint and evaluates; every rank returns the same report."""
+    from .utils import checkpoint, distributed
     t_start = time.time()
     for ds in (config.dataset, *config.eval_datasets):
         if os.sep in ds and not os.path.exists(ds):
             raise ConfigError(f"--dataset {ds}: no such file or directory")
+    ranks, device = distributed.start(config.device)
+    say = _printer(config.verbose and ranks.main)
     out = None
-    if config.saving_path is not None:  # claimed before any model is loaded
-        out = checkpoint.OutputDir(config.saving_path, config.overwrite,
-                                   sources=tuple(p for p in (config.model, config.router_reference) if p), say=say)
-        out.open()
     try:
-        result = _quantize(config, data, on_experts, out, say, t_start)
-    except BaseException:
+        if config.saving_path is not None and ranks.main:  # claimed before any model is loaded
+            out = checkpoint.OutputDir(config.saving_path, config.overwrite,
+                                       sources=tuple(p for p in (config.model, config.router_reference) if p),
+                                       say=say)
+        ranks.on_main(lambda: out.open() if out is not None else None)
+        try:
+            result = _quantize(config, data, on_experts, out, say, t_start, ranks, device)
+        except BaseException:
+            if out is not None:
+                out.close(failed=True)
+            raise
         if out is not None:
-            out.close(failed=True)
-        raise
-    if out is not None:
-        out.close(failed=False)
-    return result
+            out.close(failed=False)
+        return result
+    finally:
+        distributed.stop(ranks)
 
 
-def _quantize(config: RunConfig, data, on_experts, out, say, t_start) -> QuantizeResult:
+def _quantize(config: RunConfig, data, on_experts, out, say, t_start, ranks, device) -> QuantizeResult:
     from .quant.format import ShardWriter
     from .utils.families import family_for
     from .utils.loading import BadWeights, BlockLoader, check_source, router_reference_weights
     from .utils.pipeline import quantize_model
 
-    q, saving = config.quant, out is not None
-    device = resolve_device(config.device)
+    q, saving, main = config.quant, out is not None, ranks.main   # only rank 0 has ``out``
+    device = device or resolve_device(config.device)
     act_device = torch.device("cpu") if config.offload_activations else device
     model, family, source, tokenizer, local, dtype = _open_model(config, device)
     check_widths(model, family, q.groupsize)
@@ -121,11 +131,12 @@ def _quantize(config: RunConfig, data, on_experts, out, say, t_start) -> Quantiz
         if moe is not None:
             q.counts_for(moe.num_experts)
     check_source(model, family, source)
-    if saving:
-        out.check_space(estimate_checkpoint_bytes(model, family, q, config.pack, dtype))
+    ranks.on_main(lambda: out.check_space(estimate_checkpoint_bytes(model, family, q, config.pack, dtype))
+                  if saving else None)
     # Blocks stream from the shards; they stay on the host afterwards only when something
     # needs them in memory (a dequantized checkpoint, an in-memory evaluation, the caller).
-    keep = config.keep_model or (saving and not config.pack) or (config.evaluate and not (saving and config.pack))
+    keep = config.keep_model or (main and ((saving and not config.pack) or
+                                           (config.evaluate and not (saving and config.pack))))
     loader = BlockLoader(family, device, source, dtype, keep)
     try:
         loader.materialize_rest(model)
@@ -139,7 +150,7 @@ def _quantize(config: RunConfig, data, on_experts, out, say, t_start) -> Quantiz
     say(f"calibration: {data.info['source']}; {data.info['nsamples']} samples")
     seconds = {"load": time.time() - t_start}
     evaluation = {}
-    if config.evaluate_fp:
+    if config.evaluate_fp and main:   # the other ranks wait for rank 0 at the first exchange
         t0 = time.time()
         evaluation["unquantized"] = _evaluate_fp(config, data, model, family, tokenizer, loader, local, dtype,
                                                  device, act_device)
@@ -152,12 +163,16 @@ def _quantize(config: RunConfig, data, on_experts, out, say, t_start) -> Quantiz
     t0 = time.time()
     try:
         report = quantize_model(model, family, data.calibration, q, device, act_device, loader, sink,
-                                router_reference=reference, on_experts=on_experts, log=say)
+                                router_reference=reference, on_experts=on_experts, log=say, ranks=ranks)
     except BadWeights as e:
         raise ConfigError(str(e)) from None
     seconds["quantize"] = time.time() - t0
-    result = QuantizeResult(config, report, data.info, evaluation, None, None, seconds, model if keep else None)
+    result = QuantizeResult(config, report, data.info, evaluation, None, None, seconds, model if keep else None,
+                            ranks.size)
     _summarise(result, say)
+    if not main:   # rank 0 writes and evaluates
+        result.saved_to = config.saving_path
+        return result
     if saving:
         t0 = time.time()
         _write_allocation(result.allocation(), os.path.join(out.tmp, "bit_allocation.json"))

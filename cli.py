@@ -171,6 +171,12 @@ def quiet_progress_unless_terminal() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    import os
+    return int(os.environ.get("RANK", "0"))
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -186,9 +192,12 @@ def main(task: str, description: str, argv=None) -> int:
         from .api import quantize
         quantize(run_config(a, task, f"python {command}"))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .utils.distributed import RankError
+        if _rank() == 0 or isinstance(e, RankError):   # every rank checks the input alike: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted: nothing was saved (the partial checkpoint was removed)", file=sys.stderr)
+        if _rank() == 0:
+            print("error: interrupted: nothing was saved (the partial checkpoint was removed)", file=sys.stderr)
         return 130
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quantization speed and memory on layers of real MoE shapes (random weights, real dims).
 
-    python benchmarks/bench_quantize.py --layers 4 [--shape mixtral8x7b|qwen3-30b-a3b|deepseek-v3]
+    python benchmarks/bench_quantize.py --layers 4 [--shape mixtral8x7b|qwen3-30b-a3b|deepseek-v3] [--ranks 1 2 4]
 
 1. writes a sharded safetensors checkpoint of ``--layers`` blocks of the shape (one shard
    per block, the model's own tensor names) with random bf16 weights, in a child process;
@@ -13,12 +13,17 @@
    mean GPTQ relative output error per module kind, the projection to the full model's
    layer count, and for block 0 the loss of a one-expert-at-a-time GPTQ of two experts for
    comparison.
+
+``--ranks 1 2 4`` repeats step 2 with that many ranks (torchrun, one GPU each; gloo with
+``--device cpu``), then prints seconds per layer and speed-up per rank count, and whether
+each packed checkpoint equals the one-rank one (tensors that differ, largest difference).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,11 +121,13 @@ def run(a, path):
     from moeq.config import QuantConfig, parse_size
     from moeq.quant.format import ShardWriter
     from moeq.quant.gptq import gptq_quantize
+    from moeq.utils import distributed
     from moeq.utils.families import family_for
     from moeq.utils.loading import BlockLoader, TensorSource, load_skeleton
     from moeq.utils.pipeline import phase, quantize_model
 
-    device = torch.device(a.device)
+    ranks, device = distributed.start(a.device)   # under torchrun: this rank's GPU (or the CPU, gloo)
+    device = device or torch.device(a.device)
     t0 = time.time()
     model = load_skeleton(path, torch.bfloat16)
     family = family_for(model)
@@ -133,7 +140,7 @@ def run(a, path):
             with super().block(name, block, keep) as b:
                 yield b
             block_rss.append({"block": name, "peak_rss_gib": _host_peak_gib(),
-                              "pending_shard_mib": writer.pending_bytes / 2**20})
+                              "pending_shard_mib": writer.pending_bytes / 2**20 if writer else 0.0})
 
     loader = TracingLoader(family, device, TensorSource(path), torch.bfloat16, keep=False)
     loader.materialize_rest(model)
@@ -153,11 +160,20 @@ def run(a, path):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     act = torch.device("cpu") if a.offload_activations else device
-    out = tempfile.mkdtemp(dir=a.workdir)
-    writer = ShardWriter(out, 128, False, parse_size(a.shard_size))  # packed tensors stream to disk as made
+    out = os.path.join(os.path.dirname(os.path.abspath(path)), f"packed_{ranks.size}ranks")
+    if ranks.main:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+    # packed tensors stream to disk as made, by rank 0
+    writer = ShardWriter(out, 128, False, parse_size(a.shard_size)) if ranks.main else None
     t0 = time.time()
-    report = quantize_model(model, family, windows, cfg, device, act, loader, writer, on_experts=check)
+    report = quantize_model(model, family, windows, cfg, device, act, loader, writer, on_experts=check, ranks=ranks)
     quant_s = time.time() - t0
+    peak_gpu = ranks.agree_max(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    peak_rss = ranks.agree_max(int(max(_PEAK[0], _host_peak_gib()) * 2**30)) / 2**30
+    distributed.stop(ranks)
+    if not ranks.main:
+        return
     with phase(report, "save_packed", device):
         sizes = writer.finish(model.config.to_dict())
     kinds = {}
@@ -166,12 +182,12 @@ def run(a, path):
         if row["rel_err"] is not None:   # None: an expert routed no calibration token
             kinds.setdefault(kind, []).append(row["rel_err"])
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "layers": a.layers, "nsamples": a.nsamples, "seqlen": a.seqlen, "offload_activations": a.offload_activations,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "ranks": ranks.size,
+        "packed_dir": out, "layers": a.layers, "nsamples": a.nsamples, "seqlen": a.seqlen, "offload_activations": a.offload_activations,
         "setup_s": setup, "quantize_s": quant_s, "phases_s": report.timings,
         "per_layer_s": (quant_s - report.timings.get("capture", 0) - report.timings.get("callback", 0)) / a.layers,
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "peak_rss_gib": max(_PEAK[0], _host_peak_gib()), "per_block_rss": block_rss,
+        "peak_gpu_gib": peak_gpu / 2**30 if peak_gpu is not None else None,   # the most of any rank
+        "peak_rss_gib": peak_rss, "per_block_rss": block_rss,                  # the same; per block: rank 0
         "mean_rel_err": {k: sum(v) / len(v) for k, v in kinds.items()},
         "reference_check": reference, "packed_gib": sizes["disk_bytes"] / 2**30,
         "packed_vs_theory": sizes["disk_bytes"] / sizes["theoretical_bytes"],
@@ -194,6 +210,8 @@ def main():
     for k in ("hidden", "intermediate", "heads", "kv_heads", "experts", "vocab"):
         ap.add_argument(f"--{k}", type=int, default=None, help=f"override the shape's {k} (small CPU runs)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1],
+                    help="run with each of these rank counts (torchrun, a GPU each; gloo with --device cpu)")
     ap.add_argument("--offload_activations", action="store_true")
     ap.add_argument("--reference_experts", type=int, default=2)
     ap.add_argument("--shard_size", default="2GB", help="packed shard size (host RAM holds up to one pending shard)")
@@ -219,20 +237,45 @@ def main():
     else:
         subprocess.run([sys.executable, __file__, *args, "--_stage", "make", "--_path", path], check=True)
         print(f"checkpoint written in {time.time() - t0:.1f}s: {path}")
-    r = subprocess.run([sys.executable, __file__, *args, "--_stage", "run", "--_path", path],
-                       capture_output=True, text=True)
+    results = []
+    for n in a.ranks:
+        res = run_stage(n, args, path)
+        print_result(a, res)
+        results.append(res)
+    if len(a.ranks) > 1:
+        compare_ranks(results)
+    for res in results[1:]:
+        shutil.rmtree(res["packed_dir"], ignore_errors=True)
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+
+
+def run_stage(n: int, args: list[str], path: str) -> dict:
+    """Step 2 in a child process, or in ``n`` ranks under torchrun: rank 0's RESULT."""
+    launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              "--nproc_per_node", str(n)]
+    # torchrun gives each rank one CPU thread unless told: the one-rank run gets the same, so the
+    # runs compare like for like (bf16 CPU matmuls also round differently with other thread counts)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    r = subprocess.run([*launch, __file__, *args, "--_stage", "run", "--_path", path], capture_output=True, text=True,
+                       env=env)
     if r.returncode:
-        sys.exit(f"the quantizing process failed:\n{r.stderr[-4000:]}")
+        sys.exit(f"the quantizing process ({n} rank(s)) failed:\n{r.stderr[-4000:]}")
     line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
-    res = json.loads(line[7:])
+    return json.loads(line[7:])
+
+
+def print_result(a, res: dict) -> None:
     print(f"command: python benchmarks/bench_quantize.py {' '.join(sys.argv[1:])}")
-    print(f"device: {res['device']}; {a.shape}: {res['layers']} layer(s), {res['nsamples']} x {res['seqlen']} "
-          f"calibration tokens; grid {a.quant_grid}")
+    print(f"device: {res['device']}, {res['ranks']} rank(s); {a.shape}: {res['layers']} layer(s), {res['nsamples']} x "
+          f"{res['seqlen']} calibration tokens; grid {a.quant_grid}")
     for k, v in res["phases_s"].items():
         print(f"  {k:<18} {v:8.2f} s" + ("   (reference check, excluded)" if k == "callback" else ""))
     print(f"  per layer          {res['per_layer_s']:8.2f} s   (total quantize {res['quantize_s']:.1f} s, "
           f"projection to the full {res['full_layers']} layers {res['projected_full_min']:.1f} min)")
-    print(f"peak GPU memory {res['peak_gpu_gib']} GiB; peak host RSS {res['peak_rss_gib']:.2f} GiB")
+    print(f"peak GPU memory {res['peak_gpu_gib']} GiB; peak host RSS {res['peak_rss_gib']:.2f} GiB"
+          + (" (the most of any rank; per block below: rank 0)" if res["ranks"] > 1 else ""))
     for b in res["per_block_rss"]:
         print(f"  {b['block']:<18} peak host RSS {b['peak_rss_gib']:.3f} GiB "
               f"(packed shard pending: {b['pending_shard_mib']:.0f} MiB)")
@@ -241,9 +284,28 @@ def main():
         print(f"  {k}: batched {batched:.6g} vs one-expert GPTQ {single:.6g} ({(batched / single - 1) * 100:+.3f}%)")
     print(f"packed size {res['packed_gib']:.3f} GiB, {res['packed_vs_theory']:.4f} x theory; "
           f"avg expert bits {res['avg_expert_bits']}")
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(res, f, indent=1)
+
+
+def compare_ranks(results: list[dict]) -> None:
+    """Seconds per layer and speed-up by rank count; each packed checkpoint against the first's."""
+    import torch
+    from safetensors import safe_open
+    base = results[0]
+    print(f"{'ranks':>5} {'s/layer':>8} {'speed-up':>8}  packed checkpoint vs {base['ranks']} rank(s)")
+    for res in results:
+        files = sorted(f for f in os.listdir(base["packed_dir"]) if f.endswith(".safetensors"))
+        differ, most = 0, 0.0
+        for fname in files:
+            with safe_open(os.path.join(base["packed_dir"], fname), "pt") as fa, \
+                    safe_open(os.path.join(res["packed_dir"], fname), "pt") as fb:
+                for k in fa.keys():
+                    x, y = fa.get_tensor(k), fb.get_tensor(k)
+                    if not torch.equal(x, y):
+                        differ += 1
+                        most = max(most, (x.double() - y.double()).abs().max().item())
+        same = "identical" if differ == 0 else f"{differ} tensors differ, largest difference {most:.3g}"
+        res["same_as_first"] = differ == 0
+        print(f"{res['ranks']:>5} {res['per_layer_s']:>8.2f} {base['per_layer_s'] / res['per_layer_s']:>7.2f}x  {same}")
 
 
 if __name__ == "__main__":

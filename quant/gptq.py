@@ -47,6 +47,14 @@ def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.
     return num / den
 
 
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Weights (..., R, C) from codes (..., R, C) and each group's scale and zero (..., R, G),
+    as GPTQ dequantizes its result (so whoever gets the codes makes the very same weights)."""
+    C, G = codes.shape[-1], scale.shape[-1]
+    col_group = torch.arange(C, device=codes.device) // (C // G)
+    return dequantize(codes.to(scale.dtype), scale[..., col_group], zero[..., col_group])
+
+
 def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), raising damp for
     matrices that are not PD. With J the reversal permutation and L = chol(J H J),
@@ -224,8 +232,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
             zero[:, :, i1 // gs:i2 // gs] = z1
             W[:, :, i2:] -= e1 @ Hinv[:, i1:i2, i2:]
     del W, Hinv
-    col_group = torch.arange(C, device=Q.device) // gs
-    deq = dequantize(Q, scale[:, :, col_group], zero[:, :, col_group])
+    deq = dequantize_groups(Q, scale, zero)
     return GPTQResult(Q.to(torch.uint8), scale, zero, deq, output_error(weight.to(deq.dtype), deq, hessian.to(deq.dtype)))
 
 

@@ -9,6 +9,10 @@ Per block (true-sequential, as GPTQ does for LLaMA-style models):
   3. score and order the experts, give each its bits, GPTQ all experts of one matrix
      kind in one batched call;
   4. run the quantized block to produce the next block's inputs.
+
+With several ranks (utils/distributed.py) each runs its share of the calibration batches and
+quantizes its share of each block's matrices from the inputs of all batches; the results
+travel to every rank, which then hold the same block again.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from ..quant import allocation, format
-from ..quant.gptq import QUANTIZERS, output_error
+from ..quant.gptq import QUANTIZERS, dequantize_groups, output_error
+from .distributed import Ranks
 from .loading import BadWeights, BlockLoader
-from .sequential import HessianAccumulator, SharedInputHessians, batch_masks, capture_block_inputs, run_block
+from .sequential import (HessianAccumulator, SharedInputHessians, batch_masks, capture_block_inputs, real_rows,
+                         run_block)
 
 Log = Callable[[str], None]
 
@@ -62,10 +68,14 @@ class _Run:
     log: Log | None = None                 # per-module table rows and notes (None: silent)
     router_reference: dict | None = None   # MoE block name -> router weight before training
     on_experts: Callable | None = None     # (name, W, H, bits, result) after each experts GPTQ (benchmarks)
+    ranks: Ranks = field(default_factory=Ranks)   # who does which part of the work
 
     def say(self, line: str) -> None:
         if self.log is not None:
             self.log(line)
+
+    def hessians(self, linears: dict, current: dict, mask_key=lambda name: "block") -> SharedInputHessians:
+        return SharedInputHessians(list(linears.items()), self.device, current, mask_key, self.ranks, self.act_device)
 
 
 TABLE_HEADER = f"  {'module':<48} {'bits':>6} {'tokens':>9} {'rel_err':>10} {'sec':>7}"
@@ -125,36 +135,73 @@ def _gptq_experts(weight, hessian, bits, cfg: QuantConfig) -> dict:
     return {attr: getattr(res, attr) for attr in ("codes", "scale", "zero", "weight", "loss")}
 
 
+def _on_owner(run: _Run, owner: int, work: Callable[[], dict]) -> dict:
+    """``work()`` (a GPTQ result) on the rank ``owner``, its result on every rank. A BadWeights
+    it raises is raised on every rank (none is left waiting for the result)."""
+    res = None
+    if run.ranks.rank == owner:
+        try:
+            res = work()
+        except BadWeights as e:
+            res = e
+    return _share(run, res, owner)
+
+
+def _share(run: _Run, res, src: int) -> dict:
+    """Rank ``src``'s GPTQ result on every rank: codes, scales, zeros and losses travel; the
+    weights are dequantized on arrival, as GPTQ dequantized them on ``src``."""
+    if not run.ranks.distributed:
+        return run.ranks.share(res, src)   # itself (or its exception raised)
+    with phase(run.report, "share", run.device):
+        travel = res if res is None or isinstance(res, BaseException) else \
+            {k: v for k, v in res.items() if k != "weight"}
+        got = run.ranks.share(travel, src)
+        if run.ranks.rank == src:
+            return res
+        got["weight"] = dequantize_groups(got["codes"], got["scale"], got["zero"])
+        return got
+
+
+def _gptq_group(run: _Run, acc: HessianAccumulator, stacked: torch.Tensor, rows: list[int], bits: int, name: str,
+                phase_name: str) -> dict:
+    """GPTQ of linears that read one input, their rows stacked (GPTQ treats rows independently,
+    so this equals one call per linear, in one loop); a relative output error per linear."""
+    cfg = run.cfg
+    H = acc.hessian(0)
+    _check_inputs(H, name)
+    with phase(run.report, f"gptq_{phase_name}", run.device):
+        res = QUANTIZERS[cfg.method](stacked, H[None], [bits], cfg.groupsize, cfg.sym, cfg.percdamp, cfg.act_order,
+                                     grid=cfg.grid)
+    pairs = zip(stacked[0].split(rows), res.weight[0].split(rows))
+    return {"codes": res.codes, "scale": res.scale, "zero": res.zero, "weight": res.weight,
+            "loss": torch.stack([output_error(w, deq, H) for w, deq in pairs]), "tokens": acc.n[:1]}
+
+
 def _quantize_linears(run: _Run, block_name, block, hessians, linears: dict, bits: int, phase_name: str) -> list[str]:
     """GPTQ of ``linears`` (name -> nn.Linear) at ``bits``, one call per group of linears that
-    read the same input (their rows stacked: GPTQ treats rows independently, so this equals
-    one call per linear, in one loop); returns the quantized parameter names."""
-    cfg, done = run.cfg, []
-    for names, acc in zip(hessians.groups, hessians.accs):
+    read the same input (on the group's rank); returns the quantized parameter names."""
+    done = []
+    for gid, (names, acc) in enumerate(zip(hessians.groups, hessians.accs)):
         group = [(n, linears[n]) for n in names]
-        weights = [linear.weight.data.float() for _, linear in group]
-        stacked = torch.cat(weights)[None]
+        stacked = torch.cat([linear.weight.data.float() for _, linear in group])[None]
+        rows = [linear.weight.shape[0] for _, linear in group]
         group_name = f"{block_name}." + "+".join(names)
-        H = acc.hessian(0)
-        _check_inputs(H, group_name)
         t0 = time.time()
-        with phase(run.report, f"gptq_{phase_name}", run.device):
-            res = QUANTIZERS[cfg.method](stacked, H[None], [bits], cfg.groupsize, cfg.sym, cfg.percdamp,
-                                         cfg.act_order, grid=cfg.grid)
-        _check_scales(res.scale, stacked, group_name, [bits])
+        res = _on_owner(run, run.ranks.owner(gid),
+                        lambda: _gptq_group(run, acc, stacked, rows, bits, group_name, phase_name))
+        _check_scales(res["scale"], stacked, group_name, [bits])
         seconds = time.time() - t0
-        row = 0
-        for (lname, linear), w in zip(group, weights):
-            rows = slice(row, row + w.shape[0])
-            row += w.shape[0]
+        first = 0
+        for (lname, linear), n, loss in zip(group, rows, res["loss"]):
+            part = slice(first, first + n)
+            first += n
             name = f"{block_name}.{lname}"
             if run.sink is not None:
                 with phase(run.report, "pack", run.device):
-                    run.sink.add_linear(name, res.codes[0, rows], res.scale[0, rows], res.zero[0, rows], bits)
-            deq = res.weight[0, rows]
-            _log(run, name, [bits], [int(acc.n[0])], output_error(w, deq, H)[None],
-                 seconds * w.shape[0] / stacked.shape[1])
-            linear.weight.data.copy_(deq.to(linear.weight.dtype))
+                    run.sink.add_linear(name, res["codes"][0, part], res["scale"][0, part], res["zero"][0, part],
+                                        bits)
+            _log(run, name, [bits], [int(res["tokens"])], loss[None], seconds * n / stacked.shape[1])
+            linear.weight.data.copy_(res["weight"][0, part].to(linear.weight.dtype))
             done.append(f"{name}.weight")
     return done
 
@@ -165,15 +212,15 @@ def _quantize_attention(run: _Run, block_name, block, inputs, kwargs, masks) -> 
     if not linears or run.cfg.attn_bits is None:
         return []
     current = {}
-    hessians = SharedInputHessians(list(linears.items()), run.device, current,
-                                   lambda name: run.family.attention_input(block, name))
+    hessians = run.hessians(linears, current, lambda name: run.family.attention_input(block, name))
     ff = run.family.feed_forward(block)
-    try:
-        with phase(run.report, "hessian_attention", run.device):
+    with phase(run.report, "hessian_attention", run.device):
+        try:
             run_block(block, inputs, kwargs, run.device, run.act_device, stop_at=ff[1] if ff else None,
                       before_batch=_pointing(current, masks, hessians))
-    finally:
-        hessians.remove()
+        finally:
+            hessians.remove()
+        hessians.gather()
     return _quantize_linears(run, block_name, block, hessians, linears, run.cfg.attn_bits, "attention")
 
 
@@ -241,13 +288,18 @@ def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, chunk=None,
     """A pass of the block to its MoE recording, per batch, which real tokens go to which
     expert: at the experts module's input, as the model's own router sent them (experts-
     interface families; the experts' own computation is skipped), or by the family's routing
-    at the MoE block's input (Switch). ``hessians``: the MLP's other linears (shared experts)."""
+    at the MoE block's input (Switch). ``hessians``: the MLP's other linears (shared experts).
+    Several ranks: each keeps its batches' routing, then every rank adds every batch's, in
+    global batch order (Hessians of its own experts, token counts of all)."""
     stats = _ExpertStats(run.family, moe, run.device, chunk, fallback, keep)
     current = {}
+    routed = []   # several ranks: this rank's (tokens, experts, weights) per batch
 
-    def real(x):
-        x = x.reshape(-1, x.shape[-1])
-        return x[current["block"].reshape(-1).to(x.device)] if "block" in current else x
+    def add(x, top, w):
+        if run.ranks.distributed:   # copies: the forward may change its tensors in place afterwards
+            routed.append(tuple(t.to(run.act_device, copy=True) for t in (x, top, w)))
+        else:
+            stats.add(x, top, w)
 
     before = _pointing(current, masks, *([hessians] if hessians else []))
     if moe.experts is not None:
@@ -258,7 +310,7 @@ def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, chunk=None,
             if "block" in current:
                 keep = current["block"].reshape(-1).to(x.device)
                 x, top, w = x[keep], top[keep], w[keep]
-            stats.add(x, top, w)
+            add(x, top, w)
             return torch.zeros_like(hidden_states)
         moe.experts.forward = record   # this pass only needs the routing
         try:
@@ -267,14 +319,16 @@ def _collect_moe_stats(run: _Run, moe, block, inputs, kwargs, masks, chunk=None,
             del moe.experts.forward
     else:
         def hook(module, args):
-            x = real(args[0])
+            x = real_rows(args[0], current.get("block"))
             top, probs = run.family.route(moe, x)
-            stats.add(x, top, probs)
+            add(x, top, probs)
         handle = moe.module.register_forward_pre_hook(hook)
         try:
             run_block(block, inputs, kwargs, run.device, run.act_device, stop_at=moe.module, before_batch=before)
         finally:
             handle.remove()
+    for x, top, w in run.ranks.in_batch_order(routed) if routed else ():
+        stats.add(x, top, w)
     return stats
 
 
@@ -293,6 +347,10 @@ def expert_chunk_size(moe, cfg: QuantConfig, device: torch.device) -> int:
     return max(1, min(E, int(0.6 * free) // per_expert))
 
 
+def _chunks(experts: range, size: int) -> list[range]:
+    return [range(s, min(s + size, experts.stop)) for s in range(experts.start, experts.stop, size)]
+
+
 def _quantize_feed_forward(run: _Run, block_name, block, inputs, kwargs, masks) -> list[str]:
     """Pass 2: the MoE's experts (each at its own width) and its shared experts, or a dense MLP."""
     cfg, family, report = run.cfg, run.family, run.report
@@ -300,40 +358,47 @@ def _quantize_feed_forward(run: _Run, block_name, block, inputs, kwargs, masks) 
     mlp = dict(family.mlp_linears(block))
     bits = cfg.shared_bits if moe is not None else cfg.dense_bits
     current = {}
-    hessians = SharedInputHessians(list(mlp.items()), run.device, current) if mlp and bits is not None else None
+    hessians = run.hessians(mlp, current) if mlp and bits is not None else None
     done = []
     if moe is None:
         if hessians is not None:
-            try:
-                with phase(report, "hessian_mlp", run.device):
-                    run_block(block, inputs, kwargs, run.device, run.act_device, stop_after=family.feed_forward(block)[1],
-                              before_batch=_pointing(current, masks, hessians))
-            finally:
-                hessians.remove()
+            with phase(report, "hessian_mlp", run.device):
+                try:
+                    run_block(block, inputs, kwargs, run.device, run.act_device,
+                              stop_after=family.feed_forward(block)[1], before_batch=_pointing(current, masks, hessians))
+                finally:
+                    hessians.remove()
+                hessians.gather()
             done += _quantize_linears(run, block_name, block, hessians, mlp, bits, "mlp")
         return done
-    try:
-        with phase(report, "hessian_experts", run.device):
-            size = expert_chunk_size(moe, cfg, run.device)
-            if size < moe.num_experts:
-                run.say(f"  {moe.name}: {moe.num_experts} experts quantized in chunks of {size}")
-            # more than one chunk: the routed batches are kept (where the activations live) and
-            # replayed for the later chunks, instead of running the block again for each
-            stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, range(size), hessians=hessians,
-                                       keep=run.act_device if size < moe.num_experts else None)
-    finally:
+    own = run.ranks.experts(moe.num_experts)
+    with phase(report, "hessian_experts", run.device):
+        size = run.ranks.agree_min(expert_chunk_size(moe, cfg, run.device))
+        if size < len(own):
+            run.say(f"  {moe.name}: {moe.num_experts} experts quantized in chunks of {size}")
+        # more than one chunk, or several ranks: the routed batches are kept (where the
+        # activations live) and replayed for the later chunks, instead of running the block
+        # again for each (with several ranks that pass would need all of them)
+        try:
+            stats = _collect_moe_stats(run, moe, block, inputs, kwargs, masks, _chunks(own, size)[0],
+                                       hessians=hessians,
+                                       keep=run.act_device if size < len(own) or run.ranks.distributed else None)
+        finally:
+            if hessians is not None:
+                hessians.remove()
         if hessians is not None:
-            hessians.remove()
-    done += _quantize_experts(run, block, moe, inputs, kwargs, masks, stats)
+            hessians.gather()
+    done += _quantize_experts(run, block, moe, inputs, kwargs, masks, stats, size)
     if hessians is not None:
         done += _quantize_linears(run, block_name, block, hessians, mlp, bits, "mlp")
     return done
 
 
-def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _ExpertStats) -> list[str]:
+def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _ExpertStats, size: int) -> list[str]:
     """Scores, order and bits of one MoE block's experts from the first pass's counts, then
-    GPTQ of every expert matrix, a chunk of experts at a time (one more pass per chunk for
-    its Hessians when the layer's experts do not fit at once)."""
+    GPTQ of every expert matrix, ``size`` experts at a time (Hessians of later chunks from the
+    routed batches kept, or one more pass). Several ranks: each quantizes its own range of
+    experts, one chunk per round, and the round's results go to every rank."""
     cfg, family, report = run.cfg, run.family, run.report
     tokens, E = stats.tokens, moe.num_experts
     starved = {e for e in range(E) if tokens[e] < cfg.min_expert_tokens}
@@ -355,76 +420,102 @@ def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _Expe
     bits = allocation.bits_per_expert(order, cfg.counts_for(E))
     report.layers.append({"name": moe.name, "expert_order": order, "bits": bits, "scores": scores,
                           "router_score": "norm_change" if ref is not None else "norm"})
-    results = {mat.name: [] for mat in moe.matrices}
-    size, first = len(stats.chunk), stats
-    for chunk in [range(s, min(s + size, E)) for s in range(0, E, size)]:
-        if chunk.start > 0 or starved & set(chunk):   # the first pass holds chunk 0's routed-token Hessians
+    results = {mat.name: {"seconds": 0.0, "loss": {}, "shape": tuple(mat.get().shape[1:])} for mat in moe.matrices}
+    plan = [_chunks(run.ranks.experts(E, r), size) for r in range(run.ranks.size)]   # per rank its chunks
+    first = stats
+    for j in range(max(len(chunks) for chunks in plan)):
+        chunks = [c[j] if j < len(c) else None for c in plan]   # round j: one chunk of each rank (or none)
+        mine = chunks[run.ranks.rank]
+        if mine is not None and (j > 0 or starved & set(mine)):   # the first pass holds the first chunk's
             with phase(report, "hessian_experts", run.device):
-                stats = first.replay(chunk, starved & set(chunk)) if first.batches else \
-                    _collect_moe_stats(run, moe, block, inputs, kwargs, masks, chunk, starved & set(chunk))
-        _gptq_chunk(run, moe, chunk, bits, stats, results)
+                stats = first.replay(mine, starved & set(mine)) if first.batches else \
+                    _collect_moe_stats(run, moe, block, inputs, kwargs, masks, mine, starved & set(mine))
+        _gptq_round(run, moe, chunks, bits, stats, results)
     done = []
     for mat in moe.matrices:
         name = f"{moe.experts_path or moe.name + '.experts'}.{mat.name}"
-        seconds, losses = sum(r[0] for r in results[mat.name]), torch.cat([r[1] for r in results[mat.name]])
         done += [name] if mat.linears is None else [f"{lin}.weight" for lin in mat.linears]
-        _log(run, name, bits, tokens, losses, seconds)
-    shapes = [results[mat.name][0][2] for mat in moe.matrices]
+        r = results[mat.name]
+        _log(run, name, bits, tokens, torch.cat([r["loss"][s] for s in sorted(r["loss"])]), r["seconds"])
+    shapes = [results[mat.name]["shape"] for mat in moe.matrices]
     weights = sum(r * c for r, c in shapes)
     report.layers[-1].update(weights_per_expert=weights, stored_bits=[
         sum(format.stored_bits(r, c, b, cfg.groupsize) for r, c in shapes) / weights for b in bits])
     return done
 
 
-def _gptq_chunk(run: _Run, moe, chunk: range, bits: list[int], stats: _ExpertStats, results: dict) -> None:
-    """GPTQ of the experts of ``chunk`` (Hessians in ``stats``), each at its own width."""
+def _gptq_round(run: _Run, moe, chunks: list[range | None], bits: list[int], stats: _ExpertStats,
+                results: dict) -> None:
+    """GPTQ of this rank's chunk of experts (Hessians in ``stats``), each at its own width;
+    then every rank's chunk of the round (``chunks``, by rank) into the model and the sink."""
     cfg, report = run.cfg, run.report
-    chunk_bits = bits[chunk.start:chunk.stop]
+    mine = chunks[run.ranks.rank]
     for mat in moe.matrices:
         name = f"{moe.experts_path or moe.name + '.experts'}.{mat.name}"
-        W = mat.get()[chunk.start:chunk.stop].float()
         t0 = time.time()
-        with phase(report, "gptq_experts", run.device):
-            H = stats.accs[mat.name].hessian()
-            _check_inputs(H, name)
-            res = _gptq_experts(W, H, chunk_bits, cfg)
-            _check_scales(res["scale"], W, name, chunk_bits)
-            mat.set(res["weight"], chunk.start)
-        if run.on_experts is not None:
-            with phase(report, "callback", run.device):  # not quantization work: kept out of the other phases
-                run.on_experts(name, W, H, chunk_bits, res, chunk.start)
-        del H
-        if run.sink is not None:
-            with phase(report, "pack", run.device):
-                if mat.linears is None:  # fused experts: one entry, bits per expert
-                    run.sink.add_experts(name, res["codes"], res["scale"], res["zero"], chunk_bits, chunk.start,
-                                         moe.num_experts)
-                else:  # separate expert linears (Switch): each its own quantized linear
-                    for i, e in enumerate(chunk):
-                        run.sink.add_linear(mat.linears[e], res["codes"][i], res["scale"][i], res["zero"][i],
-                                            bits[e])
-        results[mat.name].append((time.time() - t0, res["loss"].cpu(), tuple(W.shape[1:])))
+        res = None
+        if mine is not None:
+            W = mat.get()[mine.start:mine.stop].float()
+            with phase(report, "gptq_experts", run.device):
+                H = stats.accs[mat.name].hessian()
+                try:
+                    _check_inputs(H, name)
+                    res = _gptq_experts(W, H, bits[mine.start:mine.stop], cfg)
+                except BadWeights as e:
+                    res = e
+            if run.on_experts is not None and isinstance(res, dict):
+                with phase(report, "callback", run.device):  # not quantization work: kept out of the other phases
+                    run.on_experts(name, W, H, bits[mine.start:mine.stop], res, mine.start)
+            del H
+        for src, chunk in enumerate(chunks):
+            if chunk is None:
+                continue
+            got = _share(run, res if src == run.ranks.rank else None, src)
+            chunk_bits = bits[chunk.start:chunk.stop]
+            _check_scales(got["scale"], mat.get()[chunk.start:chunk.stop], name, chunk_bits)
+            mat.set(got["weight"], chunk.start)
+            if run.sink is not None:
+                with phase(report, "pack", run.device):
+                    if mat.linears is None:  # fused experts: one entry, bits per expert
+                        run.sink.add_experts(name, got["codes"], got["scale"], got["zero"], chunk_bits, chunk.start,
+                                             moe.num_experts)
+                    else:  # separate expert linears (Switch): each its own quantized linear
+                        for i, e in enumerate(chunk):
+                            run.sink.add_linear(mat.linears[e], got["codes"][i], got["scale"][i], got["zero"][i],
+                                                bits[e])
+            results[mat.name]["loss"][chunk.start] = got["loss"].cpu()
+        results[mat.name]["seconds"] += time.time() - t0
 
 
 @torch.no_grad()
 def quantize_model(model, family, windows, cfg: QuantConfig, device, act_device=None,
                    loader: BlockLoader | None = None, sink=None, *, router_reference: dict | None = None,
-                   on_experts: Callable | None = None, log: Log | None = None) -> QuantReport:
+                   on_experts: Callable | None = None, log: Log | None = None,
+                   ranks: Ranks | None = None) -> QuantReport:
     """Quantizes ``model`` block by block: weights are replaced by their dequantized values
     (or released when ``loader`` streams and does not keep blocks); packed and unquantized
-    tensors go to ``sink`` (a quant.format.PackedWriter) as they are made."""
+    tensors go to ``sink`` (a quant.format.PackedWriter) as they are made. ``ranks``: the
+    processes sharing the work (utils/distributed.py; each calls this with its own, the
+    sink on rank 0 only); rank 0 logs."""
     act_device = act_device or device
-    run = _Run(family, cfg, QuantReport(), torch.device(device), torch.device(act_device), sink, log,
-               router_reference, on_experts)
+    ranks = ranks or Ranks()
+    run = _Run(family, cfg, QuantReport(), torch.device(device), torch.device(act_device), sink,
+               log if ranks.main else None, router_reference, on_experts, ranks)
+    num_batches = len(range(0, family.num_windows(windows), cfg.batch_size))
+    ranks.check_split([moe.num_experts for name, block in family.blocks(model)
+                       if (moe := family.moe(block, name)) is not None], num_batches, cfg.batch_size)
     loader = loader or BlockLoader(family, device)
     run.say(TABLE_HEADER)
     inputs = None
     for stage, blocks in enumerate(family.stages(model)):   # decoder-only: one stage; T5: encoder, decoder
+        batches = ranks.batches(num_batches)
         with phase(run.report, "capture", device):
             inputs, kwargs = capture_block_inputs(model, family, windows, cfg.batch_size, device, act_device,
-                                                  stage, inputs)
+                                                  stage, inputs, batches)
         masks = batch_masks(family, windows, cfg.batch_size, stage)
-        for block_name, block in tqdm(blocks, desc=f"quantizing blocks (stage {stage})", disable=None):
+        masks = [masks[b] for b in batches]
+        for block_name, block in tqdm(blocks, desc=f"quantizing blocks (stage {stage})",
+                                      disable=None if ranks.main else True):
             inputs = _quantize_block(run, loader, block_name, block, inputs, kwargs, masks)
     if sink is not None:
         _write_rest(model, family, sink)

@@ -39,11 +39,13 @@ def _hooks(*handles):
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, family, calib, batch_size: int, device: torch.device,
-                         act_device: torch.device, stage: int = 0, prev: list | None = None):
+                         act_device: torch.device, stage: int = 0, prev: list | None = None,
+                         batches: list[int] | None = None):
     """Run the model's part before the first block of ``stage`` on the calibration
     batches and keep what that block receives: a list of hidden-state batches and the
     keyword arguments it was called with (masks, position embeddings or biases ...).
-    ``prev``: the previous stage's outputs (an encoder's, for a decoder stage)."""
+    ``prev``: the previous stage's outputs (an encoder's, for a decoder stage), one per
+    batch run; ``batches``: which batches to run (default: all), in this order."""
     inputs, kwargs_list = [], []
     first = family.input_layer(model, stage)
     params = list(inspect.signature(first.forward).parameters)
@@ -60,11 +62,12 @@ def capture_block_inputs(model: nn.Module, family, calib, batch_size: int, devic
     for m in pre:
         m.to(device)
     try:
+        starts = range(0, family.num_windows(calib), batch_size)
         with _hooks(first.register_forward_pre_hook(hook, with_kwargs=True)):
-            for b, i in enumerate(range(0, family.num_windows(calib), batch_size)):
+            for k, b in enumerate(range(len(starts)) if batches is None else batches):
                 try:
-                    family.embed_forward(model, calib, slice(i, i + batch_size), device, stage,
-                                         None if prev is None else prev[b].to(device))
+                    family.embed_forward(model, calib, slice(starts[b], starts[b] + batch_size), device, stage,
+                                         None if prev is None else prev[k].to(device))
                 except _Stop:
                     pass
     finally:
@@ -126,10 +129,7 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor, index: int = 0, mask: torch.Tensor | None = None):
         """``mask``: which rows of x (its leading dims) are real tokens; others are left out."""
         half = x.dtype in (torch.float16, torch.bfloat16)
-        x = x.reshape(-1, x.shape[-1])
-        if mask is not None:
-            x = x[mask.reshape(-1).to(x.device)]
-        x = x.float()
+        x = real_rows(x, mask).float()
         # bf16/fp16 values are exact in TF32 and their products exact in fp32, so the
         # tensor cores lose nothing here; fp32 inputs keep full fp32 products.
         prev = torch.backends.cuda.matmul.allow_tf32
@@ -153,15 +153,22 @@ class SharedInputHessians:
     """Input Hessians of a set of linears, one per distinct input: linears that read the very
     same tensor in a forward (q, k and v; a shared expert's gate and up) share one, found on
     the first batch. ``masks``: the current batch's token masks (run_block's before_batch
-    keeps it pointing there); ``mask_key(name)``: which of them applies to a linear."""
+    keeps it pointing there); ``mask_key(name)``: which of them applies to a linear.
 
-    def __init__(self, linears: list[tuple[str, nn.Module]], device, masks: dict, mask_key=lambda name: "block"):
+    With several ranks (``ranks``), the inputs of this rank's batches are kept (on ``keep``)
+    instead, and ``gather`` adds every batch's, in global batch order, to the Hessian of the
+    rank that quantizes the group (``ranks.owner(group index)``): the sums one process makes."""
+
+    def __init__(self, linears: list[tuple[str, nn.Module]], device, masks: dict, mask_key=lambda name: "block",
+                 ranks=None, keep=None):
         self.device, self.masks, self.mask_key = device, masks, mask_key
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.accs: list[HessianAccumulator] = []
         self._reps: dict[int, weakref.ref] = {}   # this batch: group -> the tensor it read
         self._added: set[int] = set()
+        self.ranks, self.keep = ranks, keep if keep is not None else device
+        self._kept: dict[int, list[tuple[torch.Tensor]]] = {}   # several ranks: group -> real rows per batch
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears]
 
     def new_batch(self) -> None:
@@ -182,12 +189,30 @@ class SharedInputHessians:
                 self.group_of[name] = gid
             if gid not in self._added:
                 self._added.add(gid)
-                self.accs[gid].add(x, mask=self.masks.get(self.mask_key(name)))
+                mask = self.masks.get(self.mask_key(name))
+                if self.ranks is not None and self.ranks.distributed:   # a copy: the forward may change x later
+                    self._kept.setdefault(gid, []).append((real_rows(x, mask).to(self.keep, copy=True),))
+                else:
+                    self.accs[gid].add(x, mask=mask)
         return hook
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+    def gather(self) -> None:
+        """Several ranks: each group's inputs from every batch, in global batch order, added
+        on the rank that owns the group (after the forward passes; nothing for one rank)."""
+        for gid, acc in enumerate(self.accs):
+            if gid in self._kept:
+                for (x,) in self.ranks.in_batch_order(self._kept.pop(gid), dst=self.ranks.owner(gid)):
+                    acc.add(x)
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (..., d) as (tokens, d), without the rows ``mask`` marks as padding."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if mask is None else x[mask.reshape(-1).to(x.device)]
 
 
 def input_hessian_hook(acc: HessianAccumulator, masks: dict | None = None, key: str = "block"):
