@@ -33,6 +33,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                    help="mixed: levels by expert order; uniform: every expert at --avg_bits")
     q.add_argument("--order_type", default="combined", help="expert ranking: " + ", ".join(ORDER_TYPES))
     q.add_argument("--zeta", type=float, default=3.0, help="MaxVar reordering threshold (combined order)")
+    q.add_argument("--sensitivity_file", default=None, help="--order_type oracle / anti_oracle: the per-expert "
+                   "loss increases expert_sensitivity.py measured for this model (sensitivity.json)")
     q.add_argument("--avg_bits", type=float, default=2.0, help="target average bits per expert of a MoE layer")
     q.add_argument("--round_avg_bits", action="store_true",
                    help="if --avg_bits cannot be met exactly with the layer's expert count, take the nearest")
@@ -108,6 +110,7 @@ def quant_config(a) -> QuantConfig:
         counts = {b: n for b, n in ((a.high_bit_level, a.num_high_bit_experts), (a.mid_bit_level, a.num_mid_bit_experts),
                                     (a.low_bit_level, a.num_low_bit_experts)) if n is not None}
     return QuantConfig(method=a.method, mixed_type=a.mixed_type, order_type=a.order_type, zeta=a.zeta,
+                       sensitivity_file=a.sensitivity_file,
                        avg_bits=a.avg_bits, high_bits=a.high_bit_level, mid_bits=a.mid_bit_level,
                        low_bits=a.low_bit_level, level_counts=counts,
                        attn_bits=attn_bits(a.attn_bit_level), groupsize=a.groupsize,

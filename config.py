@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from .quant.allocation import ORDER_TYPES, level_counts
+from .quant.allocation import MEASURED_ORDERS, ORDER_TYPES, level_counts
 from .quant.quantizer import SUPPORTED_BITS
 
 METHODS = ("gptq", "rtn")
@@ -61,6 +61,7 @@ class QuantConfig:
     mixed_type: str = "mixed"            # "mixed" (levels by expert order) | "uniform" (every expert at avg_bits)
     order_type: str = "combined"         # see quant/allocation.py
     zeta: float = 3.0                    # MaxVar reordering threshold (combined order)
+    sensitivity_file: str | None = None  # oracle / anti_oracle: measured per-expert costs (expert_sensitivity.py)
     avg_bits: float = 2.0                # target average bits per expert of a MoE layer
     high_bits: int = 3
     mid_bits: int | None = 2             # None: two levels
@@ -88,6 +89,8 @@ class QuantConfig:
         _check(self.order_type in ORDER_TYPES,
                f"unknown --order_type {self.order_type!r}: choose one of {', '.join(ORDER_TYPES)}")
         _check(math.isfinite(self.zeta) and self.zeta > 0, f"--zeta {self.zeta}: must be a positive number")
+        if self.order_type in MEASURED_ORDERS and self.mixed_type == "mixed":
+            self._check_sensitivity_file()
         _check(math.isfinite(self.avg_bits) and self.avg_bits > 0, f"--avg_bits {self.avg_bits}: must be positive")
         for value, flag in ((self.attn_bits, "--attn_bit_level"), (self.shared_bits, "--shared_expert_bit_level"),
                             (self.dense_bits, "--dense_bit_level")):
@@ -117,6 +120,21 @@ class QuantConfig:
                 level_counts(8, self.avg_bits, self.high_bits, self.low_bits, self.mid_bits)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+
+    def _check_sensitivity_file(self) -> None:
+        """oracle / anti_oracle read measured costs: the file must hold every level's width."""
+        import json
+        import os
+        path = self.sensitivity_file
+        _check(path is not None and os.path.isfile(path),
+               f"--order_type {self.order_type} needs --sensitivity_file: the sensitivity.json that "
+               f"expert_sensitivity.py measured for this model" + (f" ({path} is not a file)" if path else ""))
+        with open(path) as f:
+            widths = json.load(f).get("widths", [])
+        levels = set(self.level_counts) if self.level_counts is not None else \
+            {b for b in (self.high_bits, self.mid_bits, self.low_bits) if b is not None}
+        _check(levels <= set(widths), f"--sensitivity_file {path} has costs at {widths} bits, not at every level "
+                                      f"{sorted(levels)}: measure those widths (expert_sensitivity.py --widths)")
 
     def counts_for(self, num_experts: int) -> dict[int, int]:
         """Experts per bit level for a layer of ``num_experts``."""

@@ -11,6 +11,16 @@ gets the highest bit width. Orders (``ORDER_TYPES``):
 - baselines: ``random`` (seeded), ``frequency`` (more routed calibration tokens first),
   ``routing_weight`` (higher mean router probability first), ``reverse_router``.
 
+Cost orders (``COST_ORDERS``) do not rank by one score: each expert has a cost at each
+width, and ``assign_levels`` gives the layer's level counts to the experts so that the
+summed cost is smallest (an exact DP):
+
+- ``sensitivity``: the predicted increase of the layer's output error, from each expert's
+  GPTQ error at each width, its routed tokens and routing weights (``predicted_cost``);
+- ``oracle`` / ``anti_oracle``: measured costs (the loss increase with only that expert
+  quantized, expert_sensitivity.py), smallest / largest sum: the best and the worst any
+  order can do at these counts, as far as the experts' damages add up.
+
 Bit counts follow the paper repo's policy so its configurations reproduce (see
 ``level_counts``).
 """
@@ -20,7 +30,10 @@ import random
 
 import torch
 
-ORDER_TYPES = ("router", "variance", "combined", "random", "frequency", "routing_weight", "reverse_router")
+MEASURED_ORDERS = ("oracle", "anti_oracle")     # costs read from --sensitivity_file
+COST_ORDERS = ("sensitivity",) + MEASURED_ORDERS
+ORDER_TYPES = ("router", "variance", "combined", "random", "frequency", "routing_weight", "reverse_router") \
+    + COST_ORDERS
 
 
 def router_norm(router_weight: torch.Tensor, reference: torch.Tensor | None = None) -> list[float]:
@@ -58,7 +71,7 @@ def maxvar_reorder(order: list[int], maxvar: list[float], zeta: float) -> list[i
 
 def expert_order(order_type: str, scores: dict[str, list[float]], zeta: float = 3.0, seed: int = 0) -> list[int]:
     """scores: ``router_norm`` (norm or norm change), ``max_var``, ``tokens``, ``routing_weight``."""
-    if order_type not in ORDER_TYPES:
+    if order_type not in ORDER_TYPES or order_type in COST_ORDERS:
         raise ValueError(f"unknown order type {order_type!r}: choose one of {', '.join(ORDER_TYPES)}")
     n = len(scores["router_norm"])
     if order_type == "router":
@@ -123,3 +136,64 @@ def bits_per_expert(order: list[int], counts: dict[int, int]) -> list[int]:
     for rank, expert in enumerate(order):
         bits[expert] = levels[rank]
     return bits
+
+
+def predicted_cost(rel_error: dict[int, list[float]], weight_sq: list[float], output_energy: list[float]
+                   ) -> dict[int, list[float]]:
+    """What quantizing expert e at width b adds to the MoE layer's output error, per token:
+
+        cost_e(b) = (sum over tokens t routed to e of g_t^2) / N  *  E||y_e||^2  *  rel_e(b)
+
+    g_t the routing weight the token's output is scaled by, N the layer's tokens, E||y_e||^2
+    the expert's mean squared output on its tokens (tr(W_down H W_down^T)), rel_e(b) its
+    relative output error at b bits (GPTQ's tr(dW H dW^T) / tr(W H W^T), summed over the
+    expert's matrices: to first order their errors add). ``weight_sq`` is the first factor.
+    With a loss whose curvature in the layer output is the same for every expert, this is
+    proportional to the expert's share of the loss increase."""
+    return {b: [w * y * r for w, y, r in zip(weight_sq, output_energy, errs)] for b, errs in rel_error.items()}
+
+
+def assign_levels(costs: dict[int, list[float]], counts: dict[int, int], maximize: bool = False) -> list[int]:
+    """Bits by expert id: ``counts[b]`` experts at each width b, chosen to minimise (or with
+    ``maximize``, maximise) the summed ``costs[b][e]``. Exact: a DP over the experts whose
+    state is how many have taken each level so far (the last level's count follows), so
+    O(E * prod(counts + 1)) -- 8 experts in 3 levels: 8 * 27 states."""
+    levels = [b for b in sorted(counts, reverse=True) if counts[b] > 0]
+    missing = [b for b in levels if b not in costs]
+    if missing:
+        raise ValueError(f"no costs for {missing} bits (costs are given for {sorted(costs)})")
+    num = sum(counts[b] for b in levels)
+    if any(len(costs[b]) != num for b in levels):
+        raise ValueError(f"costs must have one value per expert ({num})")
+    sign = -1.0 if maximize else 1.0
+    free, last = levels[:-1], levels[-1]
+    best = {(0,) * len(free): 0.0}       # state -> smallest signed cost so far
+    back = []                            # per expert: state -> (previous state, bits)
+    for e in range(num):
+        nxt, choice = {}, {}
+        for state, total in best.items():
+            for k, b in enumerate(levels):
+                if k < len(free):
+                    if state[k] == counts[b]:
+                        continue
+                    new = state[:k] + (state[k] + 1,) + state[k + 1:]
+                elif e - sum(state) == counts[last]:
+                    continue
+                else:
+                    new = state
+                value = total + sign * costs[b][e]
+                if new not in nxt or value < nxt[new]:
+                    nxt[new], choice[new] = value, (state, b)
+        best = nxt
+        back.append(choice)
+    state, bits = tuple(counts[b] for b in free), [0] * num
+    for e in reversed(range(num)):
+        state, bits[e] = back[e][state]
+    return bits
+
+
+def order_from_bits(bits: list[int], costs: dict[int, list[float]]) -> list[int]:
+    """An expert order that gives ``bits`` (most bits first; within a width, the expert
+    that would cost most at the lowest width first): what bit_allocation.json reports."""
+    low = min(costs)
+    return sorted(range(len(bits)), key=lambda e: (-bits[e], -costs[low][e]))

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import QuantConfig
+from ..config import ConfigError, QuantConfig
 from ..quant import allocation, format
 from ..quant.gptq import QUANTIZERS, dequantize_groups, output_error
 from .distributed import Ranks
@@ -69,6 +69,7 @@ class _Run:
     router_reference: dict | None = None   # MoE block name -> router weight before training
     on_experts: Callable | None = None     # (name, W, H, bits, result) after each experts GPTQ (benchmarks)
     ranks: Ranks = field(default_factory=Ranks)   # who does which part of the work
+    fp_outputs: bool = False               # each block hands on the outputs of its unquantized weights
 
     def say(self, line: str) -> None:
         if self.log is not None:
@@ -249,6 +250,7 @@ class _ExpertStats:
         self.accs = {m.name: HessianAccumulator(m.get().shape[2], device, len(self.chunk)) for m in moe.matrices}
         self.tokens = torch.zeros(E, dtype=torch.long)
         self.weight_sum = torch.zeros(E, dtype=torch.float64)
+        self.weight_sq_sum = torch.zeros(E, dtype=torch.float64)   # routing weights squared, routed tokens only
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor, top: torch.Tensor, weights: torch.Tensor) -> None:
@@ -259,8 +261,11 @@ class _ExpertStats:
         self.n_tokens += x.shape[0]
         if weights.shape[-1] == E and top.shape[-1] != E:   # full router probabilities
             self.weight_sum += weights.float().sum(0).double().cpu()
+            routed = weights.gather(-1, top)
         else:                                               # the routing weights of the chosen experts
             self.weight_sum.index_add_(0, top.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
+            routed = weights
+        self.weight_sq_sum.index_add_(0, top.reshape(-1).cpu(), routed.reshape(-1).double().cpu() ** 2)
         counts = torch.bincount(top.reshape(-1), minlength=E)[:E]
         self.tokens += counts.cpu()
         # the tokens of each expert, contiguous: one sort of the (token, slot) pairs by expert
@@ -416,21 +421,25 @@ def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _Expe
         "tokens": tokens.tolist(),
         "routing_weight": stats.routing_weight(),
     }
-    order = allocation.expert_order(cfg.order_type, scores, cfg.zeta, cfg.seed + len(report.layers))
-    bits = allocation.bits_per_expert(order, cfg.counts_for(E))
+    counts = cfg.counts_for(E)
+    widths = [b for b, n in counts.items() if n > 0]
+    rounds = lambda: _expert_rounds(run, moe, block, inputs, kwargs, masks, stats, starved, size)
+    if cfg.order_type not in allocation.COST_ORDERS:
+        order = allocation.expert_order(cfg.order_type, scores, cfg.zeta, cfg.seed + len(report.layers))
+        bits = allocation.bits_per_expert(order, counts)
+    elif len(widths) == 1:   # one width: nothing to choose
+        order, bits = list(range(E)), widths * E
+    else:
+        costs = _predicted_costs(run, moe, rounds(), stats, widths, scores) if cfg.order_type == "sensitivity" \
+            else _measured_costs(cfg.sensitivity_file, moe.name, widths, E)
+        scores["cost"] = {str(b): costs[b] for b in widths}
+        bits = allocation.assign_levels(costs, counts, maximize=cfg.order_type == "anti_oracle")
+        order = allocation.order_from_bits(bits, costs)
     report.layers.append({"name": moe.name, "expert_order": order, "bits": bits, "scores": scores,
                           "router_score": "norm_change" if ref is not None else "norm"})
     results = {mat.name: {"seconds": 0.0, "loss": {}, "shape": tuple(mat.get().shape[1:])} for mat in moe.matrices}
-    plan = [_chunks(run.ranks.experts(E, r), size) for r in range(run.ranks.size)]   # per rank its chunks
-    first = stats
-    for j in range(max(len(chunks) for chunks in plan)):
-        chunks = [c[j] if j < len(c) else None for c in plan]   # round j: one chunk of each rank (or none)
-        mine = chunks[run.ranks.rank]
-        if mine is not None and (j > 0 or starved & set(mine)):   # the first pass holds the first chunk's
-            with phase(report, "hessian_experts", run.device):
-                stats = first.replay(mine, starved & set(mine)) if first.batches else \
-                    _collect_moe_stats(run, moe, block, inputs, kwargs, masks, mine, starved & set(mine))
-        _gptq_round(run, moe, chunks, bits, stats, results)
+    for chunks, chunk_stats in rounds():
+        _gptq_round(run, moe, chunks, bits, chunk_stats, results)
     done = []
     for mat in moe.matrices:
         name = f"{moe.experts_path or moe.name + '.experts'}.{mat.name}"
@@ -442,6 +451,72 @@ def _quantize_experts(run: _Run, block, moe, inputs, kwargs, masks, stats: _Expe
     report.layers[-1].update(weights_per_expert=weights, stored_bits=[
         sum(format.stored_bits(r, c, b, cfg.groupsize) for r, c in shapes) / weights for b in bits])
     return done
+
+
+def _expert_rounds(run: _Run, moe, block, inputs, kwargs, masks, first: _ExpertStats, starved: set[int],
+                   size: int):
+    """Yields per round the chunks of every rank (by rank; None: no chunk this round) and the
+    stats holding this rank's chunk's Hessians: the first pass holds the first chunk's; later
+    chunks (and starved experts, whose Hessians take all tokens) replay the first pass's routed
+    batches or run the block again (one process only: several ranks always keep the batches)."""
+    plan = [_chunks(run.ranks.experts(moe.num_experts, r), size) for r in range(run.ranks.size)]   # per rank
+    for j in range(max(len(chunks) for chunks in plan)):
+        chunks = [c[j] if j < len(c) else None for c in plan]
+        mine, stats = chunks[run.ranks.rank], first
+        if mine is not None and (j > 0 or starved & set(mine)):
+            with phase(run.report, "hessian_experts", run.device):
+                stats = first.replay(mine, starved & set(mine)) if first.batches else \
+                    _collect_moe_stats(run, moe, block, inputs, kwargs, masks, mine, starved & set(mine))
+        yield chunks, stats
+
+
+def _predicted_costs(run: _Run, moe, rounds, stats: _ExpertStats, widths: list[int], scores: dict
+                     ) -> dict[int, list[float]]:
+    """The sensitivity order's costs (allocation.predicted_cost): GPTQ of every expert at each
+    width, keeping only its relative output error (nothing is written to the model). Each rank
+    measures its own experts; the values then go to every rank (all must choose the same bits)."""
+    E = moe.num_experts
+    rel = torch.zeros(len(widths), E, dtype=torch.float64)
+    energy = torch.zeros(E, dtype=torch.float64)
+    failed = None
+    for chunks, chunk_stats in rounds:
+        mine = chunks[run.ranks.rank]
+        for mat in moe.matrices if mine is not None and failed is None else ():
+            W = mat.get()[mine.start:mine.stop].float()
+            H = chunk_stats.accs[mat.name].hessian()
+            with phase(run.report, "gptq_sensitivity", run.device):
+                try:
+                    _check_inputs(H, f"{moe.experts_path or moe.name + '.experts'}.{mat.name}")
+                    for i, b in enumerate(widths):
+                        rel[i, mine.start:mine.stop] += _gptq_experts(W, H, [b] * len(mine), run.cfg)["loss"].cpu()
+                except BadWeights as e:
+                    failed = e
+            if mat is moe.matrices[-1]:   # the expert's output: E||y||^2 = tr(W H W^T) on its tokens
+                energy[mine.start:mine.stop] = ((W @ H) * W).sum(dim=(-1, -2)).cpu()
+    for src in range(run.ranks.size):
+        own = run.ranks.experts(E, src)
+        payload = (failed or {"rel": rel[:, own.start:own.stop].contiguous(), "energy": energy[own.start:own.stop]}) \
+            if src == run.ranks.rank else None
+        got = run.ranks.share(payload, src)
+        rel[:, own.start:own.stop], energy[own.start:own.stop] = got["rel"].cpu(), got["energy"].cpu()
+    rel_by_width = {b: rel[i].tolist() for i, b in enumerate(widths)}
+    weight_sq = (stats.weight_sq_sum / max(stats.n_tokens, 1)).tolist()
+    scores.update(gptq_error={str(b): v for b, v in rel_by_width.items()}, output_energy=energy.tolist(),
+                  routing_weight_sq=weight_sq)
+    return allocation.predicted_cost(rel_by_width, weight_sq, energy.tolist())
+
+
+def _measured_costs(path: str, layer: str, widths: list[int], num_experts: int) -> dict[int, list[float]]:
+    """oracle / anti_oracle: the loss increase measured with only that expert quantized
+    (``d_loss`` in expert_sensitivity.py's file), per width."""
+    import json
+    with open(path) as f:
+        experts = [x for x in json.load(f)["experts"] if x["layer"] == layer]
+    if sorted(x["expert"] for x in experts) != list(range(num_experts)):
+        raise ConfigError(f"--sensitivity_file {path} has no measurement for every expert of {layer}: "
+                          f"measure this model with expert_sensitivity.py")
+    experts.sort(key=lambda x: x["expert"])
+    return {b: [x["by_width"][str(b)]["d_loss"] for x in experts] for b in widths}
 
 
 def _gptq_round(run: _Run, moe, chunks: list[range | None], bits: list[int], stats: _ExpertStats,
@@ -491,16 +566,21 @@ def _gptq_round(run: _Run, moe, chunks: list[range | None], bits: list[int], sta
 def quantize_model(model, family, windows, cfg: QuantConfig, device, act_device=None,
                    loader: BlockLoader | None = None, sink=None, *, router_reference: dict | None = None,
                    on_experts: Callable | None = None, log: Log | None = None,
-                   ranks: Ranks | None = None) -> QuantReport:
+                   ranks: Ranks | None = None, fp_outputs: bool = False) -> QuantReport:
     """Quantizes ``model`` block by block: weights are replaced by their dequantized values
     (or released when ``loader`` streams and does not keep blocks); packed and unquantized
     tensors go to ``sink`` (a quant.format.PackedWriter) as they are made. ``ranks``: the
     processes sharing the work (utils/distributed.py; each calls this with its own, the
-    sink on rank 0 only); rank 0 logs."""
+    sink on rank 0 only); rank 0 logs.
+
+    ``fp_outputs``: every block gets its unquantized weights back once quantized, and hands
+    on the outputs of those, so each block is calibrated on the unquantized model's inputs
+    and the model ends unchanged (what was quantized reaches the caller through
+    ``on_experts``): expert_sensitivity.py quantizes one expert at a time this way."""
     act_device = act_device or device
     ranks = ranks or Ranks()
     run = _Run(family, cfg, QuantReport(), torch.device(device), torch.device(act_device), sink,
-               log if ranks.main else None, router_reference, on_experts, ranks)
+               log if ranks.main else None, router_reference, on_experts, ranks, fp_outputs)
     num_batches = len(range(0, family.num_windows(windows), cfg.batch_size))
     ranks.check_split([moe.num_experts for name, block in family.blocks(model)
                        if (moe := family.moe(block, name)) is not None], num_batches, cfg.batch_size)
@@ -526,8 +606,11 @@ def _quantize_block(run: _Run, loader, block_name, block, inputs, kwargs, masks)
     with phase(run.report, "load", run.device):
         ctx = loader.block(block_name, block)
         ctx.__enter__()
+    unquantized = {k: v.clone() for k, v in block.state_dict().items()} if run.fp_outputs else None
     quantized = _quantize_attention(run, block_name, block, inputs, kwargs, masks)
     quantized += _quantize_feed_forward(run, block_name, block, inputs, kwargs, masks)
+    if unquantized is not None:
+        block.load_state_dict(unquantized)
     with phase(run.report, "output", run.device):
         outputs = run_block(block, inputs, kwargs, run.device, run.act_device, family=run.family)
     if run.sink is not None:  # the block's unquantized tensors (norms, routers, biases)
