@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The paper's comparison grid on any causal MoE checkpoint(s): one command, one table.
+"""The paper's comparison grid on any MoE checkpoint(s): one command, one table.
 
     python reproduce_tables.py --model runs/mixtral-s0/trained runs/mixtral-s1/trained runs/mixtral-s2/trained \\
         --router_reference runs/mixtral-s0/init runs/mixtral-s1/init runs/mixtral-s2/init \\
@@ -10,8 +10,15 @@ Rows (``--grid paper``): unquantized; RTN and GPTQ uniform at 2/3/4 bits; mixed 
 average of 2.0 and 2.5 bits per expert with three levels (3/2/1) and two levels (3/1 at
 2.0, 3/2 at 2.5), each with every expert order: router, router change (needs
 ``--router_reference``), variance, combined (zeta 3), random (``--random_seeds``),
-frequency, routing_weight, reverse_router; and a zeta sweep of the combined order at
-2.0 bits, 3/2/1. ``--rows`` keeps the rows whose id matches one of its globs.
+frequency, routing_weight, reverse_router, sensitivity (predicted from GPTQ's error per
+width), oracle and anti_oracle (from measured per-expert loss increases: need
+``--sensitivity_file``, one per model, from expert_sensitivity.py); and a zeta sweep of the
+combined order at 2.0 bits, 3/2/1. ``--rows`` keeps the rows whose id matches one of its globs.
+
+``--task seq2seq`` runs the grid on Switch Transformers (quantize_switch.py's pipeline):
+``--dataset`` holds train.jsonl / test.jsonl pairs, the first ``--eval_samples`` test pairs
+are scored: the "ppl" columns are exp(teacher-forced target loss), and rougeL and exact
+match of greedy generations are extra columns.
 
 Each row: the model is streamed from its checkpoint, quantized by the same pipeline
 as quantize_mixtral.py (attention at ``--attn_bits``, group ``--groupsize``), its packed
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,7 +52,8 @@ from moeq.cli import attn_bits
 from moeq.config import ConfigError, QuantConfig, RunConfig
 
 ORDERS = ["router", "router_change", "variance", "combined", "random", "frequency", "routing_weight",
-          "reverse_router"]
+          "reverse_router", "sensitivity", "oracle", "anti_oracle"]
+NEEDS = {"router_change": "router_reference", "oracle": "sensitivity_file", "anti_oracle": "sensitivity_file"}
 # (average bits, levels high/mid/low; mid None = two levels)
 MIXED_SETTINGS = [(2.0, (3, 2, 1)), (2.0, (3, None, 1)), (2.5, (3, 2, 1)), (2.5, (3, None, 2))]
 
@@ -85,20 +94,31 @@ def select_rows(rows: list[dict], patterns: list[str] | None) -> list[dict]:
     return keep
 
 
-def quant_config(row: dict, a) -> QuantConfig:
+def quant_config(row: dict, a, sensitivity_file: str | None = None) -> QuantConfig:
     high, mid, low = row["levels"]
     order = {"router_change": "router", "uniform": "router"}.get(row["order"], row["order"])
     return QuantConfig(method=row["method"], mixed_type="uniform" if row["order"] == "uniform" else "mixed",
                        order_type=order, zeta=row.get("zeta", 3.0), avg_bits=row["avg_bits"], high_bits=high,
+                       sensitivity_file=sensitivity_file if row["order"] in ("oracle", "anti_oracle") else None,
                        mid_bits=mid, low_bits=low, attn_bits=attn_bits(a.attn_bits),
                        groupsize=a.groupsize, grid=a.quant_grid, seed=row.get("seed", 0), batch_size=a.batch_size,
                        min_expert_tokens=a.min_expert_tokens)
 
 
 def run_config(model_path: str, a, quant: QuantConfig | None = None, **kw) -> RunConfig:
-    return RunConfig(model=model_path, quant=quant or QuantConfig(), dataset=a.dataset,
-                     eval_datasets=tuple(a.eval_dataset), nsamples=a.nsamples, seqlen=a.seqlen, seed=a.calib_seed,
-                     device=a.device, dtype=a.dtype, evaluate=True, verbose=False, **kw)
+    task = dict(task="seq2seq", src_len=a.src_len, tgt_len=a.tgt_len, eval_samples=a.eval_samples) \
+        if a.task == "seq2seq" else dict(eval_datasets=tuple(a.eval_dataset), seqlen=a.seqlen)
+    return RunConfig(model=model_path, quant=quant or QuantConfig(), dataset=a.dataset, nsamples=a.nsamples,
+                     seed=a.calib_seed, device=a.device, dtype=a.dtype, evaluate=True, verbose=False, **task, **kw)
+
+
+def scores_of(evaluation: dict) -> dict:
+    """The grid's columns of one evaluation: causal, perplexity per eval set; seq2seq,
+    exp(target loss) as the "ppl" of the pairs, rougeL and exact match as extra columns."""
+    if "ppl" in evaluation:
+        return {"ppl": evaluation["ppl"]}
+    return {"ppl": {evaluation["eval_set"]: math.exp(evaluation["loss"])},
+            "tasks": {"rougeL": evaluation["rouge"]["rougeL"], "exact_match": evaluation["exact_match"]}}
 
 
 class ModelData:
@@ -113,11 +133,12 @@ class ModelData:
         if a.eval_windows:
             self.data.evals = {k: v[: a.eval_windows] for k, v in self.data.evals.items()}
         self.calib_source = self.data.info["source"]
-        self.seqlen = self.data.info["seqlen"]
-        self.evals = self.data.evals
+        self.seqlen = self.data.info.get("seqlen") or (a.src_len, a.tgt_len)
+        self.evals = self.data.evals if a.task == "causal" else \
+            {self.data.pairs.name: self.data.pairs.test[: a.eval_samples]}
 
 
-def run_row(row: dict, md: ModelData, reference_path: str | None, a) -> dict:
+def run_row(row: dict, md: ModelData, reference_path: str | None, a, sensitivity_file: str | None = None) -> dict:
     """One grid cell: the model quantized as the row says (packed checkpoint written to a
     temporary directory to measure it), perplexity of the fake-quantized model (equal to the
     packed one's, tests/test_packed.py) on every eval set."""
@@ -128,7 +149,7 @@ def run_row(row: dict, md: ModelData, reference_path: str | None, a) -> dict:
                     "quant_seconds": 0.0,
                     "packed_mib": sum(os.path.getsize(os.path.join(md.path, f)) for f in os.listdir(md.path)
                                       if f.endswith(".safetensors")) / 2**20})
-        out["ppl"] = evaluate_unquantized(run_config(md.path, a), md.data)["ppl"]
+        out.update(scores_of(evaluate_unquantized(run_config(md.path, a), md.data)))
         if a.tasks:
             from transformers import AutoModelForCausalLM
             out["tasks"] = lm_eval_scores(AutoModelForCausalLM.from_pretrained(md.path).eval(), md.tokenizer, a)
@@ -136,20 +157,33 @@ def run_row(row: dict, md: ModelData, reference_path: str | None, a) -> dict:
     tmp = tempfile.mkdtemp(prefix="grid-packed-", dir=a.tmp_dir)
     try:
         reference = reference_path if row["order"] == "router_change" else None
-        result = quantize(run_config(md.path, a, quant_config(row, a), router_reference=reference,
+        result = quantize(run_config(md.path, a, quant_config(row, a, sensitivity_file), router_reference=reference,
                                      saving_path=os.path.join(tmp, "ckpt"), keep_model=True), md.data)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out.update({"avg_bits": result.avg_bits, "packed_mib": result.sizes["disk_bytes"] / 2**20,
-                "quant_seconds": result.seconds["quantize"],
+    out.update({"avg_bits": result.avg_bits, "stored_bits": result.report.avg_expert_stored_bits(),
+                "packed_mib": result.sizes["disk_bytes"] / 2**20, "quant_seconds": result.seconds["quantize"],
                 "level_counts": {str(b): n for b, n in sorted(Counter(result.report.layers[0]["bits"]).items())},
                 "bits": [layer["bits"] for layer in result.report.layers],
+                "expert_order": [layer["expert_order"] for layer in result.report.layers],
                 "scores": [layer["scores"] for layer in result.report.layers],
-                "starved_experts": len(result.report.starved),
-                "ppl": result.evaluation["quantized"]["ppl"]})
+                "starved_experts": len(result.report.starved), **scores_of(result.evaluation["quantized"])})
+    if reference_path:   # every run keeps both router scores, whichever its order used
+        out["router_norm_change"] = router_norm_change(result.model, reference_path)
     if a.tasks:
         out["tasks"] = lm_eval_scores(result.model, md.tokenizer, a)
     return out
+
+
+def router_norm_change(model, reference_path: str) -> list[list[float]]:
+    """Per MoE layer, each expert's router-row norm minus the reference checkpoint's."""
+    from moeq.quant.allocation import router_norm
+    from moeq.utils.families import family_for
+    from moeq.utils.loading import router_reference_weights
+    family = family_for(model)
+    reference = router_reference_weights(reference_path, model, family)
+    return [router_norm(family.router_weight(moe), reference[moe.name]) for name, block in family.blocks(model)
+            if (moe := family.moe(block, name)) is not None]
 
 
 def lm_eval_scores(model, tokenizer, a) -> dict:
@@ -195,6 +229,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", nargs="+", required=True, help="one or more checkpoints (e.g. training seeds)")
     ap.add_argument("--router_reference", nargs="*", default=None,
                     help="each model's checkpoint before training (same order): enables the router_change rows")
+    ap.add_argument("--sensitivity_file", nargs="*", default=None, help="each model's sensitivity json from "
+                    "expert_sensitivity.py (same order): enables the oracle and anti_oracle rows")
+    ap.add_argument("--task", choices=["causal", "seq2seq"], default="causal",
+                    help="seq2seq: Switch Transformers, --dataset with train.jsonl / test.jsonl pairs")
+    ap.add_argument("--src_len", type=int, default=256, help="seq2seq: source tokens per pair")
+    ap.add_argument("--tgt_len", type=int, default=32, help="seq2seq: target tokens per pair")
+    ap.add_argument("--eval_samples", type=int, default=64, help="seq2seq: the first N test pairs are scored")
     ap.add_argument("--dataset", required=True, help="calibration text (train split): directory, file or hub name")
     ap.add_argument("--eval_dataset", nargs="+", default=None, help="perplexity on the test split of each "
                     "(default: --dataset)")
@@ -237,14 +278,16 @@ def _main(a, argv) -> int:
     if a.list_rows:
         print("\n".join(r["id"] for r in rows))
         return 0
-    if a.router_reference and len(a.router_reference) != len(a.model):
-        raise ConfigError(f"--router_reference got {len(a.router_reference)} paths for {len(a.model)} models: "
-                        f"give one per model, in the same order")
-    if not a.router_reference:
-        dropped = [r["id"] for r in rows if r.get("order") == "router_change"]
-        rows = [r for r in rows if r.get("order") != "router_change"]
-        if dropped:
-            print(f"no --router_reference: skipping {len(dropped)} router_change rows")
+    for order, flag in NEEDS.items():
+        paths = getattr(a, flag)
+        if paths and len(paths) != len(a.model):
+            raise ConfigError(f"--{flag} got {len(paths)} paths for {len(a.model)} models: give one per model, "
+                              f"in the same order")
+        if not paths:
+            dropped = [r["id"] for r in rows if r.get("order") == order]
+            rows = [r for r in rows if r.get("order") != order]
+            if dropped:
+                print(f"no --{flag}: skipping {len(dropped)} {order} rows")
     for path in [] if a.report_only else a.model + (a.router_reference or []):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{path} is not a checkpoint directory (no config.json): pass local checkpoints")
@@ -267,13 +310,14 @@ def _main(a, argv) -> int:
                 data_cache[model_path] = ModelData(model_path, a)
             md = data_cache[model_path]
             ref = a.router_reference[a.model.index(model_path)] if a.router_reference else None
+            sens = a.sensitivity_file[a.model.index(model_path)] if a.sensitivity_file else None
             t0 = time.time()
-            result = run_row(row, md, ref, a)
+            result = run_row(row, md, ref, a, sens)
             result.update({"row_seconds": time.time() - t0, "group": row["group"], "order": row.get("order"),
                            "method": row["method"], "device": tables.device_name(device), "command": command,
                            "calibration": {"source": md.calib_source, "nsamples": a.nsamples, "seqlen": md.seqlen,
                                            "seed": a.calib_seed},
-                           "eval_windows": {k: int(v.shape[0]) for k, v in md.evals.items()},
+                           "eval_windows": {k: len(v) for k, v in md.evals.items()}, "task": a.task,
                            "attn_bits": a.attn_bits, "groupsize": a.groupsize, "quant_grid": a.quant_grid})
             append_run(runs_path, result)
             ppl = " ".join(f"{k} {v:.3f}" for k, v in result["ppl"].items())

@@ -3,8 +3,8 @@
 
 - causal: calibration = random windows of the train text; evaluation = perplexity on
   non-overlapping windows of each eval set's test split (utils/perplexity.py).
-- seq2seq: calibration = (source, target) pairs; evaluation = teacher-forced target loss
-  and ROUGE-1/2/L of greedy generations on the test pairs.
+- seq2seq: calibration = (source, target) pairs; evaluation = teacher-forced target loss,
+  ROUGE-1/2/L and exact match of greedy generations on the test pairs.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def evaluate(config: RunConfig, data: Data, model, family, tokenizer, device, ac
 def _seq2seq_scores(config: RunConfig, data: Data, model, tokenizer, device) -> dict:
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    nll = count = 0
+    nll = count = exact = 0
     rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     pairs = data.pairs.test[: config.eval_samples]
     for source, target in pairs:
@@ -87,12 +87,13 @@ def _seq2seq_scores(config: RunConfig, data: Data, model, tokenizer, device) -> 
         nll += float(model(input_ids=src, labels=tgt).loss) * tgt.shape[1]
         count += tgt.shape[1]
         gen = model.generate(src, max_new_tokens=config.tgt_len, do_sample=False)
-        scores = scorer.score(tokenizer.decode(tgt[0], skip_special_tokens=True),
-                              tokenizer.decode(gen[0], skip_special_tokens=True))
+        reference, generated = (tokenizer.decode(t, skip_special_tokens=True).strip() for t in (tgt[0], gen[0]))
+        scores = scorer.score(reference, generated)
         for k in rouge:
             rouge[k] += scores[k].fmeasure / len(pairs)
+        exact += (generated == reference) / len(pairs)
     return {"loss": nll / count, "target_tokens": count, "pairs": len(pairs), "rouge": rouge,
-            "eval_set": data.pairs.name}
+            "exact_match": exact, "eval_set": data.pairs.name}
 
 
 def summary_lines(config: RunConfig, scores: dict, tag: str | None = None) -> list[str]:
@@ -103,4 +104,5 @@ def summary_lines(config: RunConfig, scores: dict, tag: str | None = None) -> li
     name = scores["eval_set"] + suffix
     return [f"eval loss {name}: {scores['loss']:.4f} over {scores['target_tokens']} target tokens of "
             f"{scores['pairs']} test pairs",
-            f"rouge {name}: " + " ".join(f"{k} {100 * v:.2f}" for k, v in scores["rouge"].items())]
+            f"rouge {name}: " + " ".join(f"{k} {100 * v:.2f}" for k, v in scores["rouge"].items())
+            + f"; exact match {100 * scores['exact_match']:.2f}"]
