@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -64,10 +65,11 @@ def experts_name(moe, mat) -> str:
 
 # ---- quantized candidates --------------------------------------------------------------
 
-def quantized_experts(model, family, calib, bits: int, a) -> tuple[dict, object]:
+def quantized_experts(model, family, calib, bits: int, a) -> tuple[dict, dict, object]:
     """Every expert of every MoE layer GPTQ-quantized at ``bits`` (attention, shared experts
     and dense MLPs untouched), each block calibrated on the unquantized model's inputs; the
-    model is left unchanged. Returns ({experts name: (E, R, C) dequantized weights}, report)."""
+    model is left unchanged. Returns ({experts name: (E, R, C) dequantized weights}, {experts
+    name: (E,) relative output errors}, the pipeline's report)."""
     from moeq.utils.pipeline import quantize_model
     cfg = QuantConfig(mixed_type="uniform", avg_bits=bits, attn_bits=None, shared_bits=None, dense_bits=None,
                       groupsize=a.groupsize, grid=a.quant_grid, batch_size=a.batch_size,
@@ -103,7 +105,10 @@ def routing_recorder(family, moe, sink: list):
 
 def routed_mask(tops: list[torch.Tensor], shape: tuple, num_experts: int) -> torch.Tensor:
     """(E, *shape) bool: token routed to expert e, from the per-batch (tokens, k) records."""
-    top = torch.cat(tops).reshape(*shape, -1)
+    top = torch.cat(tops)
+    if top.shape[0] != math.prod(shape):
+        raise RuntimeError(f"recorded routing for {top.shape[0]} tokens, expected {math.prod(shape)}")
+    top = top.reshape(*shape, -1)
     return torch.stack([(top == e).any(-1) for e in range(num_experts)])
 
 
@@ -194,10 +199,11 @@ class PairsHeldOut:
         tops = {moe.name: [] for _, moe in moes}
         hooks = [routing_recorder(family, moe, tops[moe.name]) for _, moe in moes]
         try:
-            self.base = self.token_scores(0)
+            self.teacher_forced()   # routing as the model reads the pairs (generation routes other positions)
         finally:
             for h in hooks:
                 h.remove()
+        self.base = self.token_scores()
         self.routed = {}
         for n, moe in moes:   # encoder experts are routed source tokens, decoder experts target positions
             mask = self.src_mask if n.startswith("encoder.") else self.tgt_mask
@@ -210,18 +216,27 @@ class PairsHeldOut:
         for i in range(0, self.src.shape[0], bs):
             yield (t[i:i + bs].to(self.device) for t in (self.src, self.src_mask, self.labels))
 
-    def token_scores(self, start: int = 0):
-        """(nll, correct, exact) for every target position and pair."""
-        nll, correct, exact = [], [], []
+    def teacher_forced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nll, correct) at every target position of every pair (0 / False at padding)."""
+        nll, correct = [], []
         for src, mask, labels in self._batches():
             logits = self.model(input_ids=src, attention_mask=mask.long(), labels=labels).logits.float()
             nll.append(F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100).cpu())
             correct.append((logits.argmax(-1) == labels).cpu())
+        return torch.cat(nll).double(), torch.cat(correct)
+
+    def exact_match(self) -> torch.Tensor:
+        """Per pair: the greedy generation equals the target title."""
+        generated = []
+        for src, mask, _ in self._batches():
             gen = self.model.generate(input_ids=src, attention_mask=mask.long(), max_new_tokens=self.a.tgt_len,
                                       do_sample=False, num_beams=1)
-            exact += [self.tok.decode(g, skip_special_tokens=True).strip() for g in gen]
-        exact = torch.tensor([g == t for g, t in zip(exact, self.texts)])
-        return torch.cat(nll).double(), torch.cat(correct), exact
+            generated += [self.tok.decode(g, skip_special_tokens=True).strip() for g in gen]
+        return torch.tensor([g == t for g, t in zip(generated, self.texts)])
+
+    def token_scores(self, start: int = 0):
+        """(nll, correct, exact): the whole model runs whatever expert changed."""
+        return (*self.teacher_forced(), self.exact_match())
 
     def summary(self, scores) -> dict:
         nll, correct, exact = scores

@@ -293,3 +293,58 @@ def test_grid_rows_from_measured_sensitivities(smoke_model, measured, tmp_path):
         assert math.isfinite(r["ppl"]["python-docs"])
     table = open(os.path.join(out, "table.md")).read()
     assert "| oracle |" in table and "| anti_oracle |" in table
+
+
+@pytest.fixture(scope="module")
+def switch_pair(tmp_path_factory):
+    from moeq.testbed import train_switch
+    out = tmp_path_factory.mktemp("switch") / "switch-smoke-s0"
+    threads = torch.get_num_threads()
+    try:
+        assert train_switch.main(["--data", os.path.join(DATA, "python-docs"), "--out", str(out), "--preset", "smoke",
+                                  "--pretrain_steps", "3", "--finetune_steps", "2", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_switch_measurement_and_grid(switch_pair, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from moeq.expert_sensitivity import PairsHeldOut, main
+    from moeq.reproduce_tables import main as grid
+    out = str(tmp_path / "sens")
+    assert main(["--task", "seq2seq", "--model", str(switch_pair / "finetuned"), "--router_reference",
+                 str(switch_pair / "pretrained"), "--dataset", str(switch_pair / "pairs"), "--out", out, "--widths", "2",
+                 "--nsamples", "16", "--src_len", "32", "--tgt_len", "8", "--eval_samples", "12", "--groupsize", "32",
+                 "--min_expert_tokens", "1", "--batch_size", "4"]) == 0
+    f = json.load(open(os.path.join(out, "sensitivity-switch-smoke-s0.json")))
+    enc = [x for x in f["experts"] if x["layer"].startswith("encoder.")]
+    dec = [x for x in f["experts"] if x["layer"].startswith("decoder.")]
+    assert len(enc) == len(dec) == 8
+    # the held-out pairs' real tokens, each routed to one expert (top-1): sources in the encoder, targets in the decoder
+    model = AutoModelForSeq2SeqLM.from_pretrained(switch_pair / "finetuned").eval()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(switch_pair / "finetuned")
+    pairs = data.load_pairs(str(switch_pair / "pairs")).test[-12:]
+    held = PairsHeldOut(model, family_for(model), tok, pairs, torch.ones(len(tok)),
+                        type("A", (), {"src_len": 32, "tgt_len": 8, "batch_size": 4, "device": "cpu"})())
+    assert sum(x["routed"] for x in enc) == int(held.src_mask.sum())
+    assert sum(x["routed"] for x in dec) == int(held.tgt_mask.sum()) == f["base"]["tokens"]
+    with torch.no_grad():
+        loss = model(input_ids=held.src, attention_mask=held.src_mask.long(), labels=held.labels).loss
+    assert f["base"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert 0.0 <= f["base"]["exact_match"] <= 1.0
+    assert all(x["by_width"]["2"]["d_loss_routed"] is None for x in enc)
+    assert all("d_exact_match" in x["by_width"]["2"] for x in dec)
+    # the Switch grid: exp(target loss) as its ppl, rougeL and exact match as columns
+    g = str(tmp_path / "grid")
+    assert grid(["--task", "seq2seq", "--model", str(switch_pair / "finetuned"), "--router_reference",
+                 str(switch_pair / "pretrained"), "--dataset", str(switch_pair / "pairs"), "--out", g, "--rows",
+                 "unquantized", "mixed-2.5-3/2-sensitivity", "--nsamples", "16", "--src_len", "32", "--tgt_len", "8",
+                 "--eval_samples", "4", "--groupsize", "32", "--min_expert_tokens", "1", "--batch_size", "4"]) == 0
+    runs = {r["row"]: r for r in map(json.loads, open(os.path.join(g, "runs.jsonl")))}
+    fp, q = runs["unquantized"], runs["mixed-2.5-3/2-sensitivity"]
+    assert set(fp["ppl"]) == {"pairs"} and set(fp["tasks"]) == {"rougeL", "exact_match"}
+    assert q["bits"][0].count(3) == 4 and q["avg_bits"] == 2.5 and len(q["router_norm_change"]) == 2
+    assert "exact_match" in open(os.path.join(g, "table.md")).read()
