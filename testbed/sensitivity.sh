@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Issue 17's study, one command per regime: train the regime's models (those not trained yet),
+# measure every expert alone (expert_sensitivity.py: the pre-registered analysis and its plot),
+# then the grid rows of the orders, sensitivity, oracle and anti_oracle (reproduce_tables.py).
+#
+#   bash testbed/sensitivity.sh cpu results/sensitivity-cpu mixtral          # 3 seeds, top-2, aux loss 0.01
+#   bash testbed/sensitivity.sh cpu results/sensitivity-cpu mixtral-top1     # 1 seed, top-1 routing
+#   bash testbed/sensitivity.sh cpu results/sensitivity-cpu mixtral-noaux    # 1 seed, no load-balancing loss
+#   bash testbed/sensitivity.sh cpu results/sensitivity-cpu switch           # 2 seeds, pretrain -> fine-tune
+#   bash testbed/sensitivity.sh gpu $OUT mixtral                             # one H100 (see results/sensitivity-cpu/README.md)
+#
+# Presets: gpu (the 51M testbed, models trained side by side, one grid process per model),
+# cpu (the 4.4M testbed, one thing at a time), smoke (seconds: tests the script).
+# OUT/REGIME gets sensitivity-*.json, analysis.{json,md}, sensitivity_vs_router_change.png,
+# grid/ (runs.jsonl, table.md, results.json, bits_vs_ppl.png) and training/ (train_info.json,
+# loss curves). Checkpoints go to runs/ (git-ignored); everything resumes where it stopped.
+# Env: MOEQ_DATA (text, default ../shared/data), STEPS (training steps, Mixtral), TIME_LIMIT
+# (seconds for each measurement / grid process; 0: none), ROWS (grid row globs).
+set -euo pipefail
+preset=${1:?usage: testbed/sensitivity.sh gpu|cpu|smoke OUT REGIME...}
+out=${2:?usage: testbed/sensitivity.sh gpu|cpu|smoke OUT REGIME...}
+shift 2
+[[ $# -gt 0 ]] || { echo "usage: testbed/sensitivity.sh gpu|cpu|smoke OUT mixtral|mixtral-top1|mixtral-noaux|switch..." >&2; exit 2; }
+data=${MOEQ_DATA:-../shared/data}
+limit=${TIME_LIMIT:-0}
+[[ -d $data/python-docs ]] || { echo "error: $data/python-docs not found: set MOEQ_DATA to the data folder" >&2; exit 2; }
+case $preset in
+  gpu) parallel=1 causal=(--nsamples 128 --seqlen 512 --batch_size 16) measure_causal=(--eval_windows 64)
+       seq2seq=(--nsamples 128 --src_len 256 --tgt_len 32 --batch_size 16) steps=(${STEPS:+--steps $STEPS})
+       eval_samples=100 train_switch=() ;;
+  cpu) parallel=0 causal=(--nsamples 32 --seqlen 256 --batch_size 8) measure_causal=(--eval_windows 32)
+       seq2seq=(--nsamples 64 --src_len 160 --tgt_len 24 --batch_size 16) steps=(${STEPS:+--steps $STEPS})
+       eval_samples=64 train_switch=() ;;
+  smoke) parallel=0 causal=(--nsamples 8 --seqlen 64 --batch_size 4 --groupsize 32) measure_causal=(--eval_windows 8)
+       seq2seq=(--nsamples 16 --src_len 64 --tgt_len 8 --batch_size 8 --groupsize 32 --min_expert_tokens 1)
+       steps=(--steps ${STEPS:-24} --train_bytes 200000) eval_samples=16 train_switch=(--pretrain_steps 3 --finetune_steps 2) ;;
+  *) echo "error: preset $preset: choose gpu, cpu or smoke" >&2; exit 2 ;;
+esac
+# The grid's rows: the uniform baselines and every order at 2.0 bits, 3/2/1 (Switch: also the paper
+# repo's Switch levels, 3/2 at 2.5 bits).
+orders="router router_change variance combined random-seed* frequency routing_weight reverse_router sensitivity oracle anti_oracle"
+mixtral_rows="unquantized gptq-uniform-2 gptq-uniform-3 $(for o in $orders; do printf 'mixed-2.0-3/2/1-%s ' "$o"; done)"
+switch_rows="$mixtral_rows $(for o in $orders; do printf 'mixed-2.5-3/2-%s ' "$o"; done)"
+timed() { if [[ $limit -gt 0 ]]; then timeout "$limit" "$@"; else "$@"; fi; }
+both() { if [[ $parallel == 1 ]]; then "$@" & else "$@"; fi; }   # side by side on a GPU, one by one on a CPU
+
+for regime in "$@"; do
+  case $regime in
+    mixtral) runs=() ; for s in 0 1 2; do runs+=("runs/mixtral-$preset-s$s"); done; extra=() ;;
+    mixtral-top1) runs=("runs/mixtral-$preset-top1-s0"); extra=(--top_k 1) ;;
+    mixtral-noaux) runs=("runs/mixtral-$preset-noaux-s0"); extra=(--aux_loss_coef 0) ;;
+    switch) runs=("runs/switch-$preset-s0" "runs/switch-$preset-s1"); extra=() ;;
+    *) echo "error: regime $regime: choose mixtral, mixtral-top1, mixtral-noaux or switch" >&2; exit 2 ;;
+  esac
+  dir=$out/$regime
+  mkdir -p "$dir/training" logs
+  t0=$(date +%s)
+  for run in "${runs[@]}"; do   # train what is missing
+    seed=${run##*-s}
+    if [[ $regime == switch ]]; then
+      [[ -f $run/finetuned/config.json ]] || both python testbed/train_switch.py --data "$data/python-docs" --out "$run" \
+        --seed "$seed" --preset "$preset" --threads 0 "${train_switch[@]}" > "logs/train_$(basename "$run").log" 2>&1
+    else
+      [[ -f $run/trained/config.json ]] || both python testbed/train_mixtral.py --data "$data/python-docs" --out "$run" \
+        --seed "$seed" --preset "$preset" --overwrite "${steps[@]}" "${extra[@]}" > "logs/train_$(basename "$run").log" 2>&1
+    fi
+  done
+  wait
+  echo "$regime: training $(( $(date +%s) - t0 )) s"
+  for run in "${runs[@]}"; do
+    for f in train_info.json loss_curve.json loss_curve.png; do
+      if [[ -f $run/$f ]]; then cp "$run/$f" "$dir/training/$(basename "$run")_$f"; fi
+    done
+  done
+
+  if [[ $regime == switch ]]; then
+    models=("${runs[@]/%//finetuned}") refs=("${runs[@]/%//pretrained}")
+    task=(--task seq2seq --dataset "${runs[0]}/pairs" "${seq2seq[@]}") rows=$switch_rows
+    measure=(--eval_samples "$eval_samples") grid=(--eval_samples "$eval_samples")
+  else
+    models=("${runs[@]/%//trained}") refs=("${runs[@]/%//init}")
+    task=(--dataset "$data/python-docs" "${causal[@]}") rows=$mixtral_rows
+    measure=("${measure_causal[@]}") grid=(--eval_dataset "$data/python-docs" --eval_windows 64)
+    [[ $preset == smoke ]] && grid=(--eval_dataset "$data/python-docs" --eval_windows 8)
+  fi
+  t0=$(date +%s)
+  for i in "${!models[@]}"; do   # each model measured on its own (resumable), then the analysis of all
+    both timed python expert_sensitivity.py --model "${models[$i]}" --router_reference "${refs[$i]}" --out "$dir" \
+      --title "$regime ($preset)" "${task[@]}" "${measure[@]}" > "logs/sensitivity_${regime}_$i.log" 2>&1 \
+      || echo "$regime: measurement of ${models[$i]} stopped (time limit or error: logs/sensitivity_${regime}_$i.log)"
+  done
+  wait
+  python expert_sensitivity.py --model "${models[@]}" --router_reference "${refs[@]}" --out "$dir" \
+    --title "$regime ($preset)" --report_only "${task[@]}" "${measure[@]}" > /dev/null
+  echo "$regime: measurement $(( $(date +%s) - t0 )) s"; grep "Decision" "$dir/analysis.md"
+
+  t0=$(date +%s)
+  set -f; read -ra rowargs <<< "${ROWS:-$rows}"; set +f   # row ids are globs for reproduce_tables, not the shell
+  sens=()
+  for m in "${models[@]}"; do sens+=("$dir/sensitivity-$(basename "$(dirname "$m")").json"); done
+  for i in "${!models[@]}"; do   # one grid per model (side by side on a GPU), then one table
+    both timed python reproduce_tables.py --model "${models[$i]}" --router_reference "${refs[$i]}" \
+      --sensitivity_file "${sens[$i]}" --out "runs/grid-sens-$regime-$preset-$i" "${task[@]}" "${grid[@]}" \
+      --rows "${rowargs[@]}" > "logs/grid_${regime}_$i.log" 2>&1 \
+      || echo "$regime: grid of ${models[$i]} stopped (time limit or error: logs/grid_${regime}_$i.log)"
+  done
+  wait
+  mkdir -p "$dir/grid"
+  cat runs/grid-sens-"$regime"-"$preset"-*/runs.jsonl > "$dir/grid/runs.jsonl"
+  python reproduce_tables.py --model "${models[@]}" --router_reference "${refs[@]}" --sensitivity_file "${sens[@]}" \
+    --out "$dir/grid" "${task[@]}" "${grid[@]}" --rows "${rowargs[@]}" --report_only > /dev/null
+  echo "$regime: grid $(( $(date +%s) - t0 )) s; $(wc -l < "$dir/grid/runs.jsonl") runs in $dir/grid"
+done
