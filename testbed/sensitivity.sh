@@ -44,18 +44,21 @@ switch_rows="$mixtral_rows $(for o in $orders; do printf 'mixed-2.5-3/2-%s ' "$o
 timed() { if [[ $limit -gt 0 ]]; then timeout "$limit" "$@"; else "$@"; fi; }
 both() { if [[ $parallel == 1 ]]; then "$@" & else "$@"; fi; }   # side by side on a GPU, one by one on a CPU
 
-for regime in "$@"; do
-  case $regime in
-    mixtral) runs=() ; for s in 0 1 2; do runs+=("runs/mixtral-$preset-s$s"); done; extra=() ;;
-    mixtral-top1) runs=("runs/mixtral-$preset-top1-s0"); extra=(--top_k 1) ;;
-    mixtral-noaux) runs=("runs/mixtral-$preset-noaux-s0"); extra=(--aux_loss_coef 0) ;;
-    switch) runs=("runs/switch-$preset-s0" "runs/switch-$preset-s1"); extra=() ;;
-    *) echo "error: regime $regime: choose mixtral, mixtral-top1, mixtral-noaux or switch" >&2; exit 2 ;;
+regime_runs() {   # sets runs (run folders) and extra (training flags) of regime $1
+  case $1 in
+    mixtral) runs=(runs/mixtral-$preset-s0 runs/mixtral-$preset-s1 runs/mixtral-$preset-s2); extra=() ;;
+    mixtral-top1) runs=(runs/mixtral-$preset-top1-s0); extra=(--top_k 1) ;;
+    mixtral-noaux) runs=(runs/mixtral-$preset-noaux-s0); extra=(--aux_loss_coef 0) ;;
+    switch) runs=(runs/switch-$preset-s0 runs/switch-$preset-s1); extra=() ;;
+    *) echo "error: regime $1: choose mixtral, mixtral-top1, mixtral-noaux or switch" >&2; exit 2 ;;
   esac
-  dir=$out/$regime
-  mkdir -p "$dir/training" logs
-  t0=$(date +%s)
-  for run in "${runs[@]}"; do   # train what is missing
+}
+
+t0=$(date +%s)
+mkdir -p logs
+for regime in "$@"; do   # first train what is missing, every regime's models side by side on a GPU
+  regime_runs "$regime"
+  for run in "${runs[@]}"; do
     seed=${run##*-s}
     if [[ $regime == switch ]]; then
       [[ -f $run/finetuned/config.json ]] || both python testbed/train_switch.py --data "$data/python-docs" --out "$run" \
@@ -65,8 +68,14 @@ for regime in "$@"; do
         --seed "$seed" --preset "$preset" --overwrite "${steps[@]}" "${extra[@]}" > "logs/train_$(basename "$run").log" 2>&1
     fi
   done
-  wait
-  echo "$regime: training $(( $(date +%s) - t0 )) s"
+done
+wait
+echo "training: $(( $(date +%s) - t0 )) s"
+
+for regime in "$@"; do
+  regime_runs "$regime"
+  dir=$out/$regime
+  mkdir -p "$dir/training"
   for run in "${runs[@]}"; do
     for f in train_info.json loss_curve.json loss_curve.png; do
       if [[ -f $run/$f ]]; then cp "$run/$f" "$dir/training/$(basename "$run")_$f"; fi
