@@ -7,7 +7,7 @@
    per block, the model's own tensor names) with random bf16 weights, in a child process;
 2. runs the real pipeline on it in a second child process (streamed block by block,
    random calibration tokens, experts at an average of 2.0 bits with levels 3/2/1, the
-   paper's combined order, attention, shared experts and dense MLPs at 4 bits, group size
+   paper's combined order (or --order_type sensitivity), attention, shared experts and dense MLPs at 4 bits, group size
    128), packs and saves;
 3. prints per-phase seconds, peak GPU memory, peak host RSS of the quantizing process,
    mean GPTQ relative output error per module kind, the projection to the full model's
@@ -155,7 +155,7 @@ def run(a, path):
                 one = gptq_quantize(W[e:e + 1], H[e:e + 1], [bits[e]], 128)
                 reference[f"{name}[{e}]"] = (float(res["loss"][e]), float(one.loss[0]))
 
-    cfg = QuantConfig(order_type="combined", avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, attn_bits=4,
+    cfg = QuantConfig(order_type=a.order_type, avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, attn_bits=4,
                       groupsize=128, batch_size=a.batch_size, expert_batch=a.expert_batch, grid=a.quant_grid)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -207,6 +207,8 @@ def main():
     ap.add_argument("--shape", choices=sorted(SHAPES), default="mixtral8x7b", help="whose real dimensions")
     ap.add_argument("--expert_batch", type=int, default=0, help="experts quantized at once (0: as memory allows)")
     ap.add_argument("--quant_grid", default="search", choices=["search", "minmax"], help="the groups' grid")
+    ap.add_argument("--order_type", default="combined", choices=["combined", "sensitivity"],
+                    help="the expert order (sensitivity: a GPTQ pass per width first, phase gptq_sensitivity)")
     for k in ("hidden", "intermediate", "heads", "kv_heads", "experts", "vocab"):
         ap.add_argument(f"--{k}", type=int, default=None, help=f"override the shape's {k} (small CPU runs)")
     ap.add_argument("--device", default="cuda")
@@ -269,7 +271,7 @@ def run_stage(n: int, args: list[str], path: str) -> dict:
 def print_result(a, res: dict) -> None:
     print(f"command: python benchmarks/bench_quantize.py {' '.join(sys.argv[1:])}")
     print(f"device: {res['device']}, {res['ranks']} rank(s); {a.shape}: {res['layers']} layer(s), {res['nsamples']} x "
-          f"{res['seqlen']} calibration tokens; grid {a.quant_grid}")
+          f"{res['seqlen']} calibration tokens; grid {a.quant_grid}; order {a.order_type}")
     for k, v in res["phases_s"].items():
         print(f"  {k:<18} {v:8.2f} s" + ("   (reference check, excluded)" if k == "callback" else ""))
     print(f"  per layer          {res['per_layer_s']:8.2f} s   (total quantize {res['quantize_s']:.1f} s, "

@@ -62,7 +62,7 @@ for regime in "$@"; do   # first train what is missing, every regime's models si
     seed=${run##*-s}
     if [[ $regime == switch ]]; then
       [[ -f $run/finetuned/config.json ]] || both python testbed/train_switch.py --data "$data/python-docs" --out "$run" \
-        --seed "$seed" --preset "$preset" --threads 0 "${train_switch[@]}" > "logs/train_$(basename "$run").log" 2>&1
+        --seed "$seed" --preset "$preset" "${train_switch[@]}" > "logs/train_$(basename "$run").log" 2>&1
     else
       [[ -f $run/trained/config.json ]] || both python testbed/train_mixtral.py --data "$data/python-docs" --out "$run" \
         --seed "$seed" --preset "$preset" --overwrite "${steps[@]}" "${extra[@]}" > "logs/train_$(basename "$run").log" 2>&1
