@@ -7,8 +7,8 @@
    per block, the model's own tensor names) with random bf16 weights, in a child process;
 2. runs the real pipeline on it in a second child process (streamed block by block,
    random calibration tokens, experts at an average of 2.0 bits with levels 3/2/1, the
-   paper's combined order (or --order_type sensitivity), attention, shared experts and dense MLPs at 4 bits, group size
-   128), packs and saves;
+   paper's combined order (or --order_type sensitivity), attention, shared experts and
+   dense MLPs at 4 bits, group size 128), packs and saves;
 3. prints per-phase seconds, peak GPU memory, peak host RSS of the quantizing process,
    mean GPTQ relative output error per module kind, the projection to the full model's
    layer count, and for block 0 the loss of a one-expert-at-a-time GPTQ of two experts for
