@@ -14,15 +14,17 @@
 # OUT/REGIME gets sensitivity-*.json, analysis.{json,md}, sensitivity_vs_router_change.png,
 # grid/ (runs.jsonl, table.md, results.json, bits_vs_ppl.png) and training/ (train_info.json,
 # loss curves). Checkpoints go to runs/ (git-ignored); everything resumes where it stopped.
-# Env: MOEQ_DATA (text, default ../shared/data), STEPS (training steps, Mixtral), TIME_LIMIT
-# (seconds for each measurement / grid process; 0: none), ROWS (grid row globs).
+# Env: MOEQ_DATA (text, default ../shared/data), STEPS (training steps, Mixtral), DEADLINE
+# (seconds from the start after which measurement and grid processes are stopped, to be resumed
+# by the same command again; 0: none), ROWS (grid row globs).
 set -euo pipefail
 preset=${1:?usage: testbed/sensitivity.sh gpu|cpu|smoke OUT REGIME...}
 out=${2:?usage: testbed/sensitivity.sh gpu|cpu|smoke OUT REGIME...}
 shift 2
 [[ $# -gt 0 ]] || { echo "usage: testbed/sensitivity.sh gpu|cpu|smoke OUT mixtral|mixtral-top1|mixtral-noaux|switch..." >&2; exit 2; }
 data=${MOEQ_DATA:-../shared/data}
-limit=${TIME_LIMIT:-0}
+deadline=${DEADLINE:-0}
+start=$(date +%s)
 [[ -d $data/python-docs ]] || { echo "error: $data/python-docs not found: set MOEQ_DATA to the data folder" >&2; exit 2; }
 case $preset in
   gpu) parallel=1 causal=(--nsamples 128 --seqlen 512 --batch_size 16) measure_causal=(--eval_windows 64)
@@ -41,7 +43,12 @@ esac
 orders="router router_change variance combined random-seed* frequency routing_weight reverse_router sensitivity oracle anti_oracle"
 mixtral_rows="unquantized gptq-uniform-2 gptq-uniform-3 $(for o in $orders; do printf 'mixed-2.0-3/2/1-%s ' "$o"; done)"
 switch_rows="$mixtral_rows $(for o in $orders; do printf 'mixed-2.5-3/2-%s ' "$o"; done)"
-timed() { if [[ $limit -gt 0 ]]; then timeout "$limit" "$@"; else "$@"; fi; }
+timed() {   # runs "$@" until the deadline, if one is set
+  if [[ $deadline -eq 0 ]]; then "$@"; return; fi
+  local left=$(( start + deadline - $(date +%s) ))
+  if [[ $left -le 0 ]]; then echo "deadline passed: $*" >&2; return 124; fi
+  timeout "$left" "$@"
+}
 both() { if [[ $parallel == 1 ]]; then "$@" & else "$@"; fi; }   # side by side on a GPU, one by one on a CPU
 
 regime_runs() {   # sets runs (run folders) and extra (training flags) of regime $1

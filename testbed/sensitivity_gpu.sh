@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 17's study on one H100, one command per regime (train, measure every expert, grid):
+#
+#   MOEQ_DATA=.gpu/data STEPS=800 bash testbed/sensitivity_gpu.sh $OUT mixtral
+#   MOEQ_DATA=.gpu/data STEPS=800 bash testbed/sensitivity_gpu.sh $OUT mixtral-top1 mixtral-noaux
+#   MOEQ_DATA=.gpu/data bash testbed/sensitivity_gpu.sh $OUT switch
+#
+# Stops its measurement and grid processes at DEADLINE seconds (default 540) so that the results
+# come back within a 10-minute command; the same command again on the warm machine resumes them
+# (trained models and finished rows are kept in runs/). OUT receives testbed/sensitivity.sh's
+# folders and logs.tgz. Then here, with matplotlib, the plots and tables from the returned files:
+#   python expert_sensitivity.py --model runs/mixtral-gpu-s{0,1,2}/trained --dataset x --out OUT/mixtral --report_only
+#   python reproduce_tables.py --model runs/mixtral-gpu-s{0,1,2}/trained --router_reference ... \
+#     --sensitivity_file ... --dataset x --out OUT/mixtral/grid --report_only
+set -uo pipefail
+python -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+out=${1:?usage: testbed/sensitivity_gpu.sh OUT REGIME...}
+shift
+DEADLINE=${DEADLINE:-540} bash testbed/sensitivity.sh gpu "$out" "$@"
+tar czf "$out/logs.tgz" logs
