@@ -107,8 +107,9 @@ for regime in "$@"; do
   done
   wait
   python expert_sensitivity.py --model "${models[@]}" --router_reference "${refs[@]}" --out "$dir" \
-    --title "$regime ($preset)" --report_only "${task[@]}" "${measure[@]}" > /dev/null
-  echo "$regime: measurement $(( $(date +%s) - t0 )) s"; grep "Decision" "$dir/analysis.md"
+    --title "$regime ($preset)" --report_only "${task[@]}" "${measure[@]}" > /dev/null \
+    || echo "$regime: the analysis waits for every model's measurement (run the command again)"
+  echo "$regime: measurement $(( $(date +%s) - t0 )) s"; grep "Decision" "$dir/analysis.md" || true
 
   t0=$(date +%s)
   set -f; read -ra rowargs <<< "${ROWS:-$rows}"; set +f   # row ids are globs for reproduce_tables, not the shell
@@ -122,8 +123,9 @@ for regime in "$@"; do
   done
   wait
   mkdir -p "$dir/grid"
-  cat runs/grid-sens-"$regime"-"$preset"-*/runs.jsonl > "$dir/grid/runs.jsonl"
+  cat runs/grid-sens-"$regime"-"$preset"-*/runs.jsonl > "$dir/grid/runs.jsonl" 2> /dev/null || true
   python reproduce_tables.py --model "${models[@]}" --router_reference "${refs[@]}" --sensitivity_file "${sens[@]}" \
-    --out "$dir/grid" "${task[@]}" "${grid[@]}" --rows "${rowargs[@]}" --report_only > /dev/null
+    --out "$dir/grid" "${task[@]}" "${grid[@]}" --rows "${rowargs[@]}" --report_only > /dev/null \
+    || echo "$regime: no grid results yet"
   echo "$regime: grid $(( $(date +%s) - t0 )) s; $(wc -l < "$dir/grid/runs.jsonl") runs in $dir/grid"
 done
