@@ -238,7 +238,7 @@ def plot(files: list[dict], result: dict, path: str, title: str) -> bool:
             pts = sorted((x["router_norm_change"], sensitivity_of(x, b, metric)) for x in g
                          if x.get("router_norm_change") is not None and sensitivity_of(x, b, metric) is not None)
             if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, lw=0.6, alpha=0.7, color=f"C{k % 10}")
+                ax.plot(*zip(*pts), "o", ms=3, alpha=0.7, color=f"C{k % 10}")
         ax.set_xlabel("router-norm change (trained − reference)")
         ax.set_ylabel(label)
         ax.set_yscale("symlog", linthresh=1e-3)
