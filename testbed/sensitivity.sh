@@ -28,14 +28,16 @@ start=$(date +%s)
 [[ -d $data/python-docs ]] || { echo "error: $data/python-docs not found: set MOEQ_DATA to the data folder" >&2; exit 2; }
 case $preset in
   gpu) parallel=1 causal=(--nsamples 128 --seqlen 512 --batch_size 16) measure_causal=(--eval_windows 64)
-       seq2seq=(--nsamples 128 --src_len 256 --tgt_len 32 --batch_size 16) steps=(${STEPS:+--steps $STEPS})
-       eval_samples=90 train_switch=() ;;   # 2 x 90 <= the 184 test pairs: measured and graded pairs do not overlap
+       seq2seq=(--nsamples 128 --src_len 256 --tgt_len 32 --batch_size 64) steps=(${STEPS:+--steps $STEPS})
+       measure_pairs=90 grid_pairs=64 train_switch=() grid_windows=0 ;;
   cpu) parallel=0 causal=(--nsamples 32 --seqlen 256 --batch_size 8) measure_causal=(--eval_windows 32)
        seq2seq=(--nsamples 64 --src_len 160 --tgt_len 24 --batch_size 16) steps=(${STEPS:+--steps $STEPS})
-       eval_samples=64 train_switch=() ;;
+       measure_pairs=64 grid_pairs=64 train_switch=() grid_windows=64 ;;
   smoke) parallel=0 causal=(--nsamples 8 --seqlen 64 --batch_size 4 --groupsize 32) measure_causal=(--eval_windows 8)
        seq2seq=(--nsamples 16 --src_len 64 --tgt_len 8 --batch_size 8 --groupsize 32 --min_expert_tokens 1)
-       steps=(--steps ${STEPS:-24} --train_bytes 200000) eval_samples=16 train_switch=(--pretrain_steps 3 --finetune_steps 2) ;;
+       steps=(--steps ${STEPS:-24} --train_bytes 200000) measure_pairs=16 grid_pairs=16 \
+       train_switch=(--pretrain_steps 3 --finetune_steps 2) \
+       grid_windows=8 ;;
   *) echo "error: preset $preset: choose gpu, cpu or smoke" >&2; exit 2 ;;
 esac
 # The grid's rows: the uniform baselines and every order at 2.0 bits, 3/2/1 (Switch: also the paper
@@ -92,12 +94,12 @@ for regime in "$@"; do
   if [[ $regime == switch ]]; then
     models=("${runs[@]/%//finetuned}") refs=("${runs[@]/%//pretrained}")
     task=(--task seq2seq --dataset "${runs[0]}/pairs" "${seq2seq[@]}") rows=$switch_rows
-    measure=(--eval_samples "$eval_samples") grid=(--eval_samples "$eval_samples")
+    # Switch's held-out pairs are the last test pairs, the grid's the first: 64 + 64 (GPU 90 + 64) of 184
+    measure=(--eval_samples "$measure_pairs") grid=(--eval_samples "$grid_pairs")
   else
     models=("${runs[@]/%//trained}") refs=("${runs[@]/%//init}")
     task=(--dataset "$data/python-docs" "${causal[@]}") rows=$mixtral_rows
-    measure=("${measure_causal[@]}") grid=(--eval_dataset "$data/python-docs" --eval_windows 64)
-    [[ $preset == smoke ]] && grid=(--eval_dataset "$data/python-docs" --eval_windows 8)
+    grid=(--eval_dataset "$data/python-docs" --eval_windows "$grid_windows") measure=("${measure_causal[@]}")
   fi
   t0=$(date +%s)
   for i in "${!models[@]}"; do   # each model measured on its own (resumable), then the analysis of all

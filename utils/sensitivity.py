@@ -180,6 +180,10 @@ def analyse(files: list[dict], primary_width: int = 2, n_perm: int = N_PERM) -> 
                                     n_perm=n_perm)
                 secondary[f"{m}@{b}|{p}"] = {k: t[k] for k in ("stat", "p_neg", "p_pos", "groups")}
     excluded = sum(1 for g in groups for x in g if x["routed"] == 0)
+    # descriptive, added after the first results: does a small change (norm) mark a rarely routed expert?
+    for score in ("router_norm_change", "router_norm"):
+        secondary[f"{score}|routed"] = {k: v for k, v in spearman_groups(
+            _pairs(groups, lambda x: x.get(score), lambda x: x["routed"]), n_perm=n_perm).items() if k != "per_group"}
     return {"primary_width": primary_width, "models": [f["name"] for f in files], "groups": len(groups),
             "experts": sum(len(g) for g in groups), "no_routed_tokens": excluded,
             "T1": t1, "T2": t2, "T3": t3, "T3_slope": t3_slope, "decision": decide(t1, t3),
@@ -204,6 +208,10 @@ def markdown(result: dict, title: str, command: str) -> str:
            f"| T3 rho(damage per routed token, router-norm change) | {r['T3']['stat']:+.3f} | {_p(r['T3'])} |",
            f"| T3 fixed-effects OLS slope (nats per routed token per unit change) | {r['T3_slope']['slope']:+.4g} | "
            f"{_p(r['T3_slope'])} |", "", f"**Decision (pre-registered rule): {r['decision']}.**", "",
+           "Routed held-out tokens vs router-norm change / trained router norm, pooled within-layer Spearman rho "
+           "(descriptive, added after the first results): " + " / ".join(
+               f"{t['stat']:+.3f} ({_p(t)})" for t in (r["secondary"]["router_norm_change|routed"],
+                                                     r["secondary"]["router_norm|routed"])), "",
            "## Secondary: pooled within-layer Spearman rho of each sensitivity with each expert score", "",
            "(larger sensitivity = more damage: accuracy and exact-match changes are negated; p two-sided "
            "= 2 min(p_neg, p_pos))", "",
