@@ -97,10 +97,11 @@ def test_torchrun_two_ranks_write_the_one_process_checkpoint(tiny_mixtral_dir, s
 def api_config(model_dir, text_dir, out) -> RunConfig:
     # 10 windows in batches of 2: five batches over three ranks (2, 2, 1); 8 experts in chunks of
     # 2 over three ranks (2, 3, 3 experts: one chunk, two, two); experts with fewer than 70
-    # tokens fall back to all tokens
+    # tokens fall back to all tokens; the sensitivity order: each rank predicts its experts' costs,
+    # which every rank needs to choose the same bits
     return RunConfig(model=model_dir, dataset=text_dir, nsamples=10, seqlen=32, device="cpu", verbose=False,
                      quant=QuantConfig(avg_bits=2.0, high_bits=3, mid_bits=2, low_bits=1, groupsize=32,
-                                       batch_size=2, expert_batch=2, min_expert_tokens=70),
+                                       batch_size=2, expert_batch=2, min_expert_tokens=70, order_type="sensitivity"),
                      saving_path=str(out))
 
 
