@@ -76,7 +76,7 @@ def test_two_row_grid_with_lm_eval_and_resume(testbed, tmp_path):
     fp, q = runs
     # perplexity is traceable: the same windows through stock transformers give the same number
     a = SimpleNamespace(dataset=os.path.join(DATA, "python-docs"), eval_dataset=[os.path.join(DATA, "python-docs")],
-                        nsamples=8, seqlen=64, calib_seed=0, eval_windows=6, device="cpu", dtype="float32")
+                        nsamples=8, seqlen=64, calib_seed=0, eval_windows=6, device="cpu", dtype="float32", task="causal")
     windows = ModelData(os.path.join(testbed, "trained"), a).evals["python-docs"]
     assert fp["ppl"]["python-docs"] == pytest.approx(direct_perplexity(os.path.join(testbed, "trained"), windows),
                                                      rel=1e-4)
