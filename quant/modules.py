@@ -207,10 +207,9 @@ def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_
 # "auto" runs the fused kernels up to this many routed tokens per expert (T * k / E) and
 # dequantize-then-matmul above it, where dequantizing each expert once beats dequantizing it
 # again for every tile of tokens. Measured on one H100 (benchmarks/results/
-# bench_experts_kernel_h100.txt): Qwen3-30B-A3B shapes, fused 11x / 32x / 10x faster at
-# 0.06 / 1 / 256 tokens per expert; Mixtral shapes at 1024 per expert dequantize 11x faster,
-# at 0.25 and 4 per expert dequantize 14% / 8% faster for the layer alone, but fused 22% /
-# 25% faster for whole-model greedy generation (attention linears included).
+# bench_experts_kernel_h100_v2.txt, mixed 3/3/2/2/2/2/1/1 layers): Mixtral shapes, fused
+# 2.4x / 2.5x faster at 0.25 / 4 tokens per expert, dequantize 4.9x faster at 1024;
+# Qwen3-30B-A3B shapes, fused 21x / 95x / 21x faster at 0.06 / 1 / 256 per expert.
 FUSED_MAX_TOKENS_PER_EXPERT = 256
 
 

@@ -1,8 +1,8 @@
 """Fused mixed-bit MoE experts: grouped GEMMs straight from the packed codes (GPU path).
 
 One launch computes every routed expert's gate/up projection, whatever width each expert
-has (its bits are read per program, not compiled in), and one more launch its down
-projection; the codes are unpacked and dequantized in registers, never written out:
+has, and one more launch its down projection; the codes are unpacked and dequantized in
+registers, never written out:
 
     tokens sorted by expert (a stable sort of the T*k routing slots, no host sync)
     h  = silu(x W_gate^T) * (x W_up^T)      launch 1, rows of x gathered by slot // k
@@ -10,18 +10,20 @@ projection; the codes are unpacked and dequantized in registers, never written o
     out[t] = sum over t's k slots of y      (one reduction)
 
 A program owns (expert, BLOCK_M of its tokens, BLOCK_N output rows) and walks the input
-columns BLOCK_K at a time: a packed row (quant/packing.py) is a little-endian bit stream
-with code c at bit c * bits, so each code is read from its byte (and the next, for 3-bit
-codes that run over), shifted out and scaled as W = scale * (q - zero) for the row's group,
-exactly the reference arithmetic (in float32, then the activation dtype) before ``tl.dot``.
-The width is read per expert at run time, so one compiled kernel serves every mix. Programs past an expert's token
-count return at once, so the grid is sized from T alone. With few tokens (decode) the down
-projection is split over K (``split_k``) and summed with float32 atomics, to keep every SM
-reading codes.
+columns BLOCK_K at a time. A packed row (quant/packing.py) is units of 8 codes, ``bits``
+bytes each: a unit is loaded with one byte load per bit of width and its codes shifted out
+in registers. One loop per width is compiled in; the expert's width picks one at run time,
+so every mix runs in the same two launches. One token per tile runs on the CUDA cores
+(products kept per (row, unit), reduced once at the end); more run on the tensor cores
+(codes put in column order in registers, one ``tl.dot`` per K tile, the scale and zero
+point applied after the dot when the tile lies in one group). Programs past an expert's
+token count return at once, so the grid is sized from T alone. With few tokens (decode)
+the down projection is split over K (``split_k``) and summed with float32 atomics, to keep
+every SM reading codes.
 
 The reference it is tested against is quant/modules.dequantize_experts_forward (dequantize
 the routed experts, then matmuls); the tests run this file through Triton's interpreter on
-the CPU (TRITON_INTERPRET=1), benchmarks/check_experts_kernel.py on the GPU.
+the CPU (TRITON_INTERPRET=1), ``benchmarks/bench_experts_kernel.py --check`` on the GPU.
 """
 from __future__ import annotations
 
@@ -315,10 +317,6 @@ BLOCK_K = 128
 def group_size_ok(group_size: int) -> bool:
     """The kernel reads whole 8-code units inside one group: group sizes that are multiples of 16."""
     return group_size % 16 == 0
-
-
-def supported(m: PackedMatrices) -> bool:
-    return available() and group_size_ok(m.group_size)
 
 
 def choose_tiles(tokens: int, top_k: int, n_out: int, k: int, num_experts: int, sms: int, split: bool) -> Tiles:
