@@ -95,7 +95,7 @@ def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=No
             raise ConfigError(f"--dataset {ds}: no such file or directory")
     ranks, device = distributed.start(config.device)
     say = _printer(config.verbose and ranks.main)
-    out = None
+    out, finished = None, False
     try:
         if config.saving_path is not None and ranks.main:  # claimed before any model is loaded
             out = checkpoint.OutputDir(config.saving_path, config.overwrite,
@@ -110,9 +110,10 @@ def quantize(config: RunConfig, data: tasks.Data | None = None, *, on_experts=No
             raise
         if out is not None:
             out.close(failed=False)
+        finished = True
         return result
     finally:
-        distributed.stop(ranks)
+        distributed.stop(ranks, wait=finished)
 
 
 def _quantize(config: RunConfig, data, on_experts, out, say, t_start, ranks, device) -> QuantizeResult:

@@ -115,6 +115,7 @@ def _api_rank(rank, size, port, model_dir, text_dir, out, reports):
         with open(os.path.join(reports, f"rank{rank}.json"), "w") as f:
             json.dump(_timeless({"layers": result.report.layers, "modules": result.report.modules,
                                  "starved": result.report.starved}), f)
+        dist.barrier()   # as distributed.stop: nobody closes its connections while a peer finishes
     finally:
         dist.destroy_process_group()
 
@@ -168,6 +169,7 @@ def _exchange_rank(rank, size, port, out):
         error = str(e)
     torch.save({"to_all": to_all, "to_one": to_one, "got": got, "error": error,
                 "min": ranks.agree_min(10 + rank)}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -213,9 +213,15 @@ def start(device_name: str | None, timeout_minutes: float = 60) -> tuple[Ranks, 
     return ranks, device
 
 
-def stop(ranks: Ranks) -> None:
+def stop(ranks: Ranks, wait: bool = True) -> None:
+    """Ends the process group this run started. ``wait``: every rank gets here first (a
+    barrier), so that none closes its gloo connections while a peer still finishes its last
+    exchange, which aborts that peer ("terminate called without an active exception"); not
+    after a failure, where a peer may never come."""
     import torch.distributed as dist
     if ranks.owns_group and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
