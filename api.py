@@ -161,42 +161,47 @@ def _quantize(config: RunConfig, data, on_experts, out, say, t_start, ranks, dev
 
     sink = ShardWriter(out.tmp, q.groupsize, q.sym, parse_size(config.max_shard_size)) \
         if saving and config.pack else None
-    t0 = time.time()
-    try:
-        report = quantize_model(model, family, data.calibration, q, device, act_device, loader, sink,
-                                router_reference=reference, on_experts=on_experts, log=say, ranks=ranks)
-    except BadWeights as e:
-        raise ConfigError(str(e)) from None
-    seconds["quantize"] = time.time() - t0
-    result = QuantizeResult(config, report, data.info, evaluation, None, None, seconds, model if keep else None,
-                            ranks.size)
-    _summarise(result, say)
-    if not main:   # rank 0 writes and evaluates
-        result.saved_to = config.saving_path
-        return result
-    if saving:
+    try:   # shards are written in the background: none may still be writing when the folder is removed
         t0 = time.time()
-        _write_allocation(result.allocation(), os.path.join(out.tmp, "bit_allocation.json"))
-        tokenizer.save_pretrained(out.tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(out.tmp)
-        if config.pack:
-            result.sizes = sink.finish(model.config.to_dict())
-            say(f"packed checkpoint: {result.sizes['disk_bytes'] / 2**20:.2f} MiB on disk, theoretical "
-                f"{result.sizes['theoretical_bytes'] / 2**20:.2f} MiB (codes {result.sizes['code_bytes'] / 2**20:.2f}"
-                f" + scales/zeros {result.sizes['overhead_bytes'] / 2**20:.2f} + unquantized "
-                f"{result.sizes['unquantized_bytes'] / 2**20:.2f})")
+        try:
+            report = quantize_model(model, family, data.calibration, q, device, act_device, loader, sink,
+                                    router_reference=reference, on_experts=on_experts, log=say, ranks=ranks)
+        except BadWeights as e:
+            raise ConfigError(str(e)) from None
+        seconds["quantize"] = time.time() - t0
+        result = QuantizeResult(config, report, data.info, evaluation, None, None, seconds, model if keep else None,
+                                ranks.size)
+        _summarise(result, say)
+        if not main:   # rank 0 writes and evaluates
+            result.saved_to = config.saving_path
+            return result
+        if saving:
+            t0 = time.time()
+            _write_allocation(result.allocation(), os.path.join(out.tmp, "bit_allocation.json"))
+            tokenizer.save_pretrained(out.tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(out.tmp)
+            if config.pack:
+                result.sizes = sink.finish(model.config.to_dict())
+                say(f"packed checkpoint: {result.sizes['disk_bytes'] / 2**20:.2f} MiB on disk, theoretical "
+                    f"{result.sizes['theoretical_bytes'] / 2**20:.2f} MiB (codes {result.sizes['code_bytes'] / 2**20:.2f}"
+                    f" + scales/zeros {result.sizes['overhead_bytes'] / 2**20:.2f} + unquantized "
+                    f"{result.sizes['unquantized_bytes'] / 2**20:.2f})")
+            else:
+                model.save_pretrained(out.tmp, max_shard_size=config.max_shard_size)
+            result.saved_to = config.saving_path
+            seconds["save"] = time.time() - t0
+            _write_atomically(result.to_json(), os.path.join(out.tmp, "results.json"))  # completed after evaluation
+            out.commit()
+            say(f"saved {'packed' if config.pack else 'dequantized'} checkpoint to {config.saving_path}")
         else:
-            model.save_pretrained(out.tmp, max_shard_size=config.max_shard_size)
-        result.saved_to = config.saving_path
-        seconds["save"] = time.time() - t0
-        _write_atomically(result.to_json(), os.path.join(out.tmp, "results.json"))  # completed after evaluation
-        out.commit()
-        say(f"saved {'packed' if config.pack else 'dequantized'} checkpoint to {config.saving_path}")
-    else:
-        path = config.allocation_path or "bit_allocation.json"
-        _write_allocation(result.allocation(), path)
-        say(f"wrote {path} and {_png(path)}")
+            path = config.allocation_path or "bit_allocation.json"
+            _write_allocation(result.allocation(), path)
+            say(f"wrote {path} and {_png(path)}")
+    except BaseException:
+        if sink is not None:
+            sink.abandon()
+        raise
 
     if config.evaluate:
         t0 = time.time()

@@ -241,8 +241,10 @@ class MemoryWriter(PackedWriter):
 
 class ShardWriter(PackedWriter):
     """Writes tensors to safetensors shards of at most ``max_shard_size`` bytes as they come,
-    so a packed model is never in memory at once (host RAM holds one pending shard).
-    ``finish`` names the shards, writes the index, config.json and the checksums."""
+    so a packed model is never in memory at once. A full shard is written (and hashed) by a
+    background thread while the next one fills: host RAM holds at most two shards, and the
+    quantizing thread does not wait for the disk. ``finish`` names the shards, writes the
+    index, config.json and the checksums."""
 
     def __init__(self, out_dir: str, groupsize: int, sym: bool, max_shard_size: int):
         super().__init__(groupsize, sym)
@@ -252,7 +254,7 @@ class ShardWriter(PackedWriter):
         self.files: list[str] = []
         self.weight_map: dict[str, str] = {}
         self.total = 0
-        self._hashes = {}   # shard -> future sha256, hashed in a thread while quantizing goes on
+        self._hashes = {}   # shard -> future of its write, whose result is the file's sha256
 
     def _put(self, name, t):
         if name in self.weight_map or name in self.pending:
@@ -265,13 +267,19 @@ class ShardWriter(PackedWriter):
         self.total += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
         fname = f".shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, os.path.join(self.out_dir, fname), metadata={"format": "pt"})
-        self._hashes[fname] = _hasher().submit(file_sha256, os.path.join(self.out_dir, fname))
+        if self.files:   # the previous shard written first (and any error it met raised here)
+            self._hashes[self.files[-1]].result()
+        self._hashes[fname] = _background().submit(_write_shard, self.pending, os.path.join(self.out_dir, fname))
         self.weight_map.update({k: fname for k in self.pending})
         self.files.append(fname)
         self.pending, self.pending_bytes = {}, 0
+
+    def abandon(self) -> None:
+        """After a failure: waits for the shard being written (errors ignored), so that no
+        write lands in a folder the caller is about to remove."""
+        from concurrent.futures import wait
+        wait(list(self._hashes.values()))
 
     def finish(self, model_config: dict) -> dict:
         """Final shard names, index, config.json (``model_config`` + quantization_config).
@@ -295,16 +303,23 @@ class ShardWriter(PackedWriter):
         return {**self.sizes(), "disk_bytes": disk, "files": final}
 
 
-def _hasher():
-    """One background thread for checksums (hashlib releases the GIL on large reads)."""
+def _background():
+    """One background thread that writes shards and hashes them, in order (safetensors and
+    hashlib release the GIL on large writes and reads)."""
     from concurrent.futures import ThreadPoolExecutor
-    global _HASHER
-    if _HASHER is None:
-        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeq-sha256")
-    return _HASHER
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeq-shards")
+    return _WRITER
 
 
-_HASHER = None
+_WRITER = None
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: str) -> str:
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata={"format": "pt"})
+    return file_sha256(path)
 
 
 def file_sha256(path: str) -> str:

@@ -17,14 +17,27 @@ def packed_width(n: int, bits: int) -> int:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., C) integer codes in [0, 2**bits) -> (..., ceil(C/8)*bits) uint8."""
+    """(..., C) integer codes in [0, 2**bits) -> (..., ceil(C/8)*bits) uint8.
+
+    In bytes, without wide integers (a DeepSeek-V3 layer packs ~11e9 codes: int64 would
+    move 8x the bytes): 1, 2, 4 bits OR 8/bits codes into each byte; 3 bits builds each
+    unit's 24-bit integer in int32; 8 bits are the codes themselves."""
     *lead, C = codes.shape
-    pad = (-C) % 8
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).view(*lead, -1, 8)
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    v = (c << shifts).sum(-1, keepdim=True)                                     # (..., C/8, 1)
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
-    return ((v >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-C) % 8))
+    if bits == 8:
+        return c
+    if 8 % bits == 0:   # byte j of a unit holds codes j*per .. j*per+per-1, lowest bits first
+        per = 8 // bits
+        c = c.view(*lead, -1, per)
+        out = c[..., 0].clone()
+        for k in range(1, per):
+            out |= c[..., k] << (bits * k)
+        return out.reshape(*lead, -1)
+    c = c.view(*lead, -1, 8).to(torch.int32)   # 3 bits: 8 codes in 24 bits
+    v = c[..., 0].clone()
+    for k in range(1, 8):
+        v |= c[..., k] << (bits * k)
+    return torch.stack([(v >> (8 * j)) & 0xFF for j in range(bits)], dim=-1).to(torch.uint8).reshape(*lead, -1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -325,3 +325,25 @@ def test_nan_scale_is_refused_on_load_and_nan_logits_fail_lm_eval(tiny_mixtral_d
         lm.model.model.layers[0].mlp.experts.gate_up_proj_scale[:] = float("inf")   # corrupted in memory
     with pytest.raises(RuntimeError, match="logits are not finite"):
         lm_eval.simple_evaluate(model=lm, tasks=["moeq_mc"], task_manager=TaskManager(include_path=write_tasks(work)))
+
+
+def test_a_failed_shard_write_stops_the_run_and_leaves_nothing(tiny_mixtral_dir, small_text_dir, work, monkeypatch):
+    """Shards are written by a background thread: a write that fails (here the disk fills at the
+    third shard) still stops the run, in its own thread, and no partial folder is left."""
+    import safetensors.torch
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", path)
+        time.sleep(0.2)   # still writing while the run goes on
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(OSError, match="No space left"):
+        cli.main("causal", "", [str(a) for a in ["--model", tiny_mixtral_dir, "--dataset", small_text_dir, *FLAGS,
+                                                 "--save", "--pack", "--saving_path", work / "ckpt",
+                                                 "--max_shard_size", "100KB"]])
+    assert len(calls) >= 3
+    assert [p for p in listing(work) if p.startswith(".") or p == "ckpt"] == []

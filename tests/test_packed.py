@@ -25,6 +25,26 @@ def test_pack_roundtrip(bits, cols):
     assert torch.equal(unpack_codes(packed, bits, cols).long(), codes)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_pack_bits_in_documented_order(bits):
+    """Bit by bit, the layout quant/packing.py documents: code k of a unit of 8 occupies bits
+    b*k .. b*k+b-1 of the unit's little-endian integer (bit i of the unit is bit i % 8 of
+    byte i // 8)."""
+    codes = torch.randint(0, 2 ** bits, (3, 21))
+    packed = pack_codes(codes, bits)
+    for r in range(codes.shape[0]):
+        for col in range(codes.shape[1]):
+            unit, k = divmod(col, 8)
+            for j in range(bits):
+                i = bits * k + j
+                byte = int(packed[r, unit * bits + i // 8])
+                assert (byte >> (i % 8)) & 1 == (int(codes[r, col]) >> j) & 1
+    last = packed[:, 2 * bits:]   # the last unit holds 5 codes: its padding bits are zero
+    for r in range(codes.shape[0]):
+        v = sum(int(byte) << (8 * j) for j, byte in enumerate(last[r]))
+        assert v >> (5 * bits) == 0
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_mixtral_dir, tokenizer, small_text_dir):
     """One in-memory fake-quantized model and its packed checkpoint (mixed 3/2/1 bits)."""
