@@ -180,3 +180,17 @@ def test_group_size_must_divide():
 def test_unsupported_bits():
     with pytest.raises(ValueError, match="unsupported bit width"):
         gptq_quantize(torch.randn(1, 4, 32), torch.eye(32)[None], [5], groupsize=32)
+
+
+@pytest.mark.parametrize("n", [5, 37, 64])
+def test_blocked_lower_inverse_equals_float64_solve(n, monkeypatch):
+    """The blocked triangular inverse (recursing down to blocks of 4 here, odd splits included)
+    against a float64 triangular solve."""
+    from moeq.quant import gptq
+    monkeypatch.setattr(gptq, "TRIANGULAR_BASE", 4)
+    x = torch.randn(2, 3 * n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    L = torch.linalg.cholesky(x.mT @ x / (3 * n) + 0.01 * torch.eye(n, dtype=torch.float64))
+    ref = torch.linalg.solve_triangular(L, torch.eye(n, dtype=torch.float64).expand_as(L), upper=False)
+    got = gptq.lower_inverse(L.float()).double()
+    assert torch.equal(torch.triu(got, 1), torch.zeros_like(got))
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
