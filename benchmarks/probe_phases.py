@@ -69,6 +69,43 @@ def install() -> None:
             cls.expert_inputs = _timed(f"{name}.expert_inputs", cls.expert_inputs)
 
 
+def block_timing(B: int = 47, R: int = 4096, bs: int = 128, reps: int = 10) -> None:
+    """One GPTQ column block of B experts (DeepSeek-V3's gate/up chunk): the whole block step
+    (CUDA graph) against the group-parameter search alone, eager vs the fused group error."""
+    from moeq.quant import gptq, quantizer
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    w = torch.randn(B, R, bs, device=dev, generator=g) * 0.02
+    x = torch.randn(B, 4 * bs, bs, device=dev, generator=g)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(x.mT @ x / (4 * bs))), upper=True)
+    widths = [3, 3] + [2] * (B - 4) + [1, 1]
+    bits_t = torch.tensor(widths, device=dev)
+    maxq = (2.0 ** bits_t.float() - 1).view(-1, 1)
+    colw = 1 / torch.diagonal(hinv, dim1=-2, dim2=-1)[:, None, :].square()
+    parts = gptq._parts(bits_t)
+
+    def clock(fn):
+        fn()
+        _sync()
+        t0 = time.time()
+        for _ in range(reps):
+            fn()
+        _sync()
+        return (time.time() - t0) / reps * 1e3
+
+    runner = gptq._BlockRunner(B, R, bs, bs, bits_t, maxq, False, "search", dev, torch.float32, graphs=True)
+    step = clock(lambda: runner(w, hinv))
+    fused = clock(lambda: gptq._batch_params(w, colw, bits_t, parts, False, "search"))
+    real = quantizer.group_error
+    quantizer.group_error = quantizer._group_error_eager
+    try:
+        eager = clock(lambda: gptq._batch_params(w, colw, bits_t, parts, False, "search"))
+    finally:
+        quantizer.group_error = real
+    print(f"GPTQ block of {B} x {R} x {bs}: whole step (CUDA graph) {step:.2f} ms; group search alone: "
+          f"fused error {fused:.2f} ms, eager error {eager:.2f} ms")
+
+
 def main() -> None:
     args = sys.argv[1:]
     work = args[args.index("--workdir") + 1] if "--workdir" in args else "/tmp/probe_phases"
@@ -86,6 +123,8 @@ def main() -> None:
     print(f"{'function':<36} {'calls':>8} {'seconds':>9}")
     for name, (calls, seconds) in sorted(TIMES.items(), key=lambda kv: -kv[1][1]):
         print(f"{name:<36} {calls:>8} {seconds:>9.2f}")
+    if torch.cuda.is_available():
+        block_timing()
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def encode_zero(zero: torch.Tensor, bits: int) -> torch.Tensor:
     """(..., R, G) zero points -> their stored bytes as int8 (..., R, nbytes)."""
     if bits == 1:
         return zero.to(torch.float16).contiguous().view(torch.int8)
-    return pack_codes(zero.round().to(torch.int64), bits).view(torch.int8)
+    return pack_codes(zero.round().to(torch.uint8), bits).view(torch.int8)
 
 
 def decode_zero(stored: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
@@ -171,7 +171,7 @@ class PackedWriter:
         self.groupsize, self.sym = groupsize, sym
         self.modules: dict[str, dict] = {}
         self.code_bits = self.overhead_bits = self.unquantized_bytes = 0
-        self._parts: dict[str, dict[int, tuple]] = {}   # experts quantized in chunks, until all are in
+        self._parts: dict[str, dict] = {}   # experts quantized in chunks: final tensors, filled as they come
 
     def add_linear(self, path: str, codes, scale, zero, bits: int) -> None:
         for suffix, t in linear_tensors(codes, scale, zero, bits).items():
@@ -179,26 +179,40 @@ class PackedWriter:
         self._account(path, tuple(codes.shape), bits)
 
     def add_experts(self, path: str, codes, scale, zero, bits: list[int], first: int = 0,
-                    total: int | None = None) -> None:
-        """Experts ``first`` .. ``first + len(bits) - 1`` of ``total`` (default: these are all);
-        the tensors are written once every expert of ``path`` has come."""
-        total = len(bits) if total is None else total
-        parts = self._parts.setdefault(path, {})
-        for b in sorted(set(bits)):   # packed on arrival, the experts of one width together: only bytes wait
+                    all_bits: list[int] | None = None) -> None:
+        """Experts ``first`` .. ``first + len(bits) - 1`` of the layer whose experts have the
+        widths ``all_bits`` (default ``bits``: these are all). Each expert's bytes are copied
+        straight to their place in the final tensors (no per-expert pieces joined later: a
+        DeepSeek-V3 layer's are ~2.8 GB), which are written once every expert has come."""
+        all_bits = list(bits) if all_bits is None else list(all_bits)
+        if list(bits) != all_bits[first:first + len(bits)]:
+            raise ValueError(f"{path}: experts {first}.. have widths {list(bits)}, the layer says "
+                             f"{all_bits[first:first + len(bits)]}")
+        rows, cols = codes.shape[1:]
+        if path not in self._parts:
+            layout = ExpertsLayout(rows, cols, scale.shape[-1], tuple(all_bits))
+            self._parts[path] = {"layout": layout, "done": set(),
+                                 "codes": torch.empty(layout.code_offsets()[-1], dtype=torch.int8),
+                                 "scale": torch.empty(len(all_bits), rows, scale.shape[-1], dtype=torch.float16),
+                                 "zero": torch.empty(layout.zero_offsets()[-1], dtype=torch.int8)}
+        part = self._parts[path]
+        co, zo = part["layout"].code_offsets(), part["layout"].zero_offsets()
+        for b in sorted(set(bits)):   # packed on arrival, the experts of one width together
             idx = [i for i, x in enumerate(bits) if x == b]
-            packed = pack_codes(codes[idx], b).cpu()
-            scales = scale[idx].to(torch.float16).cpu()
-            zeros = encode_zero(zero[idx], b).cpu()
+            packed, zeros = pack_codes(codes[idx], b).view(torch.int8), encode_zero(zero[idx], b)
             for j, i in enumerate(idx):
-                parts[first + i] = (packed[j].reshape(-1), scales[j], zeros[j].reshape(-1), b)
-        if len(parts) < total:
+                e = first + i
+                part["codes"][co[e]:co[e + 1]].copy_(packed[j].reshape(-1))
+                part["zero"][zo[e]:zo[e + 1]].copy_(zeros[j].reshape(-1))
+                part["done"].add(e)
+        part["scale"][first:first + len(bits)].copy_(scale.to(torch.float16))
+        if len(part["done"]) < len(all_bits):
             return
         del self._parts[path]
-        ordered = [parts[e] for e in range(total)]
-        self._put(path, torch.cat([p[0] for p in ordered]).view(torch.int8))
-        self._put(path + "_scale", torch.stack([p[1] for p in ordered]).contiguous())
-        self._put(path + "_zero", torch.cat([p[2] for p in ordered]))
-        self._account(path, tuple(codes.shape[1:]), [p[3] for p in ordered])
+        self._put(path, part["codes"])
+        self._put(path + "_scale", part["scale"])
+        self._put(path + "_zero", part["zero"])
+        self._account(path, (rows, cols), all_bits)
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         """An unquantized tensor (norms, routers, embeddings ...), stored as it is."""

@@ -92,7 +92,16 @@ def minmax_params(w: torch.Tensor, maxq: torch.Tensor, sym: bool) -> tuple[torch
 def group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
                 colw: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j c_j (w_j - w_hat_j)^2 over each group (last dim), with w_hat exactly as
-    quantized and dequantized below; ``colw`` c: (B, 1, G) for w (B, R, G), or None (c = 1)."""
+    quantized and dequantized below; ``colw`` c: (B, 1, G) for w (B, R, G), or None (c = 1).
+    float32 on CUDA: one fused kernel (quant/triton_search.py); elsewhere eager."""
+    if w.is_cuda and w.dtype == torch.float32 and w.dim() == 3:
+        from . import triton_search
+        if triton_search.available():
+            return triton_search.group_error_triton(w, scale, zero, maxq, colw)
+    return _group_error_eager(w, scale, zero, maxq, colw)
+
+
+def _group_error_eager(w, scale, zero, maxq, colw=None):
     # (w - w_hat)^2 in one kernel, summed (weighted) in one more: the search evaluates this a
     # few times per group over all B x R x G weights, so it is what the search costs
     err = F.mse_loss(w, dequantize(quantize_codes(w, scale, zero, maxq), scale, zero), reduction="none")

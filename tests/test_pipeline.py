@@ -57,6 +57,36 @@ def test_expert_hessians_equal_brute_force(tiny_mixtral_dir, tokenizer, small_te
         assert torch.allclose(accs["down_proj"].hessian(e).double(), H2 / n, rtol=1e-4, atol=1e-6)
 
 
+def test_fallback_experts_hessians_come_from_every_token(tiny_mixtral_dir, tokenizer, small_text_dir):
+    """Experts in ``fallback`` (starved) take every token: their gate/up Hessian (one shared sum)
+    and their own down-projection Hessian against a brute force over all tokens; the other
+    experts' Hessians are exactly those of a pass without fallback."""
+    model = load_tiny(tiny_mixtral_dir)
+    fam = family_for(model)
+    cpu = torch.device("cpu")
+    inputs, kwargs = capture_block_inputs(model, fam, calib(tokenizer, small_text_dir), 4, cpu, cpu)
+    block = model.model.layers[0]
+    moe = fam.moe(block, "model.layers.0")
+    run = _Run(fam, QuantConfig(), QuantReport(), cpu, cpu)
+    plain = _collect_moe_stats(run, moe, block, inputs, kwargs, None)
+    got = _collect_moe_stats(run, moe, block, inputs, kwargs, None, fallback={2, 5})
+    seen = []
+    h = moe.module.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    run_block(block, inputs, kwargs, cpu, cpu)
+    h.remove()
+    x = torch.cat(seen).double()
+    ex = moe.module.experts
+    for e in (2, 5):
+        g, u = (x @ ex.gate_up_proj[e].double().T).chunk(2, dim=-1)
+        a = torch.nn.functional.silu(g) * u
+        assert int(got.accs["gate_up_proj"].n[e]) == int(got.accs["down_proj"].n[e]) == x.shape[0]
+        assert torch.allclose(got.accs["gate_up_proj"].hessian(e).double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(got.accs["down_proj"].hessian(e).double(), a.T @ a / x.shape[0], rtol=1e-4, atol=1e-6)
+    for e in set(range(moe.num_experts)) - {2, 5}:
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(got.accs[name].hessian(e), plain.accs[name].hessian(e))
+
+
 def test_rtn_method_rounds_every_matrix_of_the_original_weights(tiny_mixtral_dir, tokenizer, small_text_dir):
     # RTN does not look at the data: each quantized matrix must be exactly rtn(original)
     # at its allocated width, whatever the calibration (GPTQ rows would differ).

@@ -256,6 +256,12 @@ class _ExpertStats:
         self.keep, self.batches = keep, []   # keep: where the routed batches are kept for later chunks
         self.accs = {m.name: HessianAccumulator(m.get().shape[2], device, len(self.chunk)) for m in moe.matrices}
         self._waiting = [[] for _ in self.chunk]   # per expert of the chunk: routed rows not yet in its Hessians
+        # Experts in ``fallback`` all read every token: the Hessian of a matrix that reads the
+        # tokens themselves (gate/up) is the same for all of them, summed once here. (A random-
+        # weight DeepSeek-V3 layer starves ~35 of 256 experts; one sum each was ~5 s on an H100.)
+        self._fallback_rows = [i for i, e in enumerate(self.chunk) if e in fallback]
+        self._all_tokens = HessianAccumulator(moe.matrices[0].get().shape[2], device) if self._fallback_rows else None
+        self._reads_tokens: set[str] = set()   # matrices whose input is the routed tokens themselves
         self.tokens = torch.zeros(E, dtype=torch.long)
         self.weight_sum = torch.zeros(E, dtype=torch.float64)
         self.weight_sq_sum = torch.zeros(E, dtype=torch.float64)   # routing weights squared, routed tokens only
@@ -279,6 +285,8 @@ class _ExpertStats:
         # the tokens of each expert, contiguous: one sort of the (token, slot) pairs by expert
         order = torch.argsort(top.reshape(-1), stable=True) // top.shape[-1]
         ends = torch.cumsum(counts, 0).tolist()
+        if self._all_tokens is not None:
+            self._all_tokens.add(x)
         for i, e in enumerate(self.chunk):
             xe = x if e in self.fallback else x[order[ends[e] - int(counts[e]):ends[e]]]
             if xe.shape[0]:
@@ -293,13 +301,21 @@ class _ExpertStats:
         if self._waiting[i]:
             x = torch.cat(self._waiting[i]) if len(self._waiting[i]) > 1 else self._waiting[i][0]
             self._waiting[i] = []
+            fallback = self.chunk[i] in self.fallback
             for name, inp in self.family.expert_inputs(self.moe, self.chunk[i], x).items():
-                self.accs[name].add(inp, i)
+                if fallback and inp is x:   # the all-token sum, shared (see __init__)
+                    self._reads_tokens.add(name)
+                else:
+                    self.accs[name].add(inp, i)
 
     def close(self) -> "_ExpertStats":
         """Every waiting row into the Hessians: call once the pass is over, before using them."""
         for i in range(len(self.chunk)):
             self._update(i)
+        for i in self._fallback_rows:
+            for name in self._reads_tokens:
+                self.accs[name].sum[i].copy_(self._all_tokens.sum[0])
+                self.accs[name].n[i] = self._all_tokens.n[0]
         return self
 
     def replay(self, chunk: range, fallback: set[int]) -> "_ExpertStats":
@@ -578,7 +594,7 @@ def _gptq_round(run: _Run, moe, chunks: list[range | None], bits: list[int], sta
                 with phase(report, "pack", run.device):
                     if mat.linears is None:  # fused experts: one entry, bits per expert
                         run.sink.add_experts(name, got["codes"], got["scale"], got["zero"], chunk_bits, chunk.start,
-                                             moe.num_experts)
+                                             bits)
                     else:  # separate expert linears (Switch): each its own quantized linear
                         for i, e in enumerate(chunk):
                             run.sink.add_linear(mat.linears[e], got["codes"][i], got["scale"][i], got["zero"][i],

@@ -50,7 +50,7 @@ def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[i
     for kind, (rows, cols) in shapes.items():
         for e, b in enumerate(bits):
             codes, scale, zero = _random_matrix(rows, cols, b, groupsize, gen, device)
-            sink.add_experts(f"x.{kind}", codes[None], scale[None], zero[None], [b], first=e, total=E)
+            sink.add_experts(f"x.{kind}", codes[None], scale[None], zero[None], [b], first=e, all_bits=bits)
     specs = {kind: (rows, cols, list(bits)) for kind, (rows, cols) in shapes.items()}
     has_bias = any(isinstance(getattr(template, f"{k}_bias", None), torch.Tensor) for k in shapes)
     module = experts_class("gate_up_proj" in shapes, has_bias)(config, specs, groupsize, template)
