@@ -141,7 +141,7 @@ class _BlockRunner:
     replayed for every later block of the same width: launch overhead, not arithmetic,
     dominates it otherwise."""
 
-    def __init__(self, B, R, bs, gs, bits_t, maxq, sym, grid, device, dtype, graphs: bool):
+    def __init__(self, B, R, bs, gs, bits_t, maxq, sym, grid, device, dtype, graphs: bool, fused: bool = False):
         self.bs, self.gs, self.bits_t, self.sym, self.grid = bs, gs, bits_t, sym, grid
         # Columns of a group must see every update before its params are taken, so a
         # sub-block never spans a group start except at its own first column.
@@ -154,29 +154,39 @@ class _BlockRunner:
         self.S1 = torch.empty(B, R, bs // gs, device=device, dtype=dtype)
         self.Z1 = torch.empty_like(self.S1)
         self.graphs, self.graph = graphs, None
+        self.fused = fused   # the column loop as one Triton kernel per sub-block (quant/triton_gptq.py)
+        self.maxq_flat = maxq.reshape(-1).contiguous()
 
     def _step(self):
-        W1, H1, B = self.W1, self.H1, self.W1.shape[0]
-        sub = self.sub
+        W1, H1 = self.W1, self.H1
         colw = 1 / torch.diagonal(H1, dim1=-2, dim2=-1)[:, None, :].square()  # GPTQ's cost per column
-        for j0 in range(0, self.bs, sub):
-            j1 = min(j0 + sub, self.bs)
-            for i in range(j0, j1):
-                g = i // self.gs
-                if i % self.gs == 0:  # the group's columns are all updated up to here
-                    s_new, z_new = _batch_params(W1[:, :, i:i + self.gs], colw[:, :, i:i + self.gs], self.bits_t,
-                                                 self.parts, self.sym, self.grid)
-                    self.S1[:, :, g] = s_new[..., 0]
-                    self.Z1[:, :, g] = z_new[..., 0]
-                s, z = self.S1[:, :, g, None], self.Z1[:, :, g, None]
-                w = W1[:, :, i:i + 1]
-                q = quantize_codes(w, s, z, self.maxq)
-                self.Q1[:, :, i:i + 1] = q
-                err = (w - dequantize(q, s, z)) / H1[:, i, i].view(B, 1, 1)
-                W1[:, :, i:j1] -= err * H1[:, i:i + 1, i:j1]
-                self.E1[:, :, i:i + 1] = err
+        for j0 in range(0, self.bs, self.sub):
+            j1 = min(j0 + self.sub, self.bs)
+            g = j0 // self.gs   # a sub-block lies in one group, and groups start at sub-block starts
+            if j0 % self.gs == 0:  # the group's columns are all updated up to here
+                s_new, z_new = _batch_params(W1[:, :, j0:j0 + self.gs], colw[:, :, j0:j0 + self.gs], self.bits_t,
+                                             self.parts, self.sym, self.grid)
+                self.S1[:, :, g] = s_new[..., 0]
+                self.Z1[:, :, g] = z_new[..., 0]
+            if self.fused:
+                from .triton_gptq import quantize_columns
+                quantize_columns(W1, H1, self.S1, self.Z1, self.maxq_flat, self.Q1, self.E1, j0, j1, g)
+            else:
+                self._columns(j0, j1, g)
             if j1 < self.bs:  # lazy update of the rest of the block, one GEMM per sub-block
                 W1[:, :, j1:] -= self.E1[:, :, j0:j1] @ H1[:, j0:j1, j1:]
+
+    def _columns(self, j0, j1, g):
+        """The eager column loop of one sub-block (the CPU path, and the fused kernel's reference)."""
+        W1, H1, B = self.W1, self.H1, self.W1.shape[0]
+        s, z = self.S1[:, :, g, None], self.Z1[:, :, g, None]
+        for i in range(j0, j1):
+            w = W1[:, :, i:i + 1]
+            q = quantize_codes(w, s, z, self.maxq)
+            self.Q1[:, :, i:i + 1] = q
+            err = (w - dequantize(q, s, z)) / H1[:, i, i].view(B, 1, 1)
+            W1[:, :, i:j1] -= err * H1[:, i:i + 1, i:j1]
+            self.E1[:, :, i:i + 1] = err
 
     def __call__(self, w_block, hinv_block):
         self.W1.copy_(w_block)
@@ -201,6 +211,11 @@ class _BlockRunner:
 
 
 USE_CUDA_GRAPHS = True
+
+
+def _triton_columns() -> bool:
+    from . import triton_gptq
+    return triton_gptq.available()
 
 
 @torch.no_grad()
@@ -240,13 +255,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: list[int], 
         # Blocks hold whole groups, so a group's params come from fully updated weights.
         bs = max(blocksize // gs, 1) * gs
         Q = torch.empty_like(W)
+        fused = W.is_cuda and W.dtype == torch.float32 and _triton_columns()
         runner = _BlockRunner(B, R, bs, gs, bits_t, maxq, sym, grid, W.device, W.dtype,
-                              graphs=W.is_cuda and USE_CUDA_GRAPHS)
+                              graphs=W.is_cuda and USE_CUDA_GRAPHS, fused=fused)
         for i1 in range(0, C, bs):
             i2 = min(i1 + bs, C)
             if i2 - i1 != bs:  # a last, narrower block: its own (eager) runner
                 runner = _BlockRunner(B, R, i2 - i1, gs, bits_t, maxq, sym, grid, W.device, W.dtype,
-                                      graphs=False)
+                                      graphs=False, fused=fused)
             q1, e1, s1, z1 = runner(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2])
             Q[:, :, i1:i2] = q1
             scale[:, :, i1 // gs:i2 // gs] = s1
