@@ -211,30 +211,39 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
         torch.cuda.empty_cache()
 
 
-def sweep():
-    model_type, H, I, E, k = SHAPES["mixtral8x7b"]
-    m = packed_layer(model_type, H, I, E, k, MIXED)
-    gen = torch.Generator(device=DEV).manual_seed(2)
-    up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-    # (block_m, block_n, split_k of launch 2, warps, stages); block_k is the kernel's 128
-    cands = {1: [(1, 32, 4, 4, 2), (1, 64, 4, 4, 2), (1, 64, 8, 4, 3), (1, 128, 2, 4, 2), (1, 128, 4, 8, 2),
-                 (1, 64, 2, 2, 2)],
-             16: [(4, 64, 4, 4, 2), (8, 64, 4, 4, 2), (8, 32, 4, 4, 2), (8, 128, 2, 8, 2), (16, 64, 4, 4, 2)],
-             4096: [(64, 128, 1, 8, 2), (128, 128, 1, 8, 2), (64, 64, 1, 4, 3), (128, 64, 1, 8, 3), (64, 128, 1, 4, 3)]}
-    log("\n## tile sweep, mixed Mixtral layer (launch 1 tiles; launch 2 same M/N with split-K)")
-    for T, tl in cands.items():
-        x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
-        idx, w = routing(T, E, k, torch.bfloat16, gen)
-        for bm, bn, sk, warps, stages in tl:
-            t1 = tx.Tiles(bm, bn, tx.BLOCK_K, 1, warps, stages)
-            t2 = tx.Tiles(bm, bn, tx.BLOCK_K, sk, warps, stages)
-            try:
-                ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,
-                                                    tiles=(t1, t2)), 20 if T < 64 else 5)
-                log(f"T {T:5d} tiles m{bm} n{bn} split_k {sk} warps {warps} stages {stages}: {ms:.3f} ms")
-                RESULTS.setdefault("sweep", []).append({"T": T, "tiles": [bm, bn, sk, warps, stages], "ms": ms})
-            except Exception as exc:  # noqa: BLE001
-                log(f"T {T} tiles {bm},{bn},{sk},{warps},{stages}: {type(exc).__name__} {str(exc)[:150]}")
+def sweep(shapes=("mixtral8x7b",)):
+    """Tile candidates per layer shape and T: (block_m, block_n, split_k of launch 1, split_k
+    of launch 2, warps, stages); block_k is the kernel's 128. Launch 1 split over K computes
+    gate/up in float32 and SwiGLU after it; unsplit, SwiGLU is fused in the kernel."""
+    cands = {1: [(1, 64, 1, 4, 4, 2), (1, 64, 2, 4, 4, 2), (1, 64, 4, 4, 4, 2), (1, 32, 1, 4, 4, 2),
+                 (1, 32, 4, 8, 4, 2), (1, 32, 2, 4, 2, 2), (1, 16, 4, 8, 2, 2), (1, 128, 4, 4, 8, 2)],
+             16: [(16, 64, 1, 4, 4, 2), (16, 64, 4, 4, 4, 2), (16, 32, 2, 4, 4, 2), (16, 128, 2, 2, 8, 2)],
+             4096: [(64, 128, 1, 1, 8, 2), (128, 128, 1, 1, 8, 2), (128, 64, 1, 1, 8, 3)]}
+    for shape in shapes:
+        model_type, H, I, E, k = SHAPES[shape]
+        m = packed_layer(model_type, H, I, E, k, MIXED)
+        gen = torch.Generator(device=DEV).manual_seed(2)
+        up, down = m.packed("gate_up_proj"), m.packed("down_proj")
+        log(f"\n## tile sweep, mixed {shape} layer: (block_m, block_n, split_k launch 1, split_k launch 2, warps, "
+            f"stages); the default the kernel picks first")
+        for T, tl in cands.items():
+            x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+            idx, w = routing(T, E, k, torch.bfloat16, gen)
+            ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True), 20 if T < 64 else 5)
+            log(f"T {T:5d} default: {ms:.3f} ms")
+            RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T, "tiles": "default", "ms": ms})
+            for bm, bn, sk1, sk2, warps, stages in tl:
+                t1 = tx.Tiles(bm, bn, tx.BLOCK_K, sk1, warps, stages)
+                t2 = tx.Tiles(bm, bn, tx.BLOCK_K, sk2, warps, stages)
+                try:
+                    ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,
+                                                        tiles=(t1, t2)), 20 if T < 64 else 5)
+                    log(f"T {T:5d} tiles {bm}, {bn}, {sk1}, {sk2}, {warps}, {stages}: {ms:.3f} ms")
+                    RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T,
+                                                            "tiles": [bm, bn, sk1, sk2, warps, stages], "ms": ms})
+                except Exception as exc:  # noqa: BLE001
+                    log(f"T {T} tiles {bm}, {bn}, {sk1}, {sk2}, {warps}, {stages}: {type(exc).__name__} "
+                        f"{str(exc)[:150]}")
 
 
 def profile():
@@ -338,7 +347,7 @@ def main():
     log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
     ok = True
     steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer] + \
-        ([generate] if a.generate else []) + ([sweep] if a.sweep else []) + ([profile] if a.profile else [])
+        ([generate] if a.generate else []) + ([lambda: sweep(a.layer or ("mixtral8x7b",))] if a.sweep else []) + ([profile] if a.profile else [])
     for step in steps:
         t0 = time.time()
         try:

@@ -379,14 +379,25 @@ def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     num_experts = up.scale.shape[0]
     routing = route(top_k_index, num_experts)
     inter = up.rows // 2 if gated else up.rows
-    fused = gated and fuse_silu
+    # Few tokens (decode): launch 1 too is split over K, so that enough programs stream codes
+    # (a Qwen3 layer at one token has 8 experts x 24 row tiles: 192 programs for 132 SMs); the
+    # partial sums add up in float32 and the activation follows in torch. Otherwise SwiGLU is
+    # applied in the kernel's registers where the family's gating is plain SwiGLU.
+    t1 = tiles[0] if tiles else choose_tiles(T, k, up.rows, H, num_experts, sms, split=True)
+    fused = gated and fuse_silu and t1.split_k == 1
     n1 = inter if fused else up.rows
-    t1 = tiles[0] if tiles else choose_tiles(T, k, n1, H, num_experts, sms, split=False)
-    h = torch.empty(T * k, n1, device=hidden.device, dtype=hidden.dtype)
+    if t1.split_k == 1:
+        h = torch.empty(T * k, n1, device=hidden.device, dtype=hidden.dtype)
+    else:
+        h = torch.zeros(T * k, n1, device=hidden.device, dtype=torch.float32)
     _launch(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused, route_w=None,
             tiles=t1)
     if not fused:
-        h = activation(h).contiguous()
+        if gated and fuse_silu:
+            h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        else:
+            h = activation(h)
+        h = h.to(hidden.dtype).contiguous()
     t2 = tiles[1] if tiles else choose_tiles(T, k, H, inter, num_experts, sms, split=True)
     y = torch.zeros(T * k, H, device=hidden.device, dtype=torch.float32)
     _launch(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,

@@ -86,6 +86,23 @@ for bits in ([3, 3, 2, 2, 2, 2, 1, 1], [8, 4, 8, 4, 8, 4, 8, 4]):
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("one group", bits, T, dtype, err)
 
+# the gate/up launch split over K (3 tiles of 128): float32 partial sums, SwiGLU (or the family's
+# gating) applied after it
+config = MixtralConfig(hidden_size=384, intermediate_size=128, num_local_experts=E)
+with torch.device("meta"):
+    template = MixtralExperts(config)
+wide = random_packed_experts(template, config, {"gate_up_proj": (256, 384), "down_proj": (384, 128)},
+                             [3, 3, 2, 2, 2, 2, 1, 1], 128)
+for T, tiles in ((1, (tx.Tiles(1, 32, 128, split_k=3), tx.Tiles(1, 64, 128))),
+                 (3, (tx.Tiles(16, 32, 128, split_k=2), tx.Tiles(16, 64, 128, split_k=2)))):
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(T, 384, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
+        ref = dequantize_experts_forward(wide.to(dtype), x, idx, w)
+        got = tx.fused_experts(x, idx, w, wide.packed("gate_up_proj"), wide.packed("down_proj"), gated=True,
+                               fuse_silu=True, tiles=tiles)
+        err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("split gate/up", T, dtype, err)
+
 # a token routed nowhere real changes nothing else: all-zero output rows stay zero
 out = tx.fused_experts(torch.zeros(4, H), idx[:4], w[:4], m.packed("gate_up_proj"), m.packed("down_proj"),
                        gated=True, fuse_silu=True)
