@@ -215,13 +215,14 @@ def sweep(shapes=("mixtral8x7b",)):
     """Tile candidates per layer shape and T: (block_m, block_n, split_k of launch 1, split_k
     of launch 2, warps, stages); block_k is the kernel's 128. Launch 1 split over K computes
     gate/up in float32 and SwiGLU after it; unsplit, SwiGLU is fused in the kernel."""
-    cands = {1: [(1, 64, 1, 4, 4, 2), (1, 64, 2, 4, 4, 2), (1, 64, 4, 4, 4, 2), (1, 32, 1, 4, 4, 2),
-                 (1, 32, 4, 8, 4, 2), (1, 32, 2, 4, 2, 2), (1, 16, 4, 8, 2, 2), (1, 128, 4, 4, 8, 2)],
-             16: [(16, 64, 1, 4, 4, 2), (16, 64, 4, 4, 4, 2), (16, 32, 2, 4, 4, 2), (16, 128, 2, 2, 8, 2)],
-             4096: [(64, 128, 1, 1, 8, 2), (128, 128, 1, 1, 8, 2), (128, 64, 1, 1, 8, 3)]}
+    cands = {1: [(1, 64, 1, 4, 4, 2), (1, 32, 1, 8, 4, 2), (1, 32, 2, 8, 4, 2), (1, 32, 4, 8, 4, 2),
+                 (1, 32, 8, 8, 4, 2), (1, 16, 4, 8, 4, 2), (1, 32, 4, 8, 2, 2), (1, 64, 4, 8, 4, 2)],
+             16: [(16, 64, 1, 4, 4, 2), (16, 64, 4, 4, 4, 2), (16, 32, 1, 4, 4, 2), (16, 32, 4, 8, 4, 2),
+                  (16, 64, 2, 8, 4, 2)],
+             4096: [(128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 8, 2), (128, 64, 1, 1, 4, 3)]}
     for shape in shapes:
         model_type, H, I, E, k = SHAPES[shape]
-        m = packed_layer(model_type, H, I, E, k, MIXED)
+        m = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
         gen = torch.Generator(device=DEV).manual_seed(2)
         up, down = m.packed("gate_up_proj"), m.packed("down_proj")
         log(f"\n## tile sweep, mixed {shape} layer: (block_m, block_n, split_k launch 1, split_k launch 2, warps, "

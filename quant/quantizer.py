@@ -105,7 +105,9 @@ def _group_error_eager(w, scale, zero, maxq, colw=None):
     # (w - w_hat)^2 in one kernel, summed (weighted) in one more: the search evaluates this a
     # few times per group over all B x R x G weights, so it is what the search costs
     err = F.mse_loss(w, dequantize(quantize_codes(w, scale, zero, maxq), scale, zero), reduction="none")
-    return err.sum(dim=-1, keepdim=True) if colw is None else err @ colw.mT
+    # a sum along each row, not a batched matmul: a CPU bmm may split its sums differently for
+    # another batch size, and an expert's result must not depend on which experts share its batch
+    return (err if colw is None else err * colw).sum(dim=-1, keepdim=True)
 
 
 def _keep_better(best, cand):
