@@ -94,6 +94,7 @@ with torch.device("meta"):
 wide = random_packed_experts(template, config, {"gate_up_proj": (256, 384), "down_proj": (384, 128)},
                              [3, 3, 2, 2, 2, 2, 1, 1], 128)
 for T, tiles in ((1, (tx.Tiles(1, 32, 128, split_k=3), tx.Tiles(1, 64, 128))),
+                 (1, (tx.Tiles(1, 16, 128, split_k=2), tx.Tiles(1, 16, 128))),
                  (3, (tx.Tiles(16, 32, 128, split_k=2), tx.Tiles(16, 64, 128, split_k=2)))):
     for dtype in (torch.float32, torch.float16):
         x = torch.randn(T, 384, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
