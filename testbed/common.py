@@ -3,16 +3,18 @@ training loop, and saving (atomic) checkpoints and loss curves."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 # cuBLAS needs this before CUDA is initialised to be deterministic.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import torch  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 
@@ -58,34 +60,118 @@ def train(model, batches: Iterator, loss_fn: Callable, steps: int, lr: float, de
 
     ``loss_fn(model, batch) -> scalar loss``; ``eval_fn(model) -> float`` (held-out loss)
     every ``eval_every`` steps and at the end. Returns the loss curve: one dict per
-    logged step (mean training loss since the previous one, lr, held-out loss, seconds)."""
+    logged step (mean training loss since the previous one, lr, held-out loss, seconds).
+
+    On CUDA (cuda_speed): expert weights in bf16 under autocast, TF32, fused AdamW; the
+    CPU computes as it always did. Losses stay on the device until a log line needs them
+    (one host sync per log line, not per step); their sum is the same."""
     device = torch.device(device)
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
     warmup = warmup or max(1, steps // 20)
-    curve, running, n, t0 = [], 0.0, 0, time.time()
+    curve, pending, t0 = [], [], time.time()
     bar = tqdm(range(steps), desc=desc, disable=None)  # no bar in a log file: a line per eval instead
-    for step in bar:
-        with deterministic_attention(device):
-            running += _step(model, opt, loss_fn, next(batches), step, steps, lr, warmup, device, desc)
-        n += 1
-        last = step == steps - 1
-        if (step + 1) % log_every == 0 or last:
-            row = {"step": step + 1, "train_loss": running / n, "lr": opt.param_groups[0]["lr"],
-                   "seconds": time.time() - t0}
-            if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
-                model.eval()
-                row["val_loss"] = eval_fn(model)
-                model.train()
-            curve.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"}
-                                                                 if "val_loss" in row else {}))
-            if bar.disable and "val_loss" in row:
-                print(f"{desc}: step {step + 1}/{steps}, train loss {row['train_loss']:.3f}, "
-                      f"valid loss {row['val_loss']:.3f}, {row['seconds']:.0f}s", flush=True)
-            running, n = 0.0, 0
+    with cuda_speed(model, device):
+        for step in bar:
+            with deterministic_attention(device):
+                pending.append(_step(model, opt, loss_fn, next(batches), step, steps, lr, warmup, device))
+            last = step == steps - 1
+            if (step + 1) % log_every == 0 or last:
+                row = {"step": step + 1, "train_loss": _mean_loss(pending, step + 1, desc),
+                       "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+                pending = []
+                if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
+                    model.eval()
+                    row["val_loss"] = eval_fn(model)
+                    model.train()
+                curve.append(row)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"}
+                                                                     if "val_loss" in row else {}))
+                if bar.disable and "val_loss" in row:
+                    print(f"{desc}: step {step + 1}/{steps}, train loss {row['train_loss']:.3f}, "
+                          f"valid loss {row['val_loss']:.3f}, {row['seconds']:.0f}s", flush=True)
     model.eval()
     return curve
+
+
+def _mean_loss(losses: list[torch.Tensor], end: int, desc: str) -> float:
+    """Mean of the steps' losses (steps end - len(losses) .. end - 1), summed in step order as
+    Python floats; a non-finite one stops training, naming its step."""
+    total = 0.0
+    for k, value in enumerate(torch.stack(losses).tolist()):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{desc}: loss became {value} at step {end - len(losses) + k}: lower --lr")
+        total += value
+    return total / len(losses)
+
+
+@contextmanager
+def cuda_speed(model, device: torch.device):
+    """CUDA only, restored afterwards: TF32 for what still multiplies in float32; bf16
+    reductions in the math attention kernel (deterministic_attention), whose default
+    upcasts bf16 inputs to float32; and the fused experts (autocast_experts) in the autocast
+    dtype, as every nn.Linear of the model runs under autocast."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    undo = autocast_experts(model, device.type)
+    try:
+        yield
+    finally:
+        undo()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[:2]
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(flags[2])
+
+
+class _AutocastCast(torch.nn.Module):
+    """A parametrization: the weight in the autocast dtype while autocast is on (gradients
+    reach the float32 parameter through the cast), unchanged otherwise."""
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type = device_type
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(self.device_type):
+            return weight.to(torch.get_autocast_dtype(self.device_type))
+        return weight
+
+
+def autocast_experts(model, device_type: str) -> Callable[[], None]:
+    """While autocast is on, the fused experts modules (those holding stacked weights of 3 or
+    more dimensions) read their weights and their input hidden states in the autocast dtype,
+    as autocast does for an nn.Linear: transformers' grouped experts matmul (torch grouped_mm)
+    is not autocast-aware and multiplied in float32. The weights stay the same float32
+    Parameter objects (the optimizer's); returns the function that undoes it all (state
+    dict keys as before)."""
+    stacks = [(m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if p.dim() >= 3]
+    for module, name in stacks:
+        parametrize.register_parametrization(module, name, _AutocastCast(device_type))
+
+    def input_in_autocast_dtype(module, args, kwargs):   # hidden states: the first argument
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        dtype = torch.get_autocast_dtype(device_type)
+        if args:
+            return (args[0].to(dtype), *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].to(dtype)}
+        return None
+
+    hooks = [m.register_forward_pre_hook(input_in_autocast_dtype, with_kwargs=True)
+             for m in dict.fromkeys(m for m, _ in stacks)]
+
+    def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        for module, name in stacks:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    return undo
 
 
 def deterministic_attention(device: torch.device):
@@ -98,18 +184,19 @@ def deterministic_attention(device: torch.device):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _step(model, opt, loss_fn, batch, step: int, steps: int, lr: float, warmup: int, device, desc: str) -> float:
+def _step(model, opt, loss_fn, batch, step: int, steps: int, lr: float, warmup: int, device) -> torch.Tensor:
+    """One optimizer step; returns the loss, detached, still on the device."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, steps, lr, warmup)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    # cached: a weight cast for autocast (cuda_speed) is made once per forward, however often
+    # the model reads it (transformers' per-expert loop reads the stack once per expert)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), parametrize.cached():
         loss = loss_fn(model, batch)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}: lower --lr")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return loss.item()
+    return loss.detach()
 
 
 @torch.no_grad()

@@ -50,6 +50,60 @@ def test_training_is_deterministic(testbed, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a) == same, seed
 
 
+def test_experts_in_the_autocast_dtype_train_the_float32_parameters():
+    """cuda_speed's autocast_experts (exercised here with CPU autocast): under autocast the
+    fused experts read their weights and inputs in bf16, outside it in float32; the gradients
+    and the optimizer's updates reach the model's own float32 parameters, and undoing it
+    leaves the state dict as it was."""
+    from torch.nn.utils import parametrize
+
+    from moeq.testbed.common import autocast_experts
+    from moeq.testbed.train_mixtral import PRESETS, build_model
+    torch.manual_seed(0)
+    model = build_model(PRESETS["smoke"], 320, 8, 2, 0.01).train()
+    params = dict(model.named_parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    experts = model.model.layers[0].mlp.experts
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    undo = autocast_experts(model, "cpu")
+    seen = []   # what the experts' forward gets (this hook runs after autocast_experts' own)
+    experts.register_forward_pre_hook(lambda m, args, kw: seen.append(((args[0] if args else kw["hidden_states"]).dtype,
+                                                                       m.gate_up_proj.dtype)), with_kwargs=True)
+    ids = torch.randint(0, 320, (2, 16))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16), parametrize.cached():
+            loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model(input_ids=ids)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2 + [(torch.float32, torch.float32)]
+    x, top = torch.randn(5, 32), torch.randint(0, 8, (5, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # transformers versions that pass keywords
+        experts(hidden_states=x, top_k_index=top, top_k_weights=torch.rand(5, 2))
+    assert seen[-1] == (torch.bfloat16, torch.bfloat16)
+    undo()
+    assert list(model.state_dict()) == list(before) and dict(model.named_parameters()) == params
+    assert params["model.layers.0.mlp.experts.gate_up_proj"].grad.abs().sum() > 0
+    assert not torch.equal(model.state_dict()["model.layers.0.mlp.experts.down_proj"],
+                           before["model.layers.0.mlp.experts.down_proj"])
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    assert seen == [(torch.float32, torch.float32)]   # undone: autocast leaves the experts alone again
+
+
+def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_names_its_step():
+    from moeq.testbed.common import _mean_loss
+    losses = [torch.tensor(v) for v in (0.1, 0.7, 0.3)]
+    total = 0.0
+    for v in losses:   # what the loop summed when it read every step's loss at once
+        total += v.item()
+    assert _mean_loss(losses, 13, "t") == total / 3
+    with pytest.raises(FloatingPointError, match="at step 11"):
+        _mean_loss([torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(2.0)], 13, "t")
+
+
 def direct_perplexity(model_dir, windows):
     """exp(mean next-token loss) straight from transformers: what the grid's ppl must equal."""
     from transformers import AutoModelForCausalLM
