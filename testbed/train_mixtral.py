@@ -27,6 +27,7 @@ import torch
 
 from moeq.testbed.common import (causal_lm_loss, device_name, make_tokenizer, random_windows, save_model,
                                  seed_everything, train, write_json)
+from moeq.utils.timing import Stages
 
 # Sizes: gpu ~ 50M parameters (8 experts x 6 layers), minutes on one H100; cpu ~ 4M,
 # minutes on 2 cores; smoke: seconds, for tests.
@@ -127,44 +128,47 @@ def main(argv=None) -> int:
     if os.path.exists(os.path.join(a.out, "trained")) and not a.overwrite:
         raise SystemExit(f"error: {a.out}/trained exists: pass --overwrite or another --out")
     t_start = time.time()
-    train_text, valid_text = read_splits(a.data)
-    if p.get("train_bytes"):
-        train_text = train_text[: p["train_bytes"]]
-
-    seed_everything(a.seed)
-    tok = make_tokenizer(train_text[: a.tokenizer_bytes], p["vocab"])
-    from moeq.utils.data import tokenize
-    train_ids, valid_ids = tokenize(tok, train_text), tokenize(tok, valid_text)
-    n_val = min(a.eval_windows, valid_ids.numel() // p["seqlen"])
-    valid = valid_ids[: n_val * p["seqlen"]].view(n_val, p["seqlen"])
+    stages = Stages()
+    with stages("data"):   # the BPE and the token streams
+        train_text, valid_text = read_splits(a.data)
+        if p.get("train_bytes"):
+            train_text = train_text[: p["train_bytes"]]
+        seed_everything(a.seed)
+        tok = make_tokenizer(train_text[: a.tokenizer_bytes], p["vocab"])
+        from moeq.utils.data import tokenize
+        train_ids, valid_ids = tokenize(tok, train_text), tokenize(tok, valid_text)
+        n_val = min(a.eval_windows, valid_ids.numel() // p["seqlen"])
+        valid = valid_ids[: n_val * p["seqlen"]].view(n_val, p["seqlen"])
     print(f"tokenizer: {len(tok)} tokens; train {train_ids.numel():,} tokens, valid {valid.numel():,} tokens")
 
-    seed_everything(a.seed)
-    model = build_model(p, len(tok), a.experts, a.top_k, a.aux_loss_coef)
-    n_params = sum(t.numel() for t in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters ({p['layers']} layers, {a.experts} experts, top-{a.top_k}, "
-          f"hidden {p['hidden']}); device {device_name(a.device)}")
-    os.makedirs(a.out, exist_ok=True)
-    # Saved checkpoints do not ask for router logits: with them, transformers adds the
-    # aux loss to .loss, which would then not be the language-model loss.
-    model.config.output_router_logits = False
-    save_model(model, tok, os.path.join(a.out, "init"))
-    model.config.output_router_logits = a.aux_loss_coef > 0
-    init_state = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("mlp.gate.weight")}
+    with stages("init"):
+        seed_everything(a.seed)
+        model = build_model(p, len(tok), a.experts, a.top_k, a.aux_loss_coef)
+        n_params = sum(t.numel() for t in model.parameters())
+        print(f"model: {n_params / 1e6:.2f}M parameters ({p['layers']} layers, {a.experts} experts, "
+              f"top-{a.top_k}, hidden {p['hidden']}); device {device_name(a.device)}")
+        os.makedirs(a.out, exist_ok=True)
+        # Saved checkpoints do not ask for router logits: with them, transformers adds the
+        # aux loss to .loss, which would then not be the language-model loss.
+        model.config.output_router_logits = False
+        save_model(model, tok, os.path.join(a.out, "init"))
+        model.config.output_router_logits = a.aux_loss_coef > 0
+        init_state = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("mlp.gate.weight")}
 
     def lm_loss(m, batch):
         ids = batch.to(a.device)
         return m(input_ids=ids, labels=ids).loss   # includes the router aux loss (output_router_logits)
 
-    t0 = time.time()
-    curve = train(model, random_windows(train_ids, p["batch"], p["seqlen"], a.seed), lm_loss, p["steps"], p["lr"],
-                  a.device, eval_fn=lambda m: causal_lm_loss(m, valid, a.device),
-                  eval_every=a.eval_every or max(1, p["steps"] // 10), log_every=max(1, p["steps"] // 50),
-                  desc="train mixtral")
-    train_s = time.time() - t0
-    model.to("cpu")
-    model.config.output_router_logits = False
-    save_model(model, tok, os.path.join(a.out, "trained"))
+    with stages("train"):
+        curve = train(model, random_windows(train_ids, p["batch"], p["seqlen"], a.seed), lm_loss, p["steps"],
+                      p["lr"], a.device, eval_fn=lambda m: causal_lm_loss(m, valid, a.device),
+                      eval_every=a.eval_every or max(1, p["steps"] // 10), log_every=max(1, p["steps"] // 50),
+                      desc="train mixtral")
+    train_s = stages.seconds["train"]
+    with stages("save"):
+        model.to("cpu")
+        model.config.output_router_logits = False
+        save_model(model, tok, os.path.join(a.out, "trained"))
 
     change = router_norm_change(init_state, model)
     write_json(curve, os.path.join(a.out, "loss_curve.json"))
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
             "preset": a.preset, "sizes": p, "experts": a.experts, "top_k": a.top_k, "aux_loss_coef": a.aux_loss_coef,
             "seed": a.seed, "device": device_name(a.device), "parameters": n_params, "data": os.path.abspath(a.data)
             if os.path.isdir(a.data) else a.data, "tokenizer_vocab": len(tok), "train_tokens": int(train_ids.numel()),
-            "train_seconds": train_s, "total_seconds": time.time() - t_start,
+            "train_seconds": train_s, "total_seconds": time.time() - t_start, "stage_seconds": stages.seconds,
             "final_train_loss": curve[-1]["train_loss"], "final_val_loss": curve[-1].get("val_loss"),
             "router_norm_change": change}
     write_json(info, os.path.join(a.out, "train_info.json"))

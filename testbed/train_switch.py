@@ -32,6 +32,7 @@ import torch
 
 from moeq.testbed.common import (device_name, make_tokenizer, random_windows, save_model, seed_everything, train,
                                  write_json)
+from moeq.utils.timing import Stages
 
 NUM_SENTINELS = 32  # T5's <extra_id_i>: one per corrupted span, so at most this many spans per window
 NUM_EXPERTS = 8
@@ -337,66 +338,66 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     seed_everything(a.seed)
-    seconds = {}
+    stages = Stages()
 
-    # data and tokenizer
-    text = load_splits(a.data, p.train_bytes)
-    pairs = {"train": title_pairs(text.train), "valid": title_pairs(text.valid), "test": title_pairs(text.test)}
-    if not pairs["train"] or not pairs["test"]:
-        raise SystemExit(f"error: --data {a.data}: found {len(pairs['train'])} train / {len(pairs['test'])} test "
-                         f"rst section titles: pass reStructuredText with section titles (e.g. python-docs)")
-    os.makedirs(os.path.join(a.out, "pairs"), exist_ok=True)
-    for split in ("train", "test"):
-        write_jsonl(pairs[split], os.path.join(a.out, "pairs", f"{split}.jsonl"))
-    tok = make_tokenizer(text.train[: p.tok_bytes], p.vocab,
-                         extra_special=[f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
-    sentinels = tok.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    ids = tokenize(tok, text.pretrain)
-    # Fixed held-out batches (seed-independent, so runs of different seeds compare), from a
-    # prefix of the valid split ~20x longer than they need (bytes per token < 4).
-    g_val = torch.Generator().manual_seed(1234)
-    val_ids = tokenize(tok, text.valid[: 80 * p.val_windows * p.pretrain_len])
-    val_windows = next(random_windows(val_ids, p.val_windows, p.pretrain_len, 1234))
-    val_pre = [corrupted_batch(val_windows[i:i + 16], sentinels, eos, g_val) for i in range(0, p.val_windows, 16)]
-    train_ex = encode_pairs(tok, pairs["train"][: p.train_pairs or None], p.src_len, p.tgt_len)
-    val_ex = encode_pairs(tok, (pairs["valid"] or pairs["test"])[: p.val_pairs], p.src_len, p.tgt_len)
-    val_ft = [collate(val_ex[i:i + 16], pad) for i in range(0, len(val_ex), 16)]
-    seconds["data"] = time.time() - t_start
+    with stages("data"):   # text, title pairs, the BPE, token streams, held-out batches
+        text = load_splits(a.data, p.train_bytes)
+        pairs = {"train": title_pairs(text.train), "valid": title_pairs(text.valid), "test": title_pairs(text.test)}
+        if not pairs["train"] or not pairs["test"]:
+            raise SystemExit(f"error: --data {a.data}: found {len(pairs['train'])} train / {len(pairs['test'])} "
+                             f"test rst section titles: pass reStructuredText with section titles (e.g. python-docs)")
+        os.makedirs(os.path.join(a.out, "pairs"), exist_ok=True)
+        for split in ("train", "test"):
+            write_jsonl(pairs[split], os.path.join(a.out, "pairs", f"{split}.jsonl"))
+        tok = make_tokenizer(text.train[: p.tok_bytes], p.vocab,
+                             extra_special=[f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
+        sentinels = tok.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        ids = tokenize(tok, text.pretrain)
+        # Fixed held-out batches (seed-independent, so runs of different seeds compare), from a
+        # prefix of the valid split ~20x longer than they need (bytes per token < 4).
+        g_val = torch.Generator().manual_seed(1234)
+        val_ids = tokenize(tok, text.valid[: 80 * p.val_windows * p.pretrain_len])
+        val_windows = next(random_windows(val_ids, p.val_windows, p.pretrain_len, 1234))
+        val_pre = [corrupted_batch(val_windows[i:i + 16], sentinels, eos, g_val) for i in range(0, p.val_windows, 16)]
+        train_ex = encode_pairs(tok, pairs["train"][: p.train_pairs or None], p.src_len, p.tgt_len)
+        val_ex = encode_pairs(tok, (pairs["valid"] or pairs["test"])[: p.val_pairs], p.src_len, p.tgt_len)
+        val_ft = [collate(val_ex[i:i + 16], pad) for i in range(0, len(val_ex), 16)]
     print(f"data: {ids.numel()} pretraining tokens, tokenizer {len(tok)}, title pairs "
           + ", ".join(f"{k} {len(v)}" for k, v in pairs.items()))
 
     # phase 0: the random init
-    from transformers import SwitchTransformersForConditionalGeneration
-    cfg = model_config(p, tok)
-    seed_everything(a.seed)  # the init depends on the seed alone, not on what ran before
-    model = SwitchTransformersForConditionalGeneration(cfg)
-    init_routers(model, p.d_model)
-    model.to(a.device)
-    train_loss = make_train_loss(router_taps(model))
-    save_model(model, tok, os.path.join(a.out, "init"))
+    with stages("init"):
+        from transformers import SwitchTransformersForConditionalGeneration
+        cfg = model_config(p, tok)
+        seed_everything(a.seed)  # the init depends on the seed alone, not on what ran before
+        model = SwitchTransformersForConditionalGeneration(cfg)
+        init_routers(model, p.d_model)
+        model.to(a.device)
+        train_loss = make_train_loss(router_taps(model))
+        save_model(model, tok, os.path.join(a.out, "init"))
     print(f"model: {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, d_model {p.d_model}, "
           f"{p.layers}+{p.layers} layers, {NUM_EXPERTS} experts every 2nd layer; device {device_name(a.device)}")
 
     # phase 1: span-corruption pretraining
     losses = {"pretrain": {"val_before": heldout_loss(model, val_pre)}}
-    t0 = time.time()
-    curve_pre = train(model, pretrain_batches(ids, p.pretrain_batch, p.pretrain_len, a.seed, sentinels, eos),
-                      train_loss, p.pretrain_steps, p.pretrain_lr, a.device, eval_fn=lambda m: heldout_loss(m, val_pre),
-                      eval_every=p.eval_every, log_every=p.log_every, desc="pretrain")
-    seconds["pretrain"] = time.time() - t0
+    with stages("pretrain"):
+        curve_pre = train(model, pretrain_batches(ids, p.pretrain_batch, p.pretrain_len, a.seed, sentinels, eos),
+                          train_loss, p.pretrain_steps, p.pretrain_lr, a.device,
+                          eval_fn=lambda m: heldout_loss(m, val_pre), eval_every=p.eval_every,
+                          log_every=p.log_every, desc="pretrain")
     save_model(model, tok, os.path.join(a.out, "pretrained"))
     before = router_rows(model)
 
     # phase 2: fine-tuning on title generation. No weight decay: it would shrink every
     # router row alike and blur the per-expert norm change this testbed is for.
     losses["finetune"] = {"val_before": heldout_loss(model, val_ft)}
-    t0 = time.time()
-    curve_ft = train(model, pair_batches(train_ex, p.finetune_batch, a.seed, pad), train_loss, p.finetune_steps,
-                     p.finetune_lr, a.device, eval_fn=lambda m: heldout_loss(m, val_ft), eval_every=p.eval_every,
-                     log_every=p.log_every, desc="finetune", weight_decay=0.0)
-    seconds["finetune"] = time.time() - t0
+    with stages("finetune"):
+        curve_ft = train(model, pair_batches(train_ex, p.finetune_batch, a.seed, pad), train_loss,
+                         p.finetune_steps, p.finetune_lr, a.device, eval_fn=lambda m: heldout_loss(m, val_ft),
+                         eval_every=p.eval_every, log_every=p.log_every, desc="finetune", weight_decay=0.0)
     save_model(model, tok, os.path.join(a.out, "finetuned"))
+    seconds = {k: stages.seconds[k] for k in ("data", "pretrain", "finetune")}
     seconds["total"] = time.time() - t_start
 
     change = router_norm_change(before, router_rows(model))
