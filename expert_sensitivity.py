@@ -65,25 +65,33 @@ def experts_name(moe, mat) -> str:
 
 # ---- quantized candidates --------------------------------------------------------------
 
-def quantized_experts(model, family, calib, bits: int, a) -> tuple[dict, dict, object]:
-    """Every expert of every MoE layer GPTQ-quantized at ``bits`` (attention, shared experts
-    and dense MLPs untouched), each block calibrated on the unquantized model's inputs; the
-    model is left unchanged. Returns ({experts name: (E, R, C) dequantized weights}, {experts
-    name: (E,) relative output errors}, the pipeline's report)."""
-    from moeq.utils.pipeline import quantize_model
-    cfg = QuantConfig(mixed_type="uniform", avg_bits=bits, attn_bits=None, shared_bits=None, dense_bits=None,
+def quantized_experts(model, family, calib, widths: list[int], a) -> tuple[dict, object]:
+    """Every expert of every MoE layer GPTQ-quantized at each of ``widths`` (attention, shared
+    experts and dense MLPs untouched), each block calibrated on the unquantized model's inputs;
+    the model is left unchanged. Those inputs, and so the Hessians, do not depend on the width:
+    one pipeline pass collects them (and quantizes at the first width), GPTQ at the other
+    widths runs on the very same stacks and Hessians. Returns ({bits: ({experts name: (E, R, C)
+    dequantized weights}, {experts name: (E,) relative output errors})}, the pipeline's report)."""
+    from moeq.utils.pipeline import _check_scales, _gptq_experts, quantize_model
+    cfg = QuantConfig(mixed_type="uniform", avg_bits=widths[0], attn_bits=None, shared_bits=None, dense_bits=None,
                       groupsize=a.groupsize, grid=a.quant_grid, batch_size=a.batch_size,
                       min_expert_tokens=a.min_expert_tokens)
-    weights, errors = {}, {}
+    parts = {b: ({}, {}) for b in widths}   # bits -> (weights, errors), each name -> [(first expert, tensor)]
 
     def keep(name, W, H, chunk_bits, res, first):
         n = W.shape[0]
-        weights.setdefault(name, []).append((first, res["weight"].cpu()))
-        errors.setdefault(name, []).append((first, res["loss"].cpu()[:n]))
+        for b in widths:
+            if b != widths[0]:
+                res = _gptq_experts(W, H, [b] * n, cfg)
+                _check_scales(res["scale"], W, name, [b] * n)
+            weights, errors = parts[b]
+            weights.setdefault(name, []).append((first, res["weight"].cpu()))
+            errors.setdefault(name, []).append((first, res["loss"].cpu()[:n]))
 
     report = quantize_model(model, family, calib, cfg, torch.device(a.device), on_experts=keep, fp_outputs=True)
     stack = lambda parts: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
-    return {k: stack(v) for k, v in weights.items()}, {k: stack(v) for k, v in errors.items()}, report
+    return {b: ({k: stack(v) for k, v in weights.items()}, {k: stack(v) for k, v in errors.items()})
+            for b, (weights, errors) in parts.items()}, report
 
 
 # ---- held-out scores --------------------------------------------------------------------
@@ -296,49 +304,36 @@ def measure(path: str, reference: str | None, a) -> dict:
     from moeq.quant import allocation
     from moeq.utils.families import family_for
     from moeq.utils.loading import router_reference_weights
-    t0 = time.time()
-    cls = AutoModelForCausalLM if a.task == "causal" else AutoModelForSeq2SeqLM
-    model = cls.from_pretrained(path, dtype=torch.float32).eval().to(a.device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    family = family_for(model)
-    calib, held, counts, held_info = heldout_data(tokenizer, a)
-    ref = router_reference_weights(reference, model, family) if reference else {}
-    seconds = {"data": time.time() - t0}
-    t0 = time.time()
-    candidates = {b: quantized_experts(model, family, calib, b, a) for b in a.widths}
-    seconds["quantize"] = time.time() - t0
-    t0 = time.time()
-    scorer = CausalHeldOut(model, family, held, counts, a) if a.task == "causal" else \
-        PairsHeldOut(model, family, tokenizer, held, counts, a)
-    experts = []
-    for index, (name, block) in enumerate(family.blocks(model)):
-        moe = family.moe(block, name)
-        if moe is None:
-            continue
-        scores = next(x for x in candidates[a.widths[0]][2].layers if x["name"] == moe.name)["scores"]
-        norm = allocation.router_norm(family.router_weight(moe))
-        change = allocation.router_norm(family.router_weight(moe), ref[moe.name]) if moe.name in ref else None
-        for e in range(moe.num_experts):
-            rec = {"layer": moe.name, "block": index, "expert": e, "router_norm": norm[e],
-                   "router_norm_change": change[e] if change else None, "tokens": scores["tokens"][e],
-                   "routing_weight": scores["routing_weight"][e], "max_var": scores["max_var"][e],
-                   "gptq_error": {}, "by_width": {}}
-            for b in a.widths:
-                weights, errors, _ = candidates[b]
-                rec["gptq_error"][str(b)] = sum(float(errors[experts_name(moe, m)][e]) for m in moe.matrices)
-                old = swap_in(moe, e, weights)
-                try:
-                    rec["by_width"][str(b)] = scorer.deltas(scorer.token_scores(index), moe.name, e)
-                finally:
-                    for mat, w in zip(moe.matrices, old):
-                        mat.set(w[None], e)
-            rec["routed"] = rec["by_width"][str(a.widths[0])].pop("routed")
-            for b in a.widths[1:]:
-                rec["by_width"][str(b)].pop("routed")
-            experts.append(rec)
-        print(f"  {moe.name}: {moe.num_experts} experts x {len(a.widths)} widths scored "
-              f"({time.time() - t0:.0f}s)", flush=True)
-    seconds["score"] = time.time() - t0
+    from moeq.utils.timing import Stages
+    stages = Stages()
+    with stages("data"):
+        cls = AutoModelForCausalLM if a.task == "causal" else AutoModelForSeq2SeqLM
+        model = cls.from_pretrained(path, dtype=torch.float32).eval().to(a.device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        family = family_for(model)
+        calib, held, counts, held_info = heldout_data(tokenizer, a)
+        ref = router_reference_weights(reference, model, family) if reference else {}
+    with stages("quantize"):
+        candidates, report = quantized_experts(model, family, calib, a.widths, a)
+    for phase_name, seconds in report.timings.items():
+        print(f"  quantize {phase_name}: {seconds:.1f} s")
+    with stages("score"):
+        t0 = time.time()
+        scorer = CausalHeldOut(model, family, held, counts, a) if a.task == "causal" else \
+            PairsHeldOut(model, family, tokenizer, held, counts, a)
+        print(f"  held-out data scored unquantized ({time.time() - t0:.1f} s)", flush=True)
+        experts = []
+        for index, (name, block) in enumerate(family.blocks(model)):
+            moe = family.moe(block, name)
+            if moe is None:
+                continue
+            scores = dict(next(x for x in report.layers if x["name"] == moe.name)["scores"])
+            scores["router_norm"] = allocation.router_norm(family.router_weight(moe))
+            scores["router_norm_change"] = allocation.router_norm(family.router_weight(moe), ref[moe.name]) \
+                if moe.name in ref else None
+            experts += [expert_record(moe, index, e, scores, candidates, scorer, a) for e in range(moe.num_experts)]
+            print(f"  {moe.name}: {moe.num_experts} experts x {len(a.widths)} widths scored "
+                  f"({time.time() - t0:.0f}s)", flush=True)
     from moeq.utils.tables import device_name
     return {"model": path, "name": model_name(path), "router_reference": reference, "task": a.task,
             "widths": a.widths, "base": scorer.summary(scorer.base), "heldout": held_info,
@@ -347,8 +342,32 @@ def measure(path: str, reference: str | None, a) -> dict:
                                {"src_len": a.src_len, "tgt_len": a.tgt_len})},
             "quantization": {"groupsize": a.groupsize, "grid": a.quant_grid, "method": "gptq",
                              "everything else": "unquantized"},
-            "device": device_name(a.device), "threads": torch.get_num_threads(), "seconds": seconds,
+            "device": device_name(a.device), "threads": torch.get_num_threads(), "seconds": stages.seconds,
             "experts": experts}
+
+
+def expert_record(moe, index: int, e: int, scores: dict, candidates: dict, scorer, a) -> dict:
+    """Expert ``e`` of ``moe`` (block ``index``): its scores (the layer's, by expert), and per
+    width the held-out deltas with only it quantized (written into the model, scored, written
+    back)."""
+    change = scores["router_norm_change"]
+    rec = {"layer": moe.name, "block": index, "expert": e, "router_norm": scores["router_norm"][e],
+           "router_norm_change": change[e] if change else None, "tokens": scores["tokens"][e],
+           "routing_weight": scores["routing_weight"][e], "max_var": scores["max_var"][e],
+           "gptq_error": {}, "by_width": {}}
+    for b in a.widths:
+        weights, errors = candidates[b]
+        rec["gptq_error"][str(b)] = sum(float(errors[experts_name(moe, m)][e]) for m in moe.matrices)
+        old = swap_in(moe, e, weights)
+        try:
+            rec["by_width"][str(b)] = scorer.deltas(scorer.token_scores(index), moe.name, e)
+        finally:
+            for mat, w in zip(moe.matrices, old):
+                mat.set(w[None], e)
+    rec["routed"] = rec["by_width"][str(a.widths[0])].pop("routed")
+    for b in a.widths[1:]:
+        rec["by_width"][str(b)].pop("routed")
+    return rec
 
 
 # ---- command line ------------------------------------------------------------------------

@@ -347,3 +347,49 @@ def test_switch_measurement_and_grid(switch_pair, tmp_path):
     assert set(q["ppl"]) == {"pairs"} and set(q["tasks"]) == {"rougeL", "exact_match"}
     assert q["bits"][0].count(3) == 4 and q["avg_bits"] == 2.5 and len(q["router_norm_change"]) == 2
     assert "exact_match" in open(os.path.join(g, "table.md")).read()
+
+
+# ---- what the measurement shares, and that sharing changes no number ----------------------
+
+def test_one_pass_for_every_width_equals_a_pass_per_width(tiny_mixtral_dir, tokenizer, small_text_dir):
+    """expert_sensitivity.quantized_experts collects the Hessians once and runs GPTQ at every
+    width from them: the very same weights and errors as one fp_outputs pipeline pass per width."""
+    from types import SimpleNamespace
+
+    from moeq.expert_sensitivity import quantized_experts
+    windows = calib(tokenizer, small_text_dir)
+    model = load_tiny(tiny_mixtral_dir)
+    fam = family_for(model)
+    a = SimpleNamespace(groupsize=32, quant_grid="search", batch_size=4, min_expert_tokens=16, device="cpu")
+    shared, report = quantized_experts(model, fam, windows, [1, 2, 3], a)
+    for b in (1, 2, 3):
+        seen = {}
+        cfg = QuantConfig(mixed_type="uniform", avg_bits=b, attn_bits=None, shared_bits=None, dense_bits=None,
+                          groupsize=32, batch_size=4, min_expert_tokens=16)
+        alone = quantize_model(load_tiny(tiny_mixtral_dir), fam, windows, cfg, CPU, fp_outputs=True,
+                               on_experts=lambda name, W, H, bits, res, first: seen.update({name: res}))
+        weights, errors = shared[b]
+        assert sorted(weights) == sorted(seen) and len(seen) == 2 * len(model.model.layers)
+        for name, res in seen.items():
+            assert torch.equal(weights[name], res["weight"]) and torch.equal(errors[name], res["loss"])
+        assert [x["scores"] for x in alone.layers] == [x["scores"] for x in report.layers]
+
+
+def test_scoring_from_a_block_equals_scoring_the_whole_model(tiny_mixtral_dir, tokenizer, small_text_dir):
+    """CausalHeldOut runs only the blocks from the changed one on (the earlier blocks' inputs are
+    kept): with an expert of block 1 changed, its scores equal those of the whole model run."""
+    from types import SimpleNamespace
+
+    from moeq.expert_sensitivity import CausalHeldOut
+    model = load_tiny(tiny_mixtral_dir)
+    fam = family_for(model)
+    windows = calib(tokenizer, small_text_dir, n=6)
+    a = SimpleNamespace(batch_size=4, device="cpu")
+    with torch.no_grad():
+        held = CausalHeldOut(model, fam, windows, torch.ones(len(tokenizer)), a)
+        experts = model.model.layers[1].mlp.experts
+        experts.down_proj.data[3] *= 0.5
+        nll, correct = held.token_scores(1)
+        full_nll, full_correct = held.token_scores(0)
+    assert torch.equal(nll, full_nll) and torch.equal(correct, full_correct)
+    assert not torch.equal(nll, held.base[0])
