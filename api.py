@@ -177,7 +177,8 @@ def _quantize(config: RunConfig, data, on_experts, out, say, t_start, ranks, dev
             return result
         if saving:
             t0 = time.time()
-            _write_allocation(result.allocation(), os.path.join(out.tmp, "bit_allocation.json"))
+            _write_allocation(result.allocation(), os.path.join(out.tmp, "bit_allocation.json"),
+                              config.allocation_png)
             tokenizer.save_pretrained(out.tmp)
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(out.tmp)
@@ -196,8 +197,8 @@ def _quantize(config: RunConfig, data, on_experts, out, say, t_start, ranks, dev
             say(f"saved {'packed' if config.pack else 'dequantized'} checkpoint to {config.saving_path}")
         else:
             path = config.allocation_path or "bit_allocation.json"
-            _write_allocation(result.allocation(), path)
-            say(f"wrote {path} and {_png(path)}")
+            _write_allocation(result.allocation(), path, config.allocation_png)
+            say(f"wrote {path}" + (f" and {_png(path)}" if config.allocation_png else ""))
     except BaseException:
         if sink is not None:
             sink.abandon()
@@ -338,12 +339,13 @@ def _summarise(result: QuantizeResult, say) -> None:
             + ", ".join(f"{s['layer']}[{s['expert']}]={s['tokens']}" for s in report.starved))
 
 
-def _write_allocation(allocation: dict, path: str) -> None:
-    """bit_allocation.json and its picture, bit_allocation.png, side by side."""
+def _write_allocation(allocation: dict, path: str, png: bool = True) -> None:
+    """bit_allocation.json and (``png``) its picture, bit_allocation.png, side by side."""
     from .quant.format import write_json
     from .utils.plots import allocation_png
     write_json(allocation, path)
-    allocation_png(allocation, _png(path))
+    if png:
+        allocation_png(allocation, _png(path))
 
 
 def _png(json_path: str) -> str:

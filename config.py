@@ -206,6 +206,7 @@ class RunConfig:
     overwrite: bool = False
     max_shard_size: str = "5GB"
     allocation_path: str | None = None           # bit_allocation.json when nothing is saved
+    allocation_png: bool = True                  # draw bit_allocation.png beside bit_allocation.json
     keep_model: bool = False                     # keep the fake-quantized model in memory (result.model)
     verbose: bool = True                         # per-module table and summaries on stdout
     command: str | None = None                   # the command line that made this run (recorded in results)

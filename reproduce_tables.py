@@ -149,7 +149,9 @@ def run_row(row: dict, md: ModelData, reference_path: str | None, a, sensitivity
                     "quant_seconds": 0.0,
                     "packed_mib": sum(os.path.getsize(os.path.join(md.path, f)) for f in os.listdir(md.path)
                                       if f.endswith(".safetensors")) / 2**20})
+        t0 = time.time()
         out.update(scores_of(evaluate_unquantized(run_config(md.path, a), md.data)))
+        out["stage_seconds"] = {"evaluate": time.time() - t0}
         if a.tasks:
             from transformers import AutoModelForCausalLM
             out["tasks"] = lm_eval_scores(AutoModelForCausalLM.from_pretrained(md.path).eval(), md.tokenizer, a)
@@ -157,8 +159,10 @@ def run_row(row: dict, md: ModelData, reference_path: str | None, a, sensitivity
     tmp = tempfile.mkdtemp(prefix="grid-packed-", dir=a.tmp_dir)
     try:
         reference = reference_path if row["order"] == "router_change" else None
+        # the checkpoint is measured and deleted: no picture of its allocation
         result = quantize(run_config(md.path, a, quant_config(row, a, sensitivity_file), router_reference=reference,
-                                     saving_path=os.path.join(tmp, "ckpt"), keep_model=True), md.data)
+                                     saving_path=os.path.join(tmp, "ckpt"), keep_model=True, allocation_png=False),
+                          md.data)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out.update({"avg_bits": result.avg_bits, "stored_bits": result.report.avg_expert_stored_bits(),
@@ -167,7 +171,9 @@ def run_row(row: dict, md: ModelData, reference_path: str | None, a, sensitivity
                 "bits": [layer["bits"] for layer in result.report.layers],
                 "expert_order": [layer["expert_order"] for layer in result.report.layers],
                 "scores": [layer["scores"] for layer in result.report.layers],
-                "starved_experts": len(result.report.starved), **scores_of(result.evaluation["quantized"])})
+                "starved_experts": len(result.report.starved), **scores_of(result.evaluation["quantized"]),
+                "stage_seconds": {k: v for k, v in result.seconds.items() if k != "total"},
+                "quantize_phases": result.report.timings})
     if reference_path:   # every run keeps both router scores, whichever its order used
         out["router_norm_change"] = router_norm_change(result.model, reference_path)
     if a.tasks:
@@ -198,6 +204,23 @@ def lm_eval_scores(model, tokenizer, a) -> dict:
     model.to("cpu")
     return {f"{task}/{metric.split(',')[0]}": value for task, metrics in res.items()
             for metric, value in metrics.items() if metric.split(",")[0] in ("acc", "acc_norm")}
+
+
+def add_stage(totals: dict, name: str, seconds: float) -> None:
+    totals[name] = totals.get(name, 0.0) + seconds
+
+
+def stage_line(result: dict, totals: dict) -> str:
+    """One row's seconds by stage (the pipeline's phases inside quantize), added to ``totals``."""
+    parts = []
+    for name, seconds in result.get("stage_seconds", {}).items():
+        add_stage(totals, name, seconds)
+        phases = result.get("quantize_phases") if name == "quantize" else None
+        for phase, phase_seconds in (phases or {}).items():
+            add_stage(totals, f"quantize {phase}", phase_seconds)
+        parts.append(f"{name} {seconds:.1f} s" + (" (" + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")"
+                                                  if phases else ""))
+    return "stages: " + ", ".join(parts)
 
 
 def read_runs(path: str) -> list[dict]:
@@ -303,11 +326,13 @@ def _main(a, argv) -> int:
         todo = [(m, r) for m in a.model for r in rows if (m, r["id"]) not in done]
         print(f"{len(rows)} rows x {len(a.model)} models: {len(todo)} to run, {len(done)} already in {runs_path}")
         data_cache: dict[str, ModelData] = {}
-        t_all = time.time()
+        t_all, totals = time.time(), {}
         for i, (model_path, row) in enumerate(todo):
             if model_path not in data_cache:
                 data_cache.clear()
+                t0 = time.time()
                 data_cache[model_path] = ModelData(model_path, a)
+                add_stage(totals, "data", time.time() - t0)
             md = data_cache[model_path]
             ref = a.router_reference[a.model.index(model_path)] if a.router_reference else None
             sens = a.sensitivity_file[a.model.index(model_path)] if a.sensitivity_file else None
@@ -324,7 +349,10 @@ def _main(a, argv) -> int:
             print(f"[{i + 1}/{len(todo)}] {row['id']:<40} {os.path.basename(os.path.dirname(model_path.rstrip('/')))}"
                   f": avg bits {result['avg_bits']:.3f}, ppl {ppl}, {result['quant_seconds']:.1f}s quantize, "
                   f"{result['row_seconds']:.1f}s row", flush=True)
+            print("  " + stage_line(result, totals), flush=True)
         print(f"grid ran in {time.time() - t_all:.1f}s")
+        for name, seconds in totals.items():
+            print(f"stage grid {name}: {seconds:.1f} s")
     runs = [r for r in read_runs(runs_path) if r["row"] in {x["id"] for x in rows} and r["model"] in a.model]
     if not runs:
         raise ConfigError(f"no results in {runs_path} for these models and rows")

@@ -305,3 +305,17 @@ def test_experts_in_chunks_equal_all_at_once(tiny_mixtral_dir, tokenizer, small_
     errs = [(r["rel_err"], q["rel_err"]) for r, q in zip(ra.modules, rb.modules, strict=True)]
     assert [x is None for x, _ in errs] == [y is None for _, y in errs]     # None: an expert without tokens
     assert [x for x, _ in errs if x is not None] == pytest.approx([y for _, y in errs if y is not None], rel=1e-6)
+
+
+def test_allocation_picture_can_be_left_out(tiny_mixtral_dir, small_text_dir, tmp_path):
+    """reproduce_tables.py measures and deletes its checkpoints: RunConfig.allocation_png=False
+    writes bit_allocation.json alone."""
+    from moeq.api import quantize
+    from moeq.config import QuantConfig, RunConfig
+    for png in (True, False):
+        path = tmp_path / f"{png}" / "bit_allocation.json"
+        path.parent.mkdir()
+        quantize(RunConfig(model=tiny_mixtral_dir, dataset=small_text_dir, nsamples=4, seqlen=64, verbose=False,
+                           quant=QuantConfig(groupsize=32, attn_bits=None), allocation_path=str(path),
+                           allocation_png=png))
+        assert path.is_file() and (tmp_path / f"{png}" / "bit_allocation.png").is_file() == png

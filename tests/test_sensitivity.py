@@ -289,6 +289,9 @@ def test_grid_rows_from_measured_sensitivities(smoke_model, measured, tmp_path):
         assert set(s) >= {"cost", "gptq_error", "output_energy", "routing_weight_sq", "tokens", "router_norm"}
     for r in runs.values():   # every run keeps both router scores and the stored width
         assert len(r["router_norm_change"]) == 2 and len(r["router_norm_change"][0]) == 8
+        # and where its time went
+        assert set(r["stage_seconds"]) == {"load", "quantize", "save", "evaluate"}
+        assert {"hessian_experts", "gptq_experts"} <= set(r["quantize_phases"])
         assert r["stored_bits"] > r["avg_bits"] == 2.0
         assert math.isfinite(r["ppl"]["python-docs"])
     table = open(os.path.join(out, "table.md")).read()
