@@ -25,6 +25,8 @@ out=${2:?usage: testbed/sensitivity.sh gpu|cpu|smoke OUT REGIME...}
 shift 2
 [[ $# -gt 0 ]] || { echo "usage: testbed/sensitivity.sh gpu|cpu|smoke OUT mixtral|mixtral-top1|mixtral-noaux|switch..." >&2; exit 2; }
 data=${MOEQ_DATA:-../shared/data}
+# training, measurement and grid tokenize the same train split with the same BPE: once is enough
+export MOEQ_TOKEN_CACHE=${MOEQ_TOKEN_CACHE:-runs/token-cache}
 deadline=${DEADLINE:-0}
 start=$(date +%s)
 [[ -d $data/python-docs ]] || { echo "error: $data/python-docs not found: set MOEQ_DATA to the data folder" >&2; exit 2; }

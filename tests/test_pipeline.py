@@ -319,3 +319,25 @@ def test_allocation_picture_can_be_left_out(tiny_mixtral_dir, small_text_dir, tm
                            quant=QuantConfig(groupsize=32, attn_bits=None), allocation_path=str(path),
                            allocation_png=png))
         assert path.is_file() and (tmp_path / f"{png}" / "bit_allocation.png").is_file() == png
+
+
+def test_token_cache_returns_the_same_stream_and_tells_tokenizers_apart(tokenizer, small_text_dir, tmp_path,
+                                                                        monkeypatch):
+    """$MOEQ_TOKEN_CACHE: a stream is tokenized once per tokenizer and text, then read back."""
+    from moeq.utils.tiny import train_tokenizer
+    text = open(os.path.join(small_text_dir, "train.txt")).read()[:50_000]
+    plain = data.tokenize(tokenizer, text)
+    monkeypatch.setenv("MOEQ_TOKEN_CACHE", str(tmp_path / "cache"))
+    assert torch.equal(data.tokenize(tokenizer, text), plain)          # made and written
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    calls = []
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: calls.append(1) or {"input_ids": []})
+    assert torch.equal(data.tokenize(tokenizer, text), plain) and not calls   # read back, not tokenized
+    monkeypatch.undo()
+    monkeypatch.setenv("MOEQ_TOKEN_CACHE", str(tmp_path / "cache"))
+    other = train_tokenizer(text, 300)
+    assert torch.equal(data.tokenize(other, text), data.tokenize(other, text)) and \
+        not torch.equal(data.tokenize(other, text), plain)
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    data.tokenize(tokenizer, text[:25_000])                            # another text, another file
+    assert len(os.listdir(tmp_path / "cache")) == 3
