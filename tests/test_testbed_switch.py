@@ -137,3 +137,23 @@ def test_quantize_switch_cli_on_the_trained_pair(smoke, tmp_path):
     layers = json.loads(alloc.read_text())["layers"]
     assert [l["name"] for l in layers] == ["encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"]
     assert all(l["router_score"] == "norm_change" and sorted(l["bits"]) == [2] * 4 + [3] * 4 for l in layers)
+
+
+def test_batched_pair_scores_equal_one_pair_at_a_time(smoke):
+    """The grid's seq2seq evaluation batches its pairs on CUDA (utils/tasks._pair_batches): the
+    same loss, token count and decoded texts as scoring one pair at a time (the CPU's way)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from moeq.utils import data
+    from moeq.utils.tasks import _pair_batches, _pairs_one_by_one
+    model = AutoModelForSeq2SeqLM.from_pretrained(smoke / "finetuned").eval()
+    tok = AutoTokenizer.from_pretrained(smoke / "finetuned")
+    pairs = data.load_pairs(str(smoke / "pairs")).test[8:19]   # sources of 96-400 tokens, a last short batch
+    config = SimpleNamespace(src_len=400, tgt_len=8, quant=SimpleNamespace(batch_size=4))
+    with torch.no_grad():
+        nll, count, texts = _pairs_one_by_one(config, pairs, model, tok, "cpu")
+        batched = _pair_batches(config, pairs, model, tok, "cpu")
+    assert batched[1] == count > len(pairs) and batched[2] == texts
+    assert batched[0] == pytest.approx(nll, rel=1e-5)
