@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue 17's study on one H100, one command per regime (train, measure every expert, grid):
 #
-#   MOEQ_DATA=.gpu/data STEPS=800 bash testbed/sensitivity_gpu.sh $OUT mixtral
-#   MOEQ_DATA=.gpu/data STEPS=800 bash testbed/sensitivity_gpu.sh $OUT mixtral-top1 mixtral-noaux
-#   MOEQ_DATA=.gpu/data bash testbed/sensitivity_gpu.sh $OUT switch
+#   MOEQ_DATA=.gpu/data DEADLINE=500 bash testbed/sensitivity_gpu.sh $OUT mixtral
+#   MOEQ_DATA=.gpu/data DEADLINE=500 bash testbed/sensitivity_gpu.sh $OUT mixtral-top1 mixtral-noaux
+#   MOEQ_DATA=.gpu/data DEADLINE=500 bash testbed/sensitivity_gpu.sh $OUT switch
 #
+# Mixtral models train 500 steps unless STEPS says otherwise (testbed/sensitivity.sh says why).
+# Every stage prints its seconds and its processes' "stage ..." lines (logs.tgz has the logs).
 # Stops its measurement and grid processes at DEADLINE seconds (default 540) so that the results
 # come back within a 10-minute command; the same command again on the warm machine resumes them
 # (trained models and finished rows are kept in runs/). OUT receives testbed/sensitivity.sh's
