@@ -315,8 +315,8 @@ def measure(path: str, reference: str | None, a) -> dict:
         ref = router_reference_weights(reference, model, family) if reference else {}
     with stages("quantize"):
         candidates, report = quantized_experts(model, family, calib, a.widths, a)
-    for phase_name, seconds in report.timings.items():
-        print(f"  quantize {phase_name}: {seconds:.1f} s")
+    for phase_name, seconds in report.timings.items():   # callback: GPTQ at the other widths
+        print(f"stage quantize {phase_name}: {seconds:.1f} s")
     with stages("score"):
         t0 = time.time()
         scorer = CausalHeldOut(model, family, held, counts, a) if a.task == "causal" else \
