@@ -58,7 +58,7 @@ for family, bits in cases:
             t = tx.choose_tiles(T, 2, H, I, E, 132, split=True)
             seen_split.add(t.block_m)
 # both loops were exercised: CUDA cores (1 token per tile) and tensor cores (split-K needs K > 128: below)
-assert {1, 16, 64} <= seen_split, seen_split
+assert {1, 16, 128} <= seen_split, seen_split
 
 # explicit tiles: several M tiles per expert, split-K on both launches' shapes
 m = make("mixtral", [4, 2, 1, 3, 8, 2, 2, 1]).to(torch.float32)
