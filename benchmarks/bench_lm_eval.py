@@ -89,7 +89,7 @@ def sh(cmd, **kw):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--data", required=True, help="folder with wikitext-2/{valid,test}.txt and pydocs_train.txt")
+    ap.add_argument("--data", required=True, help="folder with wikitext-2/{valid,test}.txt and pydocs_train.txt or python-docs/train.txt")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--docs", type=int, default=250)
     ap.add_argument("--batch_size", type=int, default=32)
@@ -103,7 +103,10 @@ def main():
     sh([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quantize.py"), "--layers", str(a.layers),
         "--_stage", "make", "--_path", fp])
     from moeq.utils.tiny import train_tokenizer
-    tok = train_tokenizer(open(os.path.join(a.data, "pydocs_train.txt"), encoding="utf-8").read(), 8000)
+    train = os.path.join(a.data, "pydocs_train.txt")   # or ../shared/data's layout: python-docs/train.txt
+    if not os.path.exists(train):
+        train = os.path.join(a.data, "python-docs", "train.txt")
+    tok = train_tokenizer(open(train, encoding="utf-8").read(), 8000)
     tok.save_pretrained(fp)
     n_req = make_task(a.data, task_dir, a.docs)
     t0 = time.time()
