@@ -76,6 +76,12 @@ regime_runs() {   # sets runs (run folders) and extra (training flags) of regime
   esac
 }
 
+for regime in "$@"; do   # the Switch scores (ROUGE of generated titles) need rouge_score: say so before training
+  if [[ $regime == switch ]] && ! python -c "import rouge_score.rouge_scorer" 2> /dev/null; then
+    echo "error: the switch regime needs rouge_score (pip install rouge-score; on a GPU machine without an index, carry its wheels: testbed/sensitivity_gpu.sh installs .whl/*.whl)" >&2
+    exit 2
+  fi
+done
 t0=$(date +%s)
 mkdir -p logs
 trained=()   # the training logs of this call
