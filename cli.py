@@ -203,4 +203,9 @@ def main(task: str, description: str, argv=None) -> int:
         if _rank() == 0:
             print("error: interrupted: nothing was saved (the partial checkpoint was removed)", file=sys.stderr)
         return 130
+    except OSError as e:   # the system refused a read or write (disk full, permissions, I/O): no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}: nothing was saved (the partial checkpoint was removed); "
+              f"fix that (free space, permissions) or choose another --saving_path", file=sys.stderr)
+        return 1
     return 0
