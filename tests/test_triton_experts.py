@@ -74,17 +74,24 @@ for tiles in ((tx.Tiles(16, 32, 128), tx.Tiles(16, 16, 128)), (tx.Tiles(32, 64, 
 config = MixtralConfig(hidden_size=128, intermediate_size=384, num_local_experts=E)
 with torch.device("meta"):
     template = MixtralExperts(config)
+
+
+def check_tiles(experts, hidden: int, T: int, tiles, label) -> None:
+    # the fused kernel with these tiles against the dequantize reference, in float32 and float16
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(T, hidden, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
+        ref = dequantize_experts_forward(experts.to(dtype), x, idx, w)
+        got = tx.fused_experts(x, idx, w, experts.packed("gate_up_proj"), experts.packed("down_proj"), gated=True,
+                               fuse_silu=True, tiles=tiles)
+        err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (label, T, dtype, err)
+
+
 for bits in ([3, 3, 2, 2, 2, 2, 1, 1], [8, 4, 8, 4, 8, 4, 8, 4]):
     big = random_packed_experts(template, config, {"gate_up_proj": (768, 128), "down_proj": (128, 384)}, bits, 128)
     for T, tiles in ((1, None), (40, None), (3, (tx.Tiles(16, 64, 128), tx.Tiles(16, 64, 128, split_k=3))),
                      (1, (tx.Tiles(1, 32, 128), tx.Tiles(1, 64, 128, split_k=3)))):
-        for dtype in (torch.float32, torch.float16):
-            x = torch.randn(T, 128, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
-            ref = dequantize_experts_forward(big.to(dtype), x, idx, w)
-            got = tx.fused_experts(x, idx, w, big.packed("gate_up_proj"), big.packed("down_proj"), gated=True,
-                                   fuse_silu=True, tiles=tiles)
-            err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("one group", bits, T, dtype, err)
+        check_tiles(big, 128, T, tiles, ("one group", bits))
 
 # the gate/up launch split over K (3 tiles of 128): float32 partial sums, SwiGLU (or the family's
 # gating) applied after it
@@ -96,15 +103,10 @@ wide = random_packed_experts(template, config, {"gate_up_proj": (256, 384), "dow
 for T, tiles in ((1, (tx.Tiles(1, 32, 128, split_k=3), tx.Tiles(1, 64, 128))),
                  (1, (tx.Tiles(1, 16, 128, split_k=2), tx.Tiles(1, 16, 128))),
                  (3, (tx.Tiles(16, 32, 128, split_k=2), tx.Tiles(16, 64, 128, split_k=2)))):
-    for dtype in (torch.float32, torch.float16):
-        x = torch.randn(T, 384, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
-        ref = dequantize_experts_forward(wide.to(dtype), x, idx, w)
-        got = tx.fused_experts(x, idx, w, wide.packed("gate_up_proj"), wide.packed("down_proj"), gated=True,
-                               fuse_silu=True, tiles=tiles)
-        err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-        assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("split gate/up", T, dtype, err)
+    check_tiles(wide, 384, T, tiles, "split gate/up")
 
 # a token routed nowhere real changes nothing else: all-zero output rows stay zero
+idx, w = routing(4, gen, torch.float32)
 out = tx.fused_experts(torch.zeros(4, H), idx[:4], w[:4], m.packed("gate_up_proj"), m.packed("down_proj"),
                        gated=True, fuse_silu=True)
 assert torch.equal(out, torch.zeros(4, H))
