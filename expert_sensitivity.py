@@ -193,6 +193,9 @@ class PairsHeldOut:
     def __init__(self, model, family, tokenizer, pairs, train_counts, a):
         from moeq.utils.data import _padded
         self.model, self.tok, self.a, self.device = model, tokenizer, a, torch.device(a.device)
+        if self.device.type == "cuda":   # Switch experts without a host sync per expert (the same math)
+            from moeq.utils.switch_experts import batched_switch_experts
+            batched_switch_experts(model)
         eos = tokenizer.eos_token_id
         src = [tokenizer(s, add_special_tokens=False, truncation=True, max_length=a.src_len)["input_ids"] or [eos]
                for s, _ in pairs]

@@ -32,6 +32,7 @@ import torch
 
 from moeq.testbed.common import (device_name, make_tokenizer, random_windows, save_model, seed_everything, train,
                                  write_json)
+from moeq.utils.switch_experts import batched_switch_experts
 from moeq.utils.timing import Stages
 
 NUM_SENTINELS = 32  # T5's <extra_id_i>: one per corrupted span, so at most this many spans per window
@@ -374,6 +375,8 @@ def main(argv=None) -> int:
         model = SwitchTransformersForConditionalGeneration(cfg)
         init_routers(model, p.d_model)
         model.to(a.device)
+        if torch.device(a.device).type == "cuda":   # the CPU trains with transformers' loop, as it always did
+            batched_switch_experts(model)
         train_loss = make_train_loss(router_taps(model))
         save_model(model, tok, os.path.join(a.out, "init"))
     print(f"model: {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, d_model {p.d_model}, "

@@ -113,6 +113,8 @@ def _pairs_one_by_one(config: RunConfig, pairs, model, tokenizer, device) -> tup
 def _pair_batches(config: RunConfig, pairs, model, tokenizer, device) -> tuple[float, int, list]:
     """_pairs_one_by_one's figures from batches of --batch_size right-padded pairs (padding
     masked in the encoder, left out of the loss; pad tokens leave the decoded texts)."""
+    from .switch_experts import batched_switch_experts
+    batched_switch_experts(model)   # Switch experts without a host sync per expert; the same math
     nll = count = 0
     texts = []
     batch = max(1, config.quant.batch_size)
