@@ -240,14 +240,16 @@ def init_routers(model, d_model: int) -> None:
 
 
 def router_taps(model) -> dict[str, torch.Tensor]:
-    """Forward hooks keeping each router's last logits (B, S, E) by module name. The router
-    losses are computed from them here rather than by transformers' output_router_logits,
-    which pools all layers of a stack into one balancing loss (layers collapsing onto
-    complementary experts satisfy it) and whose plumbing differs across 5.x versions."""
+    """Forward hooks keeping each router's last logits (..., E) by router name: the output of
+    its ``classifier``. The router losses are computed from them here rather than by
+    transformers' output_router_logits, which pools all layers of a stack into one balancing
+    loss (layers collapsing onto complementary experts satisfy it) and whose plumbing differs
+    across 5.x versions; so do the router's own outputs (5.17 returns the top probability
+    where 5.23 returns the logits), the classifier's output does not."""
     taps = {}
     for name, module in model.named_modules():
         if name.endswith("mlp.router"):
-            module.register_forward_hook(lambda m, args, out, name=name: taps.__setitem__(name, out[2]))
+            module.classifier.register_forward_hook(lambda m, args, out, name=name: taps.__setitem__(name, out))
     return taps
 
 

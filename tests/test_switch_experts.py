@@ -79,3 +79,40 @@ def test_batched_experts_generate_as_the_loop_and_read_weights_written_later():
     assert torch.equal(g_fast, g_loop)
     assert not torch.allclose(l_fast, l_base)   # the written weights are used
     assert base.shape[0] == g_fast.shape[0]
+
+
+def router_5_17(self, hidden_states):
+    """transformers 5.17's Switch router (its outputs: top probability, the dispatch mask
+    (..., 1, E) whose capacity cut runs over a length-1 axis, the top probability again)."""
+    h = hidden_states.to(self.dtype)
+    probs = torch.softmax(self.classifier(h), dim=-1, dtype=self.dtype).to(hidden_states.dtype)
+    top, index = torch.max(probs, dim=-1, keepdim=True)
+    mask = torch.nn.functional.one_hot(index, num_classes=self.num_experts)
+    mask = mask * (torch.cumsum(mask, dim=-2) <= self.expert_capacity)
+    return probs.max(-1).values.unsqueeze(-1), mask, top
+
+
+def test_batched_experts_and_router_taps_with_the_5_17_router():
+    import types
+
+    from moeq.testbed.train_switch import router_losses, router_taps
+    model = tiny_switch(capacity=2).eval()
+    mlp = model.encoder.block[1].layer[1].mlp
+    mlp.router.forward = types.MethodType(router_5_17, mlp.router)
+    taps = router_taps(model)
+    batched_switch_experts(model)
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        out = mlp(x)
+        # the obviously-correct reference: token by token, its top expert times its probability
+        logits = mlp.router.classifier(x)
+        probs = logits.softmax(-1)
+        ref = torch.stack([mlp.experts[f"expert_{int(e)}"](t) * p.max()
+                           for t, e, p in zip(x.reshape(-1, 32), probs.argmax(-1).reshape(-1), probs.reshape(-1, 4))])
+    torch.testing.assert_close(out.reshape(-1, 32), ref, rtol=1e-5, atol=1e-6)   # no capacity cut in 5.17
+    name = "encoder.block.1.layer.1.mlp.router"
+    torch.testing.assert_close(taps[name], logits)   # the taps hold the logits, not the router's outputs
+    aux, z = router_losses({name: taps[name]}, torch.ones(2, 10), torch.ones(2, 10))
+    f = torch.bincount(probs.argmax(-1).reshape(-1), minlength=4) / 20
+    torch.testing.assert_close(aux, 4 * (f * probs.reshape(-1, 4).mean(0)).sum())
+    torch.testing.assert_close(z, (torch.logsumexp(logits, -1) ** 2).mean())

@@ -3,19 +3,22 @@
 transformers' ``SwitchTransformersExperts`` runs its experts one by one, and finding each
 expert's tokens (``torch.where``) syncs the host with the GPU once per expert and layer: on
 an H100 the testbed's 77M-parameter Switch pair trained at 0.28 s per step, most of it
-waiting. Here every expert's tokens go to fixed slots and all experts run at once:
+waiting. Here every expert's tokens go to slots of one padded batch and all experts run at
+once:
 
-    pos[t]   = rank of token t among the tokens routed to its expert e[t]   (cumsum, no sync)
-    slot[t]  = e[t] * C + pos[t]          C = batch * min(seq, expert_capacity) slots per expert
+    pos[t]   = rank of token t among the tokens routed to its expert e[t]   (cumsum)
+    slot[t]  = e[t] * C + pos[t]          C = the most tokens any expert got (one host sync)
     X[slot]  = x[t]                       (E, C, d), empty slots zero
     Y        = act(X Wi^T) Wo^T           two bmm over the stacked expert weights
-    out[t]   = Y[slot[t]] * p[t]          p: the router probability of e[t]; 0 for dropped tokens
+    out[t]   = Y[slot[t]] * p[t]          p: the router's weight for e[t]; 0 for dropped tokens
 
-The router is the model's own (its capacity cut, its hooks), and C holds every kept token:
-the router keeps at most ``expert_capacity`` tokens of each sequence per expert. The result
-is the loop's up to float rounding (tests/test_switch_experts.py); the expert weights are
-read from the experts' own ``nn.Linear`` modules at every call, so weights written into them
-(quantized experts) are what runs.
+The router is the model's own (its capacity cut, its jitter, its hooks). Its outputs moved
+between transformers 5.x releases (5.17: probabilities first, the dispatch mask (N, 1, E)
+second, no effective capacity cut; 5.23: the mask (B, S, E) first, per-sequence capacity),
+so the dispatch mask is taken as the integer output and the weight as the other one. The
+result is the loop's up to float rounding (tests/test_switch_experts.py); the expert weights
+are read from the experts' own ``nn.Linear`` modules at every call, so weights written into
+them (quantized experts) are what runs.
 """
 from __future__ import annotations
 
@@ -25,17 +28,25 @@ import torch
 from torch import nn
 
 
+def dispatch(router_out: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dispatch mask (N, E) of 0/1, weight (N,)) from a Switch router's outputs, whichever
+    transformers 5.x order they come in (see the module docstring)."""
+    first, second = router_out[0], router_out[1]
+    mask, weight = (first, second) if not first.is_floating_point() else (second, first)
+    return mask.reshape(-1, mask.shape[-1]).long(), weight.reshape(-1)
+
+
 def _batched_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """SwitchTransformersSparseMLP.forward with the experts batched (see the module docstring)."""
     B, S, d = hidden_states.shape
-    selected, probs, _ = self.router(hidden_states)               # (B, S, E) one-hot, capacity-cut
+    selected, weight = dispatch(self.router(hidden_states))
     E = selected.shape[-1]
-    C = B * min(S, self.router.expert_capacity)
     x = hidden_states.reshape(-1, d)
-    selected = selected.reshape(-1, E)
     expert = selected.argmax(-1)                                   # (N,)
-    kept = selected.sum(-1) > 0
-    pos = (selected.cumsum(0) - 1).gather(1, expert[:, None])[:, 0]   # rank within its expert
+    kept = selected.sum(-1) > 0                                    # not cut by the expert capacity
+    ranks = selected.cumsum(0)                                     # (N, E)
+    C = max(1, int(ranks[-1].max()))                               # the one host sync
+    pos = ranks.gather(1, expert[:, None])[:, 0] - 1
     slot = torch.where(kept, expert * C + pos, E * C)              # dropped tokens: one spare slot
     experts = [self.experts[f"expert_{e}"] for e in range(E)]
     wi = torch.stack([ex.wi.weight for ex in experts])             # (E, ff, d)
@@ -47,7 +58,7 @@ def _batched_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     h = experts[0].act(torch.bmm(xs, wi.transpose(1, 2)))
     y = torch.bmm(h.to(wo.dtype), wo.transpose(1, 2))             # as the expert casts before wo
     y = torch.cat([y.reshape(E * C, d), y.new_zeros(1, d)])[slot]
-    out = (y * probs.reshape(-1, 1)).to(hidden_states.dtype) * kept[:, None]
+    out = (y * weight[:, None]).to(hidden_states.dtype) * kept[:, None]
     return out.view(B, S, d)
 
 
