@@ -39,7 +39,10 @@ NUM_SENTINELS = 32  # T5's <extra_id_i>: one per corrupted span, so at most this
 NUM_EXPERTS = 8
 AUX_COEF, Z_COEF = 0.01, 0.001  # load balancing (Switch paper) and router z-loss (ST-MoE), per MoE layer
 
-# Sizes and schedules. cpu: ~3-6 min on 2 CPU cores; gpu: a few minutes on one H100.
+# Sizes and schedules. cpu: ~3-6 min on 2 CPU cores; gpu: a few minutes on one H100. A GPU step
+# of this model costs its launches more than its arithmetic (benchmarks/probe_switch_train.py),
+# so the gpu preset takes its tokens in fewer, larger batches: 600 x 128 windows, then 300 x 64
+# pairs (stop 22 trained 1200 x 64 and 600 x 32: 346 s for two models side by side).
 PRESETS = {
     "smoke": dict(d_model=32, d_ff=64, d_kv=8, heads=4, layers=2, vocab=512, tok_bytes=200_000, train_bytes=400_000,
                   train_pairs=512, pretrain_steps=30, pretrain_lr=3e-3, pretrain_batch=8, pretrain_len=64,
@@ -50,9 +53,9 @@ PRESETS = {
                 finetune_steps=400, finetune_lr=2e-3, finetune_batch=16, src_len=160, tgt_len=24,
                 val_windows=64, val_pairs=128, log_every=25, eval_every=100),
     "gpu": dict(d_model=384, d_ff=1536, d_kv=64, heads=6, layers=6, vocab=8192, tok_bytes=4_000_000, train_bytes=0,
-                train_pairs=0, pretrain_steps=1200, pretrain_lr=1.5e-3, pretrain_batch=64, pretrain_len=256,
-                finetune_steps=600, finetune_lr=1e-3, finetune_batch=32, src_len=256, tgt_len=32,
-                val_windows=256, val_pairs=215, log_every=50, eval_every=300),
+                train_pairs=0, pretrain_steps=600, pretrain_lr=1.5e-3, pretrain_batch=128, pretrain_len=256,
+                finetune_steps=300, finetune_lr=1e-3, finetune_batch=64, src_len=256, tgt_len=32,
+                val_windows=256, val_pairs=215, log_every=50, eval_every=150),
 }
 OVERRIDABLE = ("pretrain_steps", "pretrain_lr", "pretrain_batch", "pretrain_len", "finetune_steps", "finetune_lr",
                "finetune_batch", "src_len", "tgt_len", "log_every", "eval_every")
