@@ -3,7 +3,7 @@
 #
 #   MOEQ_DATA=.gpu/data DEADLINE=500 bash testbed/sensitivity_gpu.sh $OUT mixtral
 #   MOEQ_DATA=.gpu/data DEADLINE=500 bash testbed/sensitivity_gpu.sh $OUT mixtral-top1 mixtral-noaux
-#   MOEQ_DATA=.gpu/data DEADLINE=500 bash testbed/sensitivity_gpu.sh $OUT switch     # carry .whl (rouge_score), two calls
+#   MOEQ_DATA=.gpu/data DEADLINE=560 bash testbed/sensitivity_gpu.sh $OUT switch     # carry .whl (rouge_score): 516 s
 #
 # Mixtral models train 500 steps unless STEPS says otherwise (testbed/sensitivity.sh says why).
 # Every stage prints its seconds and its processes' "stage ..." lines (logs.tgz has the logs).
