@@ -267,8 +267,8 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
                 ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw), 50)
                 log(f"T {T:3d} {label}: {ms:.4f} ms (rel diff {rel(got, ref):.1e})")
                 RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "tiles": label, "ms": ms})
-            cands = [(bn, nw, 1, sk2, warps) for bn, nw, warps in ((64, 8, 4), (32, 8, 2), (16, 8, 1), (32, 16, 4),
-                                                                    (128, 8, 4), (64, 4, 2)) for sk2 in (1, 4)]
+            cands = [(bn, nw, 1, sk2, warps) for bn, nw, warps in ((64, 8, 4), (32, 8, 2), (32, 16, 4), (128, 8, 4))
+                     for sk2 in (1, 4)]
             for bn, nw, sk1, sk2, warps in cands:
                 t1 = tx.GemvTiles(bn, nw, sk1, warps)
                 t2 = tx.GemvTiles(bn, nw, sk2, warps)
