@@ -21,6 +21,15 @@ token count return at once, so the grid is sized from T alone. With few tokens (
 the down projection is split over K (``split_k``) and summed with float32 atomics, to keep
 every SM reading codes.
 
+Decode (one token, or no more routed slots than experts) takes a second kernel,
+``_gemv_kernel``, where a layer allows it (rows of whole int32 words: cols and group size
+multiples of 32; PackedMatrices.words): one program per (routed slot, row tile, K span),
+the expert read off top_k_index in the kernel (no sort, no routing tables), codes loaded as
+int32 words (32 / bits codes each; with 3 bits, 3 words per 32 codes), turned into floats
+with an OR and a subtraction, the scale and zero point applied once per word. Launch 1
+writes silu(gate) * up per slot; launch 2 adds w_route * (h W_down^T) into the float32
+output row of the slot's token with atomics: a zeroed buffer, two launches and a cast.
+
 The reference it is tested against is quant/modules.dequantize_experts_forward (dequantize
 the routed experts, then matmuls); the tests run this file through Triton's interpreter on
 the CPU (TRITON_INTERPRET=1), ``benchmarks/bench_experts_kernel.py --check`` on the GPU.
