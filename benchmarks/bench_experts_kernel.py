@@ -247,6 +247,64 @@ def sweep(shapes=("mixtral8x7b",)):
                         f"{str(exc)[:150]}")
 
 
+def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
+    """The decode kernel (one program per routed slot) against the grouped GEMMs, and its tile
+    candidates (block_n, nw, split_k launch 1, split_k launch 2, warps), per layer shape and T;
+    also the two launches alone with routing done outside (``kernels``): what the layer costs
+    beyond its kernels is host time."""
+    for shape in shapes:
+        model_type, H, I, E, k = SHAPES[shape]
+        m = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
+        gen = torch.Generator(device=DEV).manual_seed(5)
+        up, down = m.packed("gate_up_proj"), m.packed("down_proj")
+        log(f"\n## decode kernel, mixed {shape} layer: tiles (block_n, nw, split_k 1, split_k 2, warps)")
+        for T in tokens:
+            x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+            idx, w = routing(T, E, k, torch.bfloat16, gen)
+            ref = dequantize_experts_forward(m, x, idx, w)
+            for label, kw in (("grouped GEMMs", dict(gemv=False)), ("gemv default", dict(gemv=True))):
+                got = tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw)
+                ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw), 50)
+                log(f"T {T:3d} {label}: {ms:.4f} ms (rel diff {rel(got, ref):.1e})")
+                RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "tiles": label, "ms": ms})
+            cands = [(bn, nw, 1, sk2, warps) for bn, nw, warps in ((64, 8, 4), (32, 8, 2), (32, 16, 4), (128, 8, 4))
+                     for sk2 in (1, 4)]
+            for bn, nw, sk1, sk2, warps in cands:
+                t1 = tx.GemvTiles(bn, nw, sk1, warps)
+                t2 = tx.GemvTiles(bn, nw, sk2, warps)
+                try:
+                    fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, gemv=True,
+                                                  gemv_tiles=(t1, t2))
+                    err = rel(fn(), ref)
+                    ms = timed(fn, 50)
+                    log(f"T {T:3d} gemv tiles {bn}, {nw}, {sk1}, {sk2}, {warps}: {ms:.4f} ms (rel diff {err:.1e})")
+                    RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "ms": ms,
+                                                                 "tiles": [bn, nw, sk1, sk2, warps]})
+                except Exception as exc:  # noqa: BLE001
+                    log(f"T {T} gemv tiles {bn}, {nw}, {sk1}, {sk2}, {warps}: {type(exc).__name__} {str(exc)[:150]}")
+            # the launches alone: h and out preallocated, default tiles
+            slots = T * k
+            flat = idx.reshape(-1)
+            t1 = tx.choose_gemv_tiles(slots, I, H, tx.sm_count(x.device), split=False)
+            t2 = tx.choose_gemv_tiles(slots, H, I, tx.sm_count(x.device), split=True)
+            h = torch.empty(slots, I, device=DEV, dtype=x.dtype)
+            out = torch.zeros(T, H, device=DEV, dtype=torch.float32)
+            rw = w.reshape(-1).contiguous()
+
+            def kernels():
+                tx._launch_gemv(x, h, up, flat, I, a_div=k, o_div=1, silu=True, route_w=None, tiles=t1)
+                tx._launch_gemv(h, out, down, flat, H, a_div=1, o_div=k, silu=False, route_w=rw, tiles=t2)
+            ms = timed(kernels, 50)
+            log(f"T {T:3d} gemv kernels alone {t1}, {t2}: {ms:.4f} ms")
+            if DEV == "cuda":
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    kernels()
+                ms = timed(g.replay, 50)
+                log(f"T {T:3d} gemv kernels alone, CUDA graph replay: {ms:.4f} ms; routed GB/s "
+                    f"{routed_bytes(m, idx) / ms / 1e6:.0f}")
+
+
 def profile():
     """Where a mixed Mixtral layer's time goes (torch.profiler, CUDA time per kernel)."""
     model_type, H, I, E, k = SHAPES["mixtral8x7b"]
@@ -333,6 +391,8 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096])
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--gemv_sweep", action="store_true", help="the decode kernel's tiles, --layer shapes, --tokens")
+    ap.add_argument("--check_tokens", type=int, nargs="+", default=None, help="T values of --check")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of a mixed Mixtral layer")
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -344,11 +404,14 @@ def main():
         SHAPES.update({k: (v[0], 128, 256, v[3], v[4]) for k, v in SHAPES.items()})
     elif not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
+    if a.check_tokens:
+        SMALL["T"] = tuple(a.check_tokens)
     log("command: python " + " ".join(sys.argv))
     log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
     ok = True
     steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer] + \
-        ([generate] if a.generate else []) + ([lambda: sweep(a.layer or ("mixtral8x7b",))] if a.sweep else []) + ([profile] if a.profile else [])
+        ([generate] if a.generate else []) + ([lambda: sweep(a.layer or ("mixtral8x7b",))] if a.sweep else []) + ([profile] if a.profile else []) + \
+        ([lambda: gemv_sweep(a.layer or tuple(SHAPES), a.tokens)] if a.gemv_sweep else [])
     for step in steps:
         t0 = time.time()
         try:

@@ -21,13 +21,22 @@ token count return at once, so the grid is sized from T alone. With few tokens (
 the down projection is split over K (``split_k``) and summed with float32 atomics, to keep
 every SM reading codes.
 
+Decode (one token, or no more routed slots than experts) takes a second kernel,
+``_gemv_kernel``, where a layer allows it (rows of whole int32 words: cols and group size
+multiples of 32; PackedMatrices.words): one program per (routed slot, row tile, K span),
+the expert read off top_k_index in the kernel (no sort, no routing tables), codes loaded as
+int32 words (32 / bits codes each; with 3 bits, 3 words per 32 codes), turned into floats
+with an OR and a subtraction, the scale and zero point applied once per word. Launch 1
+writes silu(gate) * up per slot; launch 2 adds w_route * (h W_down^T) into the float32
+output row of the slot's token with atomics: a zeroed buffer, two launches and a cast.
+
 The reference it is tested against is quant/modules.dequantize_experts_forward (dequantize
 the routed experts, then matmuls); the tests run this file through Triton's interpreter on
 the CPU (TRITON_INTERPRET=1), ``benchmarks/bench_experts_kernel.py --check`` on the GPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -272,6 +281,183 @@ if triton is not None:
         else:
             tl.atomic_add(optr, acc, mask=omask)
 
+    # ---- decode: one routing slot (token, expert) per program, codes read as int32 words ----
+    # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
+    # of 32): with 1, 2, 4 or 8 bits word w holds codes 32/bits * w .. 32/bits * (w + 1) - 1,
+    # lowest bits first; with 3 bits, 3 words hold 32 codes and codes 10 and 21 straddle two words.
+
+    @triton.jit
+    def _as_float(q):
+        """Small non-negative int32 codes as float32: q | 0x4B000000 is the float 2^23 + q exactly, so
+        one integer OR (folded with the mask into one LOP3) and one subtraction replace a slow
+        int-to-float conversion."""
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _code3(w0, w1, w2, j: tl.constexpr):
+        """Code j (0..31) of 3-bit units held in words w0, w1, w2: the bits 3j .. 3j + 2 of the 96."""
+        if j < 10:
+            q = (w0 >> (3 * j)) & 7
+        elif j == 10:                                   # bits 30, 31 of w0 and bit 0 of w1
+            q = ((w0 >> 30) & 3) | ((w1 & 1) << 2)
+        elif j < 21:
+            q = (w1 >> (3 * j - 32)) & 7
+        elif j == 21:                                   # bit 31 of w1 and bits 0, 1 of w2
+            q = ((w1 >> 31) & 1) | ((w2 & 3) << 1)
+        else:
+            q = (w2 >> (3 * j - 64)) & 7
+        return q
+
+    @triton.jit
+    def _gemv_scales(scale_rows, zero_rows, n_mask, c0, col0, m2, GS: tl.constexpr, P: tl.constexpr,
+                     NW: tl.constexpr):
+        """Scale and zero point of each (row, word) of a tile whose words start at code columns
+        ``col0``: (rows, 1) when the tile's NW * P codes lie in one group, else (rows, words)."""
+        if GS % (NW * P) == 0:
+            g = (c0 * P) // GS
+            s = tl.load(scale_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(zero_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        else:
+            g = (col0 // GS)[None, :]
+            s = tl.load(scale_rows[:, None] + g, mask=m2, other=0.0).to(tl.float32)
+            z = tl.load(zero_rows[:, None] + g, mask=m2, other=0.0).to(tl.float32)
+        return s, z
+
+    @triton.jit
+    def _gemv_tile(w0, w1, w2, a_row, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
+                   BITS: tl.constexpr, NW: tl.constexpr):
+        """sum over the tile's codes of a_k w_k for each (row, word), w_k = s (q_k - z). With 1, 2, 4,
+        8 bits w0 is one word per (row, word column) (w1, w2 unused); with 3 bits w0, w1, w2 are
+        each unit's 3 words. The scale and zero point come out of a word's sum,
+        s (sum_k a_k q_k - z sum_k a_k), so a code costs a shift, a mask, a subtraction and one
+        multiply-add."""
+        if BITS == 3:
+            P: tl.constexpr = 32
+        else:
+            P: tl.constexpr = 32 // BITS
+        col0 = wcol * P                                 # the first code column of each word (unit)
+        pq = tl.zeros(m2.shape, dtype=tl.float32)
+        a_sum = tl.zeros(wcol.shape, dtype=tl.float32)
+        for j in tl.static_range(P):
+            a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
+            if BITS == 3:
+                q = _code3(w0, w1, w2, j)
+            else:
+                q = (w0 >> (j * BITS)) & ((1 << BITS) - 1)
+            pq += _as_float(q) * a[None, :]
+            a_sum += a
+        s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, col0, m2, GS, P, NW)
+        return s * (pq - z * a_sum[None, :])
+
+    @triton.jit
+    def _gemv_loop(a_row, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+                   GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
+        """(rows,) sums a @ W^T over this program's span of K for rows ``n`` of one width. A tile is
+        NW word columns of every row (with 3 bits NW units of 3 words, each load strided by 3);
+        the next tile's words are loaded before this one's codes are unpacked, so two tiles of
+        loads are in flight."""
+        rows = words_e + n.to(tl.int64) * (KW * BITS)
+        scale_rows = scale_e + n * G
+        zero_rows = zero_e + n * G
+        wi = tl.arange(0, NW)
+        acc = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
+        if BITS == 3:
+            c_lo = k_step * k_steps * NW                # units of 32 codes, KW per row
+            c_hi = tl.minimum(KW, c_lo + k_steps * NW)
+            m2 = n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :]
+            p = rows[:, None] + 3 * (c_lo + wi)[None, :]
+            w0 = tl.load(p, mask=m2, other=0)
+            w1 = tl.load(p + 1, mask=m2, other=0)
+            w2 = tl.load(p + 2, mask=m2, other=0)
+            for c0 in range(c_lo, c_hi, NW):
+                wcol = c0 + wi
+                wmask = wcol < c_hi
+                m2 = n_mask[:, None] & wmask[None, :]
+                mn = n_mask[:, None] & ((wcol + NW) < c_hi)[None, :]
+                p = rows[:, None] + 3 * (wcol + NW)[None, :]
+                n0 = tl.load(p, mask=mn, other=0)
+                n1 = tl.load(p + 1, mask=mn, other=0)
+                n2 = tl.load(p + 2, mask=mn, other=0)
+                acc += _gemv_tile(w0, w1, w2, a_row, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, 3, NW)
+                w0, w1, w2 = n0, n1, n2
+        else:
+            c_lo = k_step * k_steps * NW * BITS         # words, KW * BITS per row
+            c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
+            m2 = n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :]
+            w = tl.load(rows[:, None] + (c_lo + wi)[None, :], mask=m2, other=0)
+            for c0 in range(c_lo, c_hi, NW):
+                wcol = c0 + wi
+                wmask = wcol < c_hi
+                m2 = n_mask[:, None] & wmask[None, :]
+                mn = n_mask[:, None] & ((wcol + NW) < c_hi)[None, :]
+                w_next = tl.load(rows[:, None] + (wcol + NW)[None, :], mask=mn, other=0)
+                acc += _gemv_tile(w, w, w, a_row, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
+                w = w_next
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU: tl.constexpr,
+                    GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
+        acc = _gemv_loop(a_row, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS, BLOCK_N, NW)
+        acc_up = acc
+        if SILU:
+            acc_up = _gemv_loop(a_row, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+                                GS, BITS, BLOCK_N, NW)
+        return acc, acc_up
+
+    @triton.jit
+    def _gemv_kernel(
+            a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr, idx_ptr, route_w_ptr,
+            N, KW, R, G, A_DIV, O_DIV,
+            GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr,
+            ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
+        """Program (slot, row tile, K span): out[slot // O_DIV, n] (+)= a[slot // A_DIV] @ W_e^T for
+        the expert e = idx[slot] the slot is routed to; no sorting, no routing tables. K = 32 KW.
+        With SILU: silu(gate rows n) * (up rows N + n). ATOMIC: float32 adds (the k slots of a
+        token, and the K spans, into one output row)."""
+        slot = tl.program_id(0)
+        e = tl.load(idx_ptr + slot).to(tl.int64)
+        K = KW * 32
+        a_row = a_ptr + (slot // A_DIV).to(tl.int64) * K
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        bits = tl.load(bits_ptr + e)
+        words_e = words_ptr + tl.load(word_off_ptr + e)
+        scale_e = scale_ptr + e * R * G
+        zero_e = zero_ptr + e * R * G
+        k_step = tl.program_id(2)
+        k_steps = tl.cdiv(tl.cdiv(KW * 32, NW * 32), SPLIT_K)   # spans of NW * 32 codes per program
+        # one loop per width, each with its width compiled in; the expert's width picks one
+        if bits == 1:
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+                                      GS, 1, BLOCK_N, NW)
+        elif bits == 2:
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+                                      GS, 2, BLOCK_N, NW)
+        elif bits == 3:
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+                                      GS, 3, BLOCK_N, NW)
+        elif bits == 4:
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+                                      GS, 4, BLOCK_N, NW)
+        else:
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+                                      GS, 8, BLOCK_N, NW)
+        if HAS_BIAS:
+            if k_step == 0:
+                acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)
+                if SILU:
+                    acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)
+        if SILU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if ROUTE_WEIGHT:
+            acc = acc * tl.load(route_w_ptr + slot).to(tl.float32)
+        optr = out_ptr + (slot // O_DIV).to(tl.int64) * N + n
+        if ATOMIC:
+            tl.atomic_add(optr, acc, mask=n_mask)
+        else:
+            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -298,6 +484,19 @@ class PackedMatrices:
     cols: int
     group_size: int
     bias: torch.Tensor | None = None
+    # the codes as int32 words and each expert's offset in words, for the decode kernel; None
+    # where a row is not whole words (cols not a multiple of 32) or a word would span two
+    # groups (group size not a multiple of 32): those layers decode through the byte path
+    words: torch.Tensor | None = field(default=None, init=False)
+    word_offsets: torch.Tensor | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        # Rows of whole words make every expert's bytes (rows x row bytes) a multiple of 4, so the
+        # offsets, prefix sums of those (quant/format.py), are whole words too.
+        if self.cols % 32 == 0 and self.group_size % 32 == 0 and self.codes.is_contiguous() \
+                and self.codes.data_ptr() % 4 == 0 and self.codes.numel() % 4 == 0:
+            object.__setattr__(self, "words", self.codes.view(torch.int32))
+            object.__setattr__(self, "word_offsets", self.code_offsets // 4)
 
 
 @lru_cache(maxsize=None)
@@ -369,6 +568,91 @@ def _launch(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool
         num_stages=tiles.num_stages)
 
 
+@dataclass(frozen=True)
+class GemvTiles:
+    """Tile sizes of one decode launch (``_gemv_kernel``): BLOCK_N rows, ``nw`` word columns per
+    K step; ``split_k`` > 1 adds the K spans' partial sums with float32 atomics."""
+    block_n: int
+    nw: int = 8
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def choose_gemv_tiles(slots: int, n_out: int, k: int, sms: int, split: bool) -> GemvTiles:
+    """8 word columns per step, and 4 warps (64 rows) per program, 2 or 1 where that leaves
+    fewer programs than SMs: a warp is 8 word columns x 4 rows of threads, each thread then
+    owns 4 rows of one word column, and the value of ``a`` it loads for a code serves all 4.
+    With ``split`` K is split until there are ~8 programs per SM: the down projection of a
+    Mixtral-shaped layer at one token ran in 0.356 ms split 4 ways against 0.384 split 3
+    (layer total; benchmarks/results/bench_experts_kernel_h100_v4_sweep.txt)."""
+    nw = 8
+    for warps in (4, 2, 1):
+        bn = 16 * warps
+        if slots * triton.cdiv(n_out, bn) >= sms:
+            break
+    split_k = 1
+    if split:
+        programs = slots * triton.cdiv(n_out, bn)
+        split_k = max(1, min(triton.cdiv(k, nw * 32), triton.cdiv(8 * sms, programs)))
+    return GemvTiles(bn, nw, split_k, warps)
+
+
+def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o_div: int, silu: bool,
+                 route_w: torch.Tensor | None, tiles: GemvTiles):
+    atomic = o_div > 1 or tiles.split_k > 1
+    assert not atomic or out.dtype == torch.float32
+    grid = (idx.numel(), triton.cdiv(n_out, tiles.block_n), tiles.split_k)
+    dummy = mats.scale
+    _gemv_kernel[grid](
+        a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
+        mats.bias if mats.bias is not None else dummy, idx, route_w if route_w is not None else dummy,
+        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], a_div, o_div,
+        GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None, ROUTE_WEIGHT=route_w is not None,
+        ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
+
+
+# The decode kernel reads an expert's codes once per routed token (no sorting, no routing
+# tables, two launches and a memset): it runs while the routed slots are no more than the
+# experts (T k <= E, about one token per routed expert) and always at T = 1.
+def gemv_applies(tokens: int, top_k: int, num_experts: int, up: PackedMatrices, down: PackedMatrices) -> bool:
+    return up.words is not None and down.words is not None and (tokens == 1 or tokens * top_k <= num_experts)
+
+
+def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *, gated: bool,
+                        fuse_silu: bool, activation, tiles: tuple[GemvTiles, GemvTiles] | None):
+    """Decode: launch 1 writes each slot's hidden row h[slot] (gathering x[slot // k]); launch 2
+    adds w[slot] * (h[slot] W_down^T) straight into out[slot // k] (float32 atomics), so the
+    sum over the k slots needs no launch of its own."""
+    T, H = hidden.shape
+    k = top_k_index.shape[-1]
+    idx = top_k_index.reshape(-1)
+    slots = idx.numel()
+    sms = sm_count(hidden.device)
+    inter = up.rows // 2 if gated else up.rows
+    t1 = tiles[0] if tiles else choose_gemv_tiles(slots, inter if gated and fuse_silu else up.rows, H, sms,
+                                                  split=False)
+    fused = gated and fuse_silu and t1.split_k == 1
+    n1 = inter if fused else up.rows
+    if t1.split_k == 1:
+        h = torch.empty(slots, n1, device=hidden.device, dtype=hidden.dtype)
+    else:
+        h = torch.zeros(slots, n1, device=hidden.device, dtype=torch.float32)
+    _launch_gemv(hidden.contiguous(), h, up, idx, n1, a_div=k, o_div=1, silu=fused, route_w=None, tiles=t1)
+    if not fused:
+        if gated and fuse_silu:
+            h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        else:
+            h = activation(h)
+        h = h.to(hidden.dtype).contiguous()
+    t2 = tiles[1] if tiles else choose_gemv_tiles(slots, H, inter, sms, split=True)
+    out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
+    _launch_gemv(h, out, down, idx, H, a_div=1, o_div=k, silu=False, route_w=top_k_weights.reshape(-1).contiguous(),
+                 tiles=t2)
+    return out.to(hidden.dtype)
+
+
 def route(top_k_index: torch.Tensor, num_experts: int):
     """Slots sorted by expert (stable), tokens per expert and each expert's first sorted
     position; all on the device, no host sync."""
@@ -382,14 +666,22 @@ def route(top_k_index: torch.Tensor, num_experts: int):
 
 def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   up: PackedMatrices, down: PackedMatrices, *, gated: bool, fuse_silu: bool, activation=None,
-                  tiles: tuple[Tiles, Tiles] | None = None) -> torch.Tensor:
+                  tiles: tuple[Tiles, Tiles] | None = None, gemv: bool | None = None,
+                  gemv_tiles: tuple[GemvTiles, GemvTiles] | None = None) -> torch.Tensor:
     """The MoE experts output (T, hidden) for routed tokens. ``gated``: ``up`` holds
     [gate; up] rows (R = 2 I); ``fuse_silu``: silu(gate) * up inside the kernel, otherwise
-    ``activation`` maps launch 1's (slots, R) output to (slots, I) (a family's own gating)."""
+    ``activation`` maps launch 1's (slots, R) output to (slots, I) (a family's own gating).
+    ``gemv``: the decode kernel (one program per routed slot) or the sorted grouped GEMMs;
+    None picks (gemv_applies); explicit ``tiles`` mean the grouped GEMMs."""
     T, H = hidden.shape
     k = top_k_index.shape[-1]
     sms = sm_count(hidden.device)
     num_experts = up.scale.shape[0]
+    if gemv is None:
+        gemv = tiles is None and gemv_applies(T, k, num_experts, up, down)
+    if gemv:
+        return _fused_experts_gemv(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
+                                   activation=activation, tiles=gemv_tiles)
     routing = route(top_k_index, num_experts)
     inter = up.rows // 2 if gated else up.rows
     # Few tokens (decode): launch 1 too is split over K, so that enough programs stream codes
@@ -424,9 +716,26 @@ def linear_routing(tokens: int, device) -> tuple:
             torch.zeros(1, dtype=torch.int32, device=device), 1)
 
 
-def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = None) -> torch.Tensor:
+@lru_cache(maxsize=64)
+def _zero_index(tokens: int, device: torch.device) -> torch.Tensor:
+    """Every token routed to "expert" 0: a linear through the decode kernel."""
+    return torch.zeros(tokens, dtype=torch.int64, device=device)
+
+
+LINEAR_GEMV_MAX_TOKENS = 16   # the decode kernel reads the matrix once per token (from L2 after the first)
+
+
+def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = None,
+                 gemv_tiles: GemvTiles | None = None) -> torch.Tensor:
     """x (T, C) @ W^T for one packed (R, C) matrix (``mats`` with one expert), no bias."""
     T = x.shape[0]
+    if tiles is None and mats.words is not None and (T <= LINEAR_GEMV_MAX_TOKENS or gemv_tiles is not None):
+        t = gemv_tiles or choose_gemv_tiles(T, mats.rows, mats.cols, sm_count(x.device), split=True)
+        out = torch.empty(T, mats.rows, device=x.device, dtype=x.dtype) if t.split_k == 1 else \
+            torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32)
+        _launch_gemv(x.contiguous(), out, mats, _zero_index(T, x.device), mats.rows, a_div=1, o_div=1, silu=False,
+                     route_w=None, tiles=t)
+        return out.to(x.dtype)
     t = tiles or choose_tiles(T, 1, mats.rows, mats.cols, 1, sm_count(x.device), split=True)
     out = torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32 if t.split_k > 1 else x.dtype)
     _launch(x.contiguous(), out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,

@@ -5,7 +5,9 @@ split-K and prefill tiles), an expert that gets no token, SwiGLU fused in the ke
 (Mixtral) and a family's own gating with biases (GPT-OSS), float32 and float16 (the
 interpreter's bfloat16 tl.dot is wrong in Triton 3.9, so bfloat16 is checked on the GPU by
 benchmarks/bench_experts_kernel.py --check), group sizes inside a K tile (32) and spanning it
-(128: scales applied after the dots); and a quantized linear through the same kernel."""
+(128: scales applied after the dots); the decode kernel (one program per routed slot, codes read
+as int32 words) at every width, its tiles, and the byte-path fallback where rows are not whole
+words; and a quantized linear through the same kernels."""
 import os
 import subprocess
 import sys
@@ -105,6 +107,40 @@ for T, tiles in ((1, (tx.Tiles(1, 32, 128, split_k=3), tx.Tiles(1, 64, 128))),
                  (3, (tx.Tiles(16, 32, 128, split_k=2), tx.Tiles(16, 64, 128, split_k=2)))):
     check_tiles(wide, 384, T, tiles, "split gate/up")
 
+# the decode kernel (one program per routed slot, codes read as int32 words) forced at several T
+# (each expert then read once per token), with its tiles: row tiles, word columns (a tile wider than
+# a row, masked), K split on both launches (gate/up then in float32, gating after it); SwiGLU fused
+# (Mixtral) and a family's own gating with biases (GPT-OSS); float32 and float16
+for family, bits in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1]), ("gpt_oss", [8, 4, 3, 2, 1, 8, 4, 3]),
+                     ("mixtral", [8, 8, 4, 4, 3, 3, 1, 2])):
+    g = make(family, bits)
+    up, down = g.packed(g.gate_kind), g.packed("down_proj")
+    assert up.words is not None and down.words is not None
+    for T, gt in ((1, None), (5, None), (40, None), (3, (tx.GemvTiles(16, 4, 2, 1), tx.GemvTiles(32, 8, 3, 2))),
+                  (2, (tx.GemvTiles(64, 16, 1, 4), tx.GemvTiles(16, 2, 2, 1)))):
+        for dtype in (torch.float32, torch.float16):
+            gd = g.to(dtype)
+            x = torch.randn(T, H, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
+            ref = dequantize_experts_forward(gd, x, idx, w)
+            got = tx.fused_experts(x, idx, w, gd.packed(gd.gate_kind), gd.packed("down_proj"), gated=True,
+                                   fuse_silu=gd._silu_gate(), activation=gd._apply_gate, gemv=True, gemv_tiles=gt)
+            err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            assert got.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, gt, err)
+
+# where rows are not whole words (hidden 80) or a word would span two groups (group size 16), the
+# decode goes through the byte path of the grouped GEMMs
+config16 = MixtralConfig(hidden_size=80, intermediate_size=96, num_local_experts=E)
+with torch.device("meta"):
+    template16 = MixtralExperts(config16)
+odd = random_packed_experts(template16, config16, {"gate_up_proj": (192, 80), "down_proj": (80, 96)},
+                            [3, 3, 2, 2, 2, 2, 1, 1], 16)
+assert odd.packed("gate_up_proj").words is None and odd.packed("down_proj").words is None
+assert not tx.gemv_applies(1, 2, E, odd.packed("gate_up_proj"), odd.packed("down_proj"))
+x = torch.randn(1, 80, generator=gen); idx, w = routing(1, gen, torch.float32)
+ref = dequantize_experts_forward(odd, x, idx, w)
+got = tx.fused_experts(x, idx, w, odd.packed("gate_up_proj"), odd.packed("down_proj"), gated=True, fuse_silu=True)
+assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
 # a token routed nowhere real changes nothing else: all-zero output rows stay zero
 idx, w = routing(4, gen, torch.float32)
 out = tx.fused_experts(torch.zeros(4, H), idx[:4], w[:4], m.packed("gate_up_proj"), m.packed("down_proj"),
@@ -120,6 +156,7 @@ for bits in (1, 2, 3, 4, 8):
     state = linear_tensors(torch.randint(0, 2 ** bits, (40, 96), generator=gen), torch.rand(40, 3, generator=gen) * 0.1,
                            zero, bits)
     lin.load_state_dict({**state, "bias": torch.randn(40, generator=gen)}, assign=True)
+    assert lin.packed().words is not None       # up to 16 tokens through the decode kernel, more through the GEMMs
     for shape in ((1, 96), (2, 7, 96), (300, 96)):
         x = torch.randn(*shape, generator=gen)
         lin.backend = "dequantize"; ref = lin(x)
