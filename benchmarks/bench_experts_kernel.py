@@ -92,6 +92,12 @@ def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+def t_span() -> str:
+    """The token counts --check ran (all of SMALL["T"], or --check_tokens)."""
+    ts = SMALL["T"]
+    return f"{ts[0]}..{ts[-1]}" if len(ts) > 4 else ", ".join(map(str, ts))
+
+
 def check() -> bool:
     ok = True
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -110,7 +116,7 @@ def check() -> bool:
                 worst = max(worst, rel(got, ref))
             tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
             ok &= worst < tol
-            log(f"check experts {family:8s} bits {bits} {str(dtype):15s} T 1..4096: max rel diff {worst:.2e} "
+            log(f"check experts {family:8s} bits {bits} {str(dtype):15s} T {t_span()}: max rel diff {worst:.2e} "
                 f"{'ok' if worst < tol else 'FAIL'}")
             RESULTS.setdefault("check", []).append({"family": family, "bits": bits, "dtype": str(dtype),
                                                     "max_rel": worst, "ok": worst < tol})
@@ -124,7 +130,7 @@ def check() -> bool:
             lin.backend = "fused"
             worst = max(worst, rel(lin(x), ref))
         ok &= worst < 3e-2
-        log(f"check linear bits {bits} bf16 T 1..4096: max rel diff {worst:.2e} {'ok' if worst < 3e-2 else 'FAIL'}")
+        log(f"check linear bits {bits} bf16 T {t_span()}: max rel diff {worst:.2e} {'ok' if worst < 3e-2 else 'FAIL'}")
     return ok
 
 
