@@ -35,18 +35,19 @@ case $preset in
   # launch-bound on an H100. 500 steps x 64 x 512 tokens: 6 passes over the 2.6M-token train split;
   # at 800 (10 passes) the held-out loss was flat after ~560 steps while the train loss kept falling.
   # Switch measurement: its 90 held-out pairs in one batch (greedy generation runs batch by batch).
-  # Grid rows: each model's rows split over 2 processes (a row's time is mostly the host's).
+  # Switch grid rows: each model's rows split over 2 processes (a row's time is mostly the host's;
+  # the Mixtral regimes fit in 10 minutes with one process per model and were measured so).
   gpu) parallel=1 causal=(--nsamples 128 --seqlen 512 --batch_size 64) measure_causal=(--eval_windows 64)
        seq2seq=(--nsamples 128 --src_len 256 --tgt_len 32 --batch_size 64) steps=(--steps "${STEPS:-500}")
-       measure_pairs=90 measure_batch=(--batch_size 96) grid_pairs=64 train_switch=() grid_windows=0 grid_procs=2 ;;
+       measure_pairs=90 measure_batch=(--batch_size 96) grid_pairs=64 train_switch=() grid_windows=0 switch_grid_procs=2 ;;
   cpu) parallel=0 causal=(--nsamples 32 --seqlen 256 --batch_size 8) measure_causal=(--eval_windows 32)
        seq2seq=(--nsamples 64 --src_len 160 --tgt_len 24 --batch_size 16) steps=(${STEPS:+--steps $STEPS})
-       measure_pairs=64 measure_batch=() grid_pairs=64 train_switch=() grid_windows=64 grid_procs=1 ;;
+       measure_pairs=64 measure_batch=() grid_pairs=64 train_switch=() grid_windows=64 switch_grid_procs=1 ;;
   smoke) parallel=0 causal=(--nsamples 8 --seqlen 64 --batch_size 4 --groupsize 32) measure_causal=(--eval_windows 8)
        seq2seq=(--nsamples 16 --src_len 64 --tgt_len 8 --batch_size 8 --groupsize 32 --min_expert_tokens 1)
        steps=(--steps ${STEPS:-24} --train_bytes 200000) measure_pairs=16 grid_pairs=16 \
        train_switch=(--pretrain_steps 3 --finetune_steps 2) measure_batch=() \
-       grid_windows=8 grid_procs=${GRID_PROCS:-1} ;;
+       grid_windows=8 switch_grid_procs=${GRID_PROCS:-1} ;;
   *) echo "error: preset $preset: choose gpu, cpu or smoke" >&2; exit 2 ;;
 esac
 # The grid's rows: the uniform baselines and every order at 2.0 bits, 3/2/1 (Switch: also the paper
@@ -143,6 +144,7 @@ for regime in "$@"; do
   set -f; read -ra rowargs <<< "${ROWS:-$rows}"; set +f   # row ids are globs for reproduce_tables, not the shell
   sens=()
   for m in "${models[@]}"; do sens+=("$dir/sensitivity-$(basename "$(dirname "$m")").json"); done
+  grid_procs=1; [[ $regime != switch ]] || grid_procs=$switch_grid_procs
   for i in "${!models[@]}"; do   # per model grid_procs processes (side by side on a GPU), then one table
     for ((j = 0; j < grid_procs; j++)); do
       part=()   # every grid_procs-th row id from the j-th
