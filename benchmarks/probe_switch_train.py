@@ -21,6 +21,17 @@ from moeq.testbed.train_switch import PRESETS, init_routers, make_train_loss, mo
 from moeq.utils.switch_experts import batched_switch_experts
 
 
+class _Tok:
+    """What model_config reads of a tokenizer: its size and two ids."""
+    pad_token_id, eos_token_id = 0, 1
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
 def build(batched: bool, device):
     from transformers import SwitchTransformersForConditionalGeneration
     p = SimpleNamespace(**PRESETS["gpu"])
@@ -34,17 +45,7 @@ def build(batched: bool, device):
     return model, make_train_loss(router_taps(model))
 
 
-class _Tok:
-    pad_token_id, eos_token_id = 0, 1
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-
-def batches(device, n_src=243, n_tgt=52):
+def batches(n_src=243, n_tgt=52):
     g = torch.Generator().manual_seed(0)
     while True:
         src = torch.randint(2, 8224, (64, n_src), generator=g)
@@ -53,7 +54,7 @@ def batches(device, n_src=243, n_tgt=52):
 
 def time_steps(model, loss_fn, steps: int, device, profile: bool = False) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    it = batches(device)
+    it = batches()
     with common.cuda_speed(model, device):
         for s in range(3):   # warm-up
             with common.deterministic_attention(device):

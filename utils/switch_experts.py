@@ -64,7 +64,7 @@ def _batched_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     kept = selected.sum(-1) > 0                                    # not cut by the expert capacity
     ranks = selected.t().to(torch.int32).cumsum(1)                 # (E, N): along the rows, a fast scan
     C = max(1, int(ranks[:, -1].max()))                            # the one host sync
-    pos = ranks.gather(0, expert[None].to(torch.int64))[0].to(torch.int64) - 1
+    pos = ranks.gather(0, expert[None])[0].to(torch.int64) - 1
     slot = torch.where(kept, expert * C + pos, E * C)              # dropped tokens: E * C, a zero row
     # which token fills each slot (N: none); the dropped tokens' writes land in slot E * C, cut off
     filled = torch.full((E * C + 1,), N, dtype=torch.long, device=x.device)
