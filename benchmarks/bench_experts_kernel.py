@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from moeq.inference import greedy_generate
 from moeq.quant import triton_experts as tx
 from moeq.quant.modules import QuantExperts, dequantize_experts_forward, set_experts_backend
 from moeq.utils.synthetic import random_packed_experts, random_packed_linear
@@ -217,39 +218,46 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
         torch.cuda.empty_cache()
 
 
-def sweep(shapes=("mixtral8x7b",)):
-    """Tile candidates per layer shape and T: (block_m, block_n, split_k of launch 1, split_k
-    of launch 2, warps, stages); block_k is the kernel's 128. Launch 1 split over K computes
-    gate/up in float32 and SwiGLU after it; unsplit, SwiGLU is fused in the kernel."""
-    cands = {1: [(1, 64, 1, 4, 4, 2), (1, 32, 1, 8, 4, 2), (1, 32, 2, 8, 4, 2), (1, 32, 4, 8, 4, 2),
-                 (1, 32, 8, 8, 4, 2), (1, 16, 4, 8, 4, 2), (1, 32, 4, 8, 2, 2), (1, 64, 4, 8, 4, 2)],
-             16: [(16, 64, 1, 4, 4, 2), (16, 64, 4, 4, 4, 2), (16, 32, 1, 4, 4, 2), (16, 32, 4, 8, 4, 2),
-                  (16, 64, 2, 8, 4, 2)],
-             4096: [(128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 8, 2), (128, 64, 1, 1, 4, 3)]}
+def sweep(shapes=("mixtral8x7b",), tokens=(1, 16, 4096)):
+    """Tile candidates per layer shape and T: (block_m, block_n, block_k, split_k of launch 1,
+    split_k of launch 2, warps, stages). Launch 1 split over K computes gate/up in float32 and
+    SwiGLU after it; unsplit, SwiGLU is fused in the kernel. T = 1 here is the grouped GEMMs'
+    one-token tiles (the layer itself takes the decode kernel: --gemv_sweep)."""
+    cands = {1: [(1, 64, 128, 1, 4, 4, 2), (1, 16, 128, 4, 8, 4, 2)],
+             16: [(16, 64, 128, 1, 1, 4, 2), (16, 64, 128, 1, 1, 4, 3), (16, 128, 128, 1, 1, 4, 2),
+                  (16, 128, 128, 1, 1, 8, 3), (16, 32, 128, 1, 1, 4, 2), (16, 64, 64, 1, 1, 4, 3),
+                  (16, 64, 128, 1, 2, 4, 2), (16, 256, 128, 1, 1, 8, 2), (32, 64, 128, 1, 1, 4, 2)],
+             4096: [(128, 64, 128, 1, 1, 8, 3), (128, 128, 128, 1, 1, 8, 3), (64, 128, 128, 1, 1, 4, 3),
+                    (128, 128, 64, 1, 1, 8, 4), (128, 256, 64, 1, 1, 8, 3), (64, 64, 128, 1, 1, 4, 4),
+                    (128, 128, 128, 1, 1, 4, 3), (256, 128, 64, 1, 1, 8, 3)]}
     for shape in shapes:
         model_type, H, I, E, k = SHAPES[shape]
         m = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
         gen = torch.Generator(device=DEV).manual_seed(2)
         up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-        log(f"\n## tile sweep, mixed {shape} layer: (block_m, block_n, split_k launch 1, split_k launch 2, warps, "
-            f"stages); the default the kernel picks first")
-        for T, tl in cands.items():
+        log(f"\n## tile sweep, mixed {shape} layer: (block_m, block_n, block_k, split_k launch 1, split_k launch 2, "
+            f"warps, stages)")
+        for T in tokens:
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
             idx, w = routing(T, E, k, torch.bfloat16, gen)
+            ref = dequantize_experts_forward(m, x, idx, w)
             ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True), 20 if T < 64 else 5)
             log(f"T {T:5d} default: {ms:.3f} ms")
             RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T, "tiles": "default", "ms": ms})
-            for bm, bn, sk1, sk2, warps, stages in tl:
-                t1 = tx.Tiles(bm, bn, tx.BLOCK_K, sk1, warps, stages)
-                t2 = tx.Tiles(bm, bn, tx.BLOCK_K, sk2, warps, stages)
+            for bm, bn, bk, sk1, sk2, warps, stages in cands.get(T, []):
+                t1 = tx.Tiles(bm, bn, bk, sk1, warps, stages)
+                t2 = tx.Tiles(bm, bn, bk, sk2, warps, stages)
+                fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,  # noqa: E731
+                                              tiles=(t1, t2), gemv=False)
                 try:
-                    ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,
-                                                        tiles=(t1, t2)), 20 if T < 64 else 5)
-                    log(f"T {T:5d} tiles {bm}, {bn}, {sk1}, {sk2}, {warps}, {stages}: {ms:.3f} ms")
-                    RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T,
-                                                            "tiles": [bm, bn, sk1, sk2, warps, stages], "ms": ms})
+                    err = rel(fn(), ref)
+                    ms = timed(fn, 20 if T < 64 else 5)
+                    log(f"T {T:5d} tiles {bm}, {bn}, {bk}, {sk1}, {sk2}, {warps}, {stages}: {ms:.3f} ms "
+                        f"(rel diff {err:.1e})")
+                    RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T, "ms": ms, "rel": err,
+                                                            "tiles": [bm, bn, bk, sk1, sk2, warps, stages]})
                 except Exception as exc:  # noqa: BLE001
-                    log(f"T {T} tiles {bm}, {bn}, {sk1}, {sk2}, {warps}, {stages}: {type(exc).__name__} "
+                    log(f"T {T} tiles {bm}, {bn}, {bk}, {sk1}, {sk2}, {warps}, {stages}: {type(exc).__name__} "
                         f"{str(exc)[:150]}")
 
 
@@ -345,26 +353,47 @@ def generate(prompt=32):
     with torch.device(DEV):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     gen = torch.Generator(device=DEV).manual_seed(3)
+    prompts = {b: torch.randint(0, vocab, (b, prompt), device=DEV, generator=gen) for b in (1, 16)}
     log(f"\n## greedy generation, {layers} Mixtral-8x7B-shaped layers, {prompt}-token prompt + {new_tokens} new tokens")
-    log("| batch | model | tokens/s | x bf16 best |")
-    log("|---|---|---|---|")
+    log("| batch | model, how | tokens/s | x bf16 best | x bf16 best generate() |")
+    log("|---|---|---|---|---|")
     out = []
 
-    def tok_s(batch):
-        ids = torch.randint(0, vocab, (batch, prompt), device=DEV, generator=gen)
+    def tok_s(batch, graph=False):
+        """Tokens/s of one whole call (prefill included; with ``graph``, greedy_generate's
+        capture of the decode step too), after a warm-up call at the same lengths."""
+        ids = prompts[batch]
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        if graph:
+            run = lambda: greedy_generate(model, ids, new_tokens, cuda_graph=True)   # noqa: E731
+        else:
+            run = lambda: model.generate(ids, **kw)   # noqa: E731
         with torch.no_grad():
-            model.generate(ids, **kw)          # warm-up at the same lengths
+            run()
             sync()
             t0 = time.perf_counter()
-            model.generate(ids, **kw)
+            tokens = run()
             sync()
-        return batch * new_tokens / (time.perf_counter() - t0)
+        rate = batch * new_tokens / (time.perf_counter() - t0)
+        if graph:   # the same tokens as generate()? (bf16 ties may flip an argmax; reported, not asserted)
+            with torch.no_grad():
+                same = (model.generate(ids, **kw) == tokens).float().mean().item()
+            log(f"batch {batch}: greedy_generate's tokens equal generate()'s: {100 * same:.1f}%")
+        return rate
+
+    def measure(label, batch, graph):
+        try:
+            return tok_s(batch, graph)
+        except Exception as exc:  # noqa: BLE001 (a mode that cannot run here is reported, not fatal)
+            log(f"{label} batch {batch}{' CUDA graph' if graph else ''}: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+    graph_modes = (False, True) if DEV == "cuda" else (False,)
     base = {}
     for batch in (1, 16):
         for impl in ("grouped_mm", "eager"):
             model.set_experts_implementation(impl)
-            base[(batch, impl)] = tok_s(batch)
+            for graph in graph_modes:
+                base[(batch, impl, graph)] = measure(f"bf16 {impl}", batch, graph)
     model.set_experts_implementation("grouped_mm")
     for i, layer in enumerate(model.model.layers):   # pack in place: experts mixed, attention 4 bits
         layer.mlp.experts = packed_layer("mixtral", hidden, inter, 8, 2, MIXED, seed=i)
@@ -376,17 +405,25 @@ def generate(prompt=32):
             del old
         if DEV == "cuda":
             torch.cuda.empty_cache()
+
+    def how(graph):
+        return "greedy_generate, CUDA graph" if graph else "generate"
     for batch in (1, 16):
-        best = max(v for (b, _), v in base.items() if b == batch)
-        for (b, impl), v in base.items():
-            if b == batch:
-                log(f"| {batch} | bf16 {impl} | {v:.1f} | {v / best:.2f} |")
-                out.append({"batch": batch, "model": f"bf16 {impl}", "tok_s": v})
+        best = max(v for (b, _, _), v in base.items() if b == batch and v)
+        best_plain = max(v for (b, _, g), v in base.items() if b == batch and v and not g)
+        for (b, impl, graph), v in base.items():
+            if b == batch and v:
+                log(f"| {batch} | bf16 {impl}, {how(graph)} | {v:.1f} | {v / best:.2f} | {v / best_plain:.2f} |")
+                out.append({"batch": batch, "model": f"bf16 {impl}", "cuda_graph": graph, "tok_s": v})
         for backend in ("fused", "dequantize"):
             set_experts_backend(model, backend)
-            v = tok_s(batch)
-            log(f"| {batch} | packed, {backend} | {v:.1f} | {v / best:.2f} |")
-            out.append({"batch": batch, "model": f"packed {backend}", "tok_s": v, "x_bf16_best": v / best})
+            for graph in graph_modes if backend == "fused" else (False,):
+                v = measure(f"packed {backend}", batch, graph)
+                if v:
+                    log(f"| {batch} | packed {backend}, {how(graph)} | {v:.1f} | {v / best:.2f} | "
+                        f"{v / best_plain:.2f} |")
+                    out.append({"batch": batch, "model": f"packed {backend}", "cuda_graph": graph, "tok_s": v,
+                                "x_bf16_best": v / best, "x_bf16_best_generate": v / best_plain})
     RESULTS["generate"] = out
 
 
@@ -416,7 +453,7 @@ def main():
     log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
     ok = True
     steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer] + \
-        ([generate] if a.generate else []) + ([lambda: sweep(a.layer or ("mixtral8x7b",))] if a.sweep else []) + ([profile] if a.profile else []) + \
+        ([generate] if a.generate else []) + ([lambda: sweep(a.layer or ("mixtral8x7b",), a.tokens)] if a.sweep else []) + ([profile] if a.profile else []) + \
         ([lambda: gemv_sweep(a.layer or tuple(SHAPES), a.tokens)] if a.gemv_sweep else [])
     for step in steps:
         t0 = time.time()
