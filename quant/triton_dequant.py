@@ -3,7 +3,7 @@
 Writes the weight once in the compute dtype, where the eager version
 (quant/packing.dequantize_packed) makes several passes over intermediate tensors. Same
 arithmetic: w = scale * (q - zero) in float32, then cast. The codes are read as the fused
-experts kernel reads them (quant/triton_experts.py: _codes_cols).
+experts kernel reads them (quant/triton_experts.py: _codes_tile).
 The tests run it through Triton's interpreter on the CPU (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -18,17 +18,20 @@ except ImportError:  # CPU-only installs
 
 
 if triton is not None:
-    from .triton_experts import _codes_cols
+    from .triton_experts import _codes_tile
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS,
                         BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr):
-        """A program unpacks 8 U consecutive columns of BLOCK_R packed rows (quant/packing.py) in
-        registers and writes them dequantized."""
+        """A packed row is units of 8 codes, BITS bytes each (quant/packing.py): a program
+        loads U units of BLOCK_R rows, unpacks them in registers in column order and writes
+        8 U consecutive columns per row."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        unit = tl.program_id(1) * U + tl.arange(0, U)
         cols = tl.program_id(1) * U * 8 + tl.arange(0, U * 8)
-        m2 = (rows < R)[:, None] & (cols < C)[None, :]
-        q = _codes_cols(q_ptr + rows.to(tl.int64) * W, cols, m2, BITS)
+        row_ok = (rows < R)[:, None]
+        q = _codes_tile(q_ptr + rows.to(tl.int64) * W, unit, row_ok & (unit * 8 < C)[None, :], BITS)
+        m2 = row_ok & (cols < C)[None, :]
         g = (cols // GS)[None, :]
         scale = tl.load(s_ptr + rows[:, None] * G + g, mask=m2, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + rows[:, None] * G + g, mask=m2, other=0.0)

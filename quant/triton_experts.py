@@ -72,30 +72,22 @@ if triton is not None:
             return (v >> (j * BITS)) & ((1 << BITS) - 1)
 
     @triton.jit
-    def _as_float(q):
-        """Small non-negative int32 codes as float32: q | 0x4B000000 is the float 2^23 + q exactly, so
-        one integer OR (folded with the mask into one LOP3) and one subtraction replace a slow
-        int-to-float conversion."""
-        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _codes_cols(rows, col, mask, BITS: tl.constexpr):
-        """Codes of columns ``col`` of the packed rows at ``rows`` (byte pointers), (rows, cols)
-        int32 in column order. A packed row is one little-endian bit stream, code c at bits
-        BITS c .. BITS c + BITS - 1 (quant/packing.py's units of 8 codes in BITS bytes are just
-        that), so code c starts in byte BITS c // 8 at bit BITS c % 8. A 3-bit code can run
-        into the next byte: that byte shifted left fills its high bits (when the code does not
-        straddle, the next byte is the same byte and the shift puts it above bit 3). Each thread
-        loads its columns' bytes; neighbouring columns share bytes, so a warp's loads of one row
-        fall in one or two 32-byte sectors."""
-        bit = col * BITS
-        lo = tl.load(rows[:, None] + (bit // 8)[None, :], mask=mask, other=0).to(tl.int32)
-        s = (bit % 8)[None, :]
-        if BITS == 3:
-            hi = tl.load(rows[:, None] + ((bit + 2) // 8)[None, :], mask=mask, other=0).to(tl.int32)
-            return ((lo >> s) | (hi << (8 - s))) & 7
-        else:
-            return (lo >> s) & ((1 << BITS) - 1)
+    def _codes_tile(row_ptr, unit, mask, BITS: tl.constexpr):
+        """The codes of units ``unit`` in column order, (rows, 8 U) int32: the 8 planes
+        interleaved in registers (interleave(x, y) alternates x and y along the last axis)."""
+        v = tl.zeros(mask.shape, dtype=tl.int32)
+        if BITS != 8:
+            v = _unit_words(row_ptr, unit, mask, BITS)
+        p0 = _plane(v, row_ptr, unit, mask, 0, BITS)
+        p1 = _plane(v, row_ptr, unit, mask, 1, BITS)
+        p2 = _plane(v, row_ptr, unit, mask, 2, BITS)
+        p3 = _plane(v, row_ptr, unit, mask, 3, BITS)
+        p4 = _plane(v, row_ptr, unit, mask, 4, BITS)
+        p5 = _plane(v, row_ptr, unit, mask, 5, BITS)
+        p6 = _plane(v, row_ptr, unit, mask, 6, BITS)
+        p7 = _plane(v, row_ptr, unit, mask, 7, BITS)
+        return tl.interleave(tl.interleave(tl.interleave(p0, p4), tl.interleave(p2, p6)),
+                             tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7)))
 
     @triton.jit
     def _scales(scale_e, zero_e, n, n_mask, mask, unit, k0, G, GS, ONE_GROUP: tl.constexpr):
@@ -151,28 +143,28 @@ if triton is not None:
         return acc, acc_up
 
     @triton.jit
-    def _dot_tile(acc, a, a_sum, rows, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
+    def _dot_tile(acc, a, a_sum, rows, unit, umask, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
                   BITS: tl.constexpr, ONE_GROUP: tl.constexpr, FP32_DOT: tl.constexpr):
         """acc += a @ W^T for one K tile of rows ``rows`` on the tensor cores. Inside one
         quantization group the scale and zero point come out of the sum,
         sum_k a_k s (q_k - z) = s (sum_k a_k q_k - z sum_k a_k), so the codes (exact small
         integers) go to the dot as they are; otherwise each weight is s (q - z) first."""
-        m2 = n_mask[:, None] & kmask[None, :]
-        q = _codes_cols(rows, k, m2, BITS)
+        q = _codes_tile(rows, unit, umask, BITS)
         if ONE_GROUP:
             g = k0 // GS
             s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
             if FP32_DOT:
-                part = tl.dot(a, tl.trans(_as_float(q)), input_precision="ieee")
+                part = tl.dot(a, tl.trans(q.to(a.dtype)), input_precision="ieee")
             else:
-                part = tl.dot(a, tl.trans(_as_float(q).to(a.dtype)))
+                part = tl.dot(a, tl.trans(q.to(a.dtype)))
             acc += s[None, :] * (part - z[None, :] * a_sum[:, None])
         else:
+            m2 = n_mask[:, None] & kmask[None, :]
             gk = (k // GS)[None, :]
             s = tl.load(scale_e + n[:, None] * G + gk, mask=m2, other=0.0).to(tl.float32)
             z = tl.load(zero_e + n[:, None] * G + gk, mask=m2, other=0.0).to(tl.float32)
-            w = (s * (_as_float(q) - z)).to(a.dtype)
+            w = (s * (q.to(tl.float32) - z)).to(a.dtype)
             if FP32_DOT:
                 acc += tl.dot(a, tl.trans(w), input_precision="ieee")
             else:
@@ -185,17 +177,21 @@ if triton is not None:
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
         """Many tokens (prefill): acc (+ acc_up) += a @ W^T, a tile of codes in column order
         per K step, one dot each."""
+        U: tl.constexpr = BLOCK_K // 8
+        u = tl.arange(0, U)
         rows = codes_e + n.to(tl.int64) * row_bytes
         rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
         for k0 in range(k_lo, k_hi, BLOCK_K):
+            unit = k0 // 8 + u
+            umask = n_mask[:, None] & (unit * 8 < K)[None, :]
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < K
             a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
             a_sum = tl.sum(a.to(tl.float32), axis=1)
-            acc = _dot_tile(acc, a, a_sum, rows, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
+            acc = _dot_tile(acc, a, a_sum, rows, unit, umask, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
                             BITS, ONE_GROUP, FP32_DOT)
             if SILU:
-                acc_up = _dot_tile(acc_up, a, a_sum, rows_up, k, kmask, scale_e, zero_e, n + N, n_mask,
+                acc_up = _dot_tile(acc_up, a, a_sum, rows_up, unit, umask, k, kmask, scale_e, zero_e, n + N, n_mask,
                                    G, GS, k0, BITS, ONE_GROUP, FP32_DOT)
         return acc, acc_up
 
@@ -289,6 +285,13 @@ if triton is not None:
     # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
     # of 32): with 1, 2, 4 or 8 bits word w holds codes 32/bits * w .. 32/bits * (w + 1) - 1,
     # lowest bits first; with 3 bits, 3 words hold 32 codes and codes 10 and 21 straddle two words.
+
+    @triton.jit
+    def _as_float(q):
+        """Small non-negative int32 codes as float32: q | 0x4B000000 is the float 2^23 + q exactly, so
+        one integer OR (folded with the mask into one LOP3) and one subtraction replace a slow
+        int-to-float conversion."""
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _code3(w0, w1, w2, j: tl.constexpr):
