@@ -276,11 +276,30 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
             idx, w = routing(T, E, k, torch.bfloat16, gen)
             ref = dequantize_experts_forward(m, x, idx, w)
-            for label, kw in (("grouped GEMMs", dict(gemv=False)), ("gemv default", dict(gemv=True))):
+            kernels_ = (("grouped GEMMs", dict(gemv=False)), ("gemv default", dict(gemv=True)),
+                        ("few-tokens default", dict(gemv="few")))
+            for label, kw in kernels_:
                 got = tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw)
                 ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw), 50)
                 log(f"T {T:3d} {label}: {ms:.4f} ms (rel diff {rel(got, ref):.1e})")
                 RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "tiles": label, "ms": ms})
+            if T * k > E:   # the few-tokens kernel's candidates (block_m, block_n, nw, split_k 2, warps)
+                for bm, bn, nw, sk2, warps in ((4, 64, 8, 1, 4), (4, 32, 8, 4, 2), (8, 64, 8, 1, 4), (8, 32, 8, 1, 2),
+                                               (8, 32, 8, 4, 2), (8, 16, 8, 4, 1), (16, 32, 8, 1, 2), (2, 64, 8, 1, 4)):
+                    t1 = tx.GemvTiles(bn, nw, 1, warps, block_m=bm)
+                    t2 = tx.GemvTiles(bn, nw, sk2, warps, block_m=bm)
+                    fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,  # noqa: E731
+                                                  gemv="few", gemv_tiles=(t1, t2))
+                    try:
+                        err = rel(fn(), ref)
+                        ms = timed(fn, 50)
+                        log(f"T {T:3d} few-tokens tiles {bm}, {bn}, {nw}, {sk2}, {warps}: {ms:.4f} ms (rel diff {err:.1e})")
+                        RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "ms": ms, "kernel": "few",
+                                                                     "tiles": [bm, bn, nw, sk2, warps]})
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"T {T} few-tokens tiles {bm}, {bn}, {nw}, {sk2}, {warps}: {type(exc).__name__} "
+                            f"{str(exc)[:150]}")
+                continue
             cands = [(bn, nw, 1, sk2, warps) for bn, nw, warps in ((64, 8, 4), (32, 8, 2), (32, 16, 4), (128, 8, 4))
                      for sk2 in (1, 4)]
             for bn, nw, sk1, sk2, warps in cands:

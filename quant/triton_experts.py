@@ -458,6 +458,151 @@ if triton is not None:
         else:
             tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
+    # ---- few tokens per expert: the decode kernel's word loads, a group of an expert's tokens per program ----
+
+    @triton.jit
+    def _gemvm_tile(w0, w1, w2, a_rows, m_mask, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
+                    GS: tl.constexpr, BITS: tl.constexpr, NW: tl.constexpr):
+        """_gemv_tile for BLOCK_M tokens at once: each code is unpacked once and multiplied with
+        the column of every token of the group, (tokens, rows, words)."""
+        if BITS == 3:
+            P: tl.constexpr = 32
+        else:
+            P: tl.constexpr = 32 // BITS
+        col0 = wcol * P
+        am = m_mask[:, None] & wmask[None, :]
+        pq = tl.zeros((a_rows.shape[0], m2.shape[0], m2.shape[1]), dtype=tl.float32)
+        a_sum = tl.zeros((a_rows.shape[0], m2.shape[1]), dtype=tl.float32)
+        for j in tl.static_range(P):
+            a = tl.load(a_rows[:, None] + (col0 + j)[None, :], mask=am, other=0.0).to(tl.float32)
+            if BITS == 3:
+                q = _code3(w0, w1, w2, j)
+            else:
+                q = (w0 >> (j * BITS)) & ((1 << BITS) - 1)
+            pq += _as_float(q)[None, :, :] * a[:, None, :]
+            a_sum += a
+        s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, col0, m2, GS, P, NW)
+        return s[None, :, :] * (pq - z[None, :, :] * a_sum[:, None, :])
+
+    @triton.jit
+    def _gemvm_loop(a_rows, m_mask, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+                    GS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    NW: tl.constexpr):
+        """(tokens, rows) sums a @ W^T over this program's span of K, as _gemv_loop."""
+        rows = words_e + n.to(tl.int64) * (KW * BITS)
+        scale_rows = scale_e + n * G
+        zero_rows = zero_e + n * G
+        wi = tl.arange(0, NW)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, NW), dtype=tl.float32)
+        if BITS == 3:
+            c_lo = k_step * k_steps * NW
+            c_hi = tl.minimum(KW, c_lo + k_steps * NW)
+            for c0 in range(c_lo, c_hi, NW):
+                wcol = c0 + wi
+                wmask = wcol < c_hi
+                m2 = n_mask[:, None] & wmask[None, :]
+                p = rows[:, None] + 3 * wcol[None, :]
+                w0 = tl.load(p, mask=m2, other=0)
+                w1 = tl.load(p + 1, mask=m2, other=0)
+                w2 = tl.load(p + 2, mask=m2, other=0)
+                acc += _gemvm_tile(w0, w1, w2, a_rows, m_mask, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
+                                   GS, 3, NW)
+        else:
+            c_lo = k_step * k_steps * NW * BITS
+            c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
+            for c0 in range(c_lo, c_hi, NW):
+                wcol = c0 + wi
+                wmask = wcol < c_hi
+                m2 = n_mask[:, None] & wmask[None, :]
+                w = tl.load(rows[:, None] + wcol[None, :], mask=m2, other=0)
+                acc += _gemvm_tile(w, w, w, a_rows, m_mask, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
+                                   GS, BITS, NW)
+        return tl.sum(acc, axis=2)
+
+    @triton.jit
+    def _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+                     SILU: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, NW: tl.constexpr):
+        acc = _gemvm_loop(a_rows, m_mask, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS,
+                          BLOCK_M, BLOCK_N, NW)
+        acc_up = acc
+        if SILU:
+            acc_up = _gemvm_loop(a_rows, m_mask, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+                                 GS, BITS, BLOCK_M, BLOCK_N, NW)
+        return acc, acc_up
+
+    @triton.jit
+    def _gemvm_kernel(
+            a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
+            order_ptr, counts_ptr, starts_ptr, route_w_ptr,
+            N, KW, R, G, TOPK, M_TILES,
+            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
+            GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr,
+            ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            NW: tl.constexpr):
+        """Program (expert e, BLOCK_M of its sorted slots, row tile, K span), slots sorted by expert
+        as for the grouped GEMMs. GATHER_A: a rows are the slots' tokens (else their sorted
+        positions); SCATTER_OUT: the output row is the slot's token, added to with atomics (the k
+        slots of a token meet there), else the sorted position."""
+        pid = tl.program_id(0)
+        e = pid // M_TILES
+        m_tile = pid % M_TILES
+        count = tl.load(counts_ptr + e)
+        if m_tile * BLOCK_M >= count:
+            return
+        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m < count
+        pos = tl.load(starts_ptr + e) + m
+        slot = tl.load(order_ptr + pos, mask=m_mask, other=0)
+        K = KW * 32
+        if GATHER_A:
+            a_rows = a_ptr + (slot // TOPK).to(tl.int64) * K
+        else:
+            a_rows = a_ptr + pos.to(tl.int64) * K
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        e = e.to(tl.int64)
+        bits = tl.load(bits_ptr + e)
+        words_e = words_ptr + tl.load(word_off_ptr + e)
+        scale_e = scale_ptr + e * R * G
+        zero_e = zero_ptr + e * R * G
+        k_step = tl.program_id(2)
+        k_steps = tl.cdiv(tl.cdiv(KW * 32, NW * 32), SPLIT_K)
+        if bits == 1:
+            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+                                       SILU, GS, 1, BLOCK_M, BLOCK_N, NW)
+        elif bits == 2:
+            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+                                       SILU, GS, 2, BLOCK_M, BLOCK_N, NW)
+        elif bits == 3:
+            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+                                       SILU, GS, 3, BLOCK_M, BLOCK_N, NW)
+        elif bits == 4:
+            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+                                       SILU, GS, 4, BLOCK_M, BLOCK_N, NW)
+        else:
+            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+                                       SILU, GS, 8, BLOCK_M, BLOCK_N, NW)
+        if HAS_BIAS:
+            if k_step == 0:
+                acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                if SILU:
+                    acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if ROUTE_WEIGHT:
+            acc = acc * tl.load(route_w_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        if SCATTER_OUT:
+            out_rows = (slot // TOPK).to(tl.int64)
+        else:
+            out_rows = pos.to(tl.int64)
+        optr = out_ptr + out_rows[:, None] * N + n[None, :]
+        omask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(optr, acc, mask=omask)
+        else:
+            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -577,6 +722,7 @@ class GemvTiles:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    block_m: int = 1   # tokens per program of the few-tokens kernel (_gemvm_kernel); the decode kernel takes one
 
 
 def choose_gemv_tiles(slots: int, n_out: int, k: int, sms: int, split: bool) -> GemvTiles:
@@ -653,6 +799,80 @@ def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, 
     return out.to(hidden.dtype)
 
 
+def _launch_gemvm(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
+                  silu: bool, route_w: torch.Tensor | None, tiles: GemvTiles):
+    order, counts, starts, top_k = routing
+    atomic = scatter_out or tiles.split_k > 1
+    assert not atomic or out.dtype == torch.float32
+    num_experts = mats.scale.shape[0]
+    m_tiles = max(1, triton.cdiv(order.numel() // top_k, tiles.block_m))   # an expert has at most T slots
+    grid = (num_experts * m_tiles, triton.cdiv(n_out, tiles.block_n), tiles.split_k)
+    dummy = mats.scale
+    _gemvm_kernel[grid](
+        a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
+        mats.bias if mats.bias is not None else dummy, order, counts, starts,
+        route_w if route_w is not None else dummy,
+        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles,
+        GATHER_A=gather_a, SCATTER_OUT=scatter_out, GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None,
+        ROUTE_WEIGHT=route_w is not None, ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def choose_gemvm_tiles(tokens: int, top_k: int, num_experts: int, n_out: int, k: int, sms: int,
+                       split: bool) -> GemvTiles:
+    """Groups of up to 8 of an expert's tokens per program; rows and K split as for the decode
+    kernel, counting a group where that counts a slot."""
+    slots = tokens * top_k
+    active = min(num_experts, slots)
+    block_m = min(8, triton.next_power_of_2(max(1, triton.cdiv(slots, active))))
+    groups = active * triton.cdiv(triton.cdiv(slots, active), block_m)
+    t = choose_gemv_tiles(groups, n_out, k, sms, split)
+    return GemvTiles(t.block_n, t.nw, t.split_k, t.num_warps, t.num_stages, block_m)
+
+
+# The few-tokens kernel runs from more routed slots than experts up to this many tokens per
+# expert (T k / E); the tensor-core tiles above it.
+GEMVM_MAX_PER_EXPERT = 8
+
+
+def gemvm_applies(tokens: int, top_k: int, num_experts: int, up: PackedMatrices, down: PackedMatrices) -> bool:
+    return up.words is not None and down.words is not None and tokens * top_k <= GEMVM_MAX_PER_EXPERT * num_experts
+
+
+def _fused_experts_gemvm(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
+                         gated: bool, fuse_silu: bool, activation, tiles: tuple[GemvTiles, GemvTiles] | None):
+    """Few tokens per expert: slots sorted by expert; launch 1 writes h at the sorted positions
+    (gathering x rows by token), launch 2 adds w[slot] * (h W_down^T) into out[token] with
+    float32 atomics, as the decode kernel does."""
+    T, H = hidden.shape
+    k = top_k_index.shape[-1]
+    num_experts = up.scale.shape[0]
+    routing = route(top_k_index, num_experts)
+    sms = sm_count(hidden.device)
+    inter = up.rows // 2 if gated else up.rows
+    t1 = tiles[0] if tiles else choose_gemvm_tiles(T, k, num_experts, inter if gated and fuse_silu else up.rows, H,
+                                                   sms, split=False)
+    fused = gated and fuse_silu and t1.split_k == 1
+    n1 = inter if fused else up.rows
+    if t1.split_k == 1:
+        h = torch.empty(T * k, n1, device=hidden.device, dtype=hidden.dtype)
+    else:
+        h = torch.zeros(T * k, n1, device=hidden.device, dtype=torch.float32)
+    _launch_gemvm(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused,
+                  route_w=None, tiles=t1)
+    if not fused:
+        if gated and fuse_silu:
+            h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        else:
+            h = activation(h)
+        h = h.to(hidden.dtype).contiguous()
+    t2 = tiles[1] if tiles else choose_gemvm_tiles(T, k, num_experts, H, inter, sms, split=True)
+    out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
+    _launch_gemvm(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
+                  route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
+    return out.to(hidden.dtype)
+
+
 def route(top_k_index: torch.Tensor, num_experts: int):
     """Slots sorted by expert (stable), tokens per expert and each expert's first sorted
     position; all on the device, no host sync."""
@@ -666,19 +886,24 @@ def route(top_k_index: torch.Tensor, num_experts: int):
 
 def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   up: PackedMatrices, down: PackedMatrices, *, gated: bool, fuse_silu: bool, activation=None,
-                  tiles: tuple[Tiles, Tiles] | None = None, gemv: bool | None = None,
+                  tiles: tuple[Tiles, Tiles] | None = None, gemv: bool | str | None = None,
                   gemv_tiles: tuple[GemvTiles, GemvTiles] | None = None) -> torch.Tensor:
     """The MoE experts output (T, hidden) for routed tokens. ``gated``: ``up`` holds
     [gate; up] rows (R = 2 I); ``fuse_silu``: silu(gate) * up inside the kernel, otherwise
     ``activation`` maps launch 1's (slots, R) output to (slots, I) (a family's own gating).
-    ``gemv``: the decode kernel (one program per routed slot) or the sorted grouped GEMMs;
-    None picks (gemv_applies); explicit ``tiles`` mean the grouped GEMMs."""
+    ``gemv``: True the decode kernel (one program per routed slot), "few" the few-tokens kernel
+    (a group of an expert's tokens per program), False the sorted grouped GEMMs; None picks
+    (gemv_applies, then gemvm_applies); explicit ``tiles`` mean the grouped GEMMs."""
     T, H = hidden.shape
     k = top_k_index.shape[-1]
     sms = sm_count(hidden.device)
     num_experts = up.scale.shape[0]
-    if gemv is None:
-        gemv = tiles is None and gemv_applies(T, k, num_experts, up, down)
+    if gemv is None and tiles is None:
+        gemv = True if gemv_applies(T, k, num_experts, up, down) else \
+            "few" if gemvm_applies(T, k, num_experts, up, down) else False
+    if gemv == "few":
+        return _fused_experts_gemvm(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
+                                    activation=activation, tiles=gemv_tiles)
     if gemv:
         return _fused_experts_gemv(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
                                    activation=activation, tiles=gemv_tiles)
