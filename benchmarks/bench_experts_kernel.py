@@ -11,8 +11,8 @@
 2. ``--layer SHAPE ...``: one MoE layer of the real shape (random weights; random top-k
    routing over all experts), T tokens in: bf16 experts with each implementation
    transformers offers (grouped_mm, batched_mm, eager) against the packed layer at
-   3/3/2/2/2/2/1/1 (the first 8 experts' pattern repeated for more experts), uniform 2 and
-   uniform 4 bits, fused and dequantize backends; median of CUDA-event timings after a
+   3/3/2/2/2/2/1/1 (the first 8 experts' pattern repeated for more experts), uniform 1, 2, 3
+   and 4 bits, fused and dequantize backends; median of CUDA-event timings after a
    warm-up at the same T. At T = 1, bytes of the routed experts read per second against the
    GPU's peak.
 3. ``--generate``: 8 Mixtral-8x7B-shaped layers (random weights): greedy generation of 64
@@ -175,7 +175,8 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
     for p in dense.parameters():
         torch.nn.init.normal_(p, std=0.02)
     packed = {label: packed_layer(model_type, H, I, E, k, bits) for label, bits in
-              (("mixed 3/3/2/2/2/2/1/1", (MIXED * (E // 8 + 1))[:E]), ("uniform 2", [2] * E), ("uniform 4", [4] * E))}
+              (("mixed 3/3/2/2/2/2/1/1", (MIXED * (E // 8 + 1))[:E]),
+                                                                        *((f"uniform {b}", [b] * E) for b in (1, 2, 3, 4)))}
     log(f"\n## one {shape} MoE layer ({E} experts, top-{k}, hidden {H}, intermediate {I}), {dtype}, group 128; {name}")
     log("| T | implementation | ms | x bf16 best | routed GB/s (T=1) |")
     log("|---|---|---|---|---|")
