@@ -397,8 +397,11 @@ def generate(prompt=32):
         rate = batch * new_tokens / (time.perf_counter() - t0)
         if graph:   # the same tokens as generate()? (bf16 ties may flip an argmax; reported, not asserted)
             with torch.no_grad():
-                same = (model.generate(ids, **kw) == tokens).float().mean().item()
-            log(f"batch {batch}: greedy_generate's tokens equal generate()'s: {100 * same:.1f}%")
+                first = model.generate(ids, **kw)
+                same = (first == tokens).float().mean().item()
+                again = (first == model.generate(ids, **kw)).float().mean().item()
+            log(f"batch {batch}: greedy_generate's tokens equal generate()'s: {100 * same:.1f}%; two generate() "
+                f"calls agree on {100 * again:.1f}% (float32 atomics add in any order: near-ties can flip)")
         return rate
 
     def measure(label, batch, graph):

@@ -6,8 +6,9 @@ split-K and prefill tiles), an expert that gets no token, SwiGLU fused in the ke
 interpreter's bfloat16 tl.dot is wrong in Triton 3.9, so bfloat16 is checked on the GPU by
 benchmarks/bench_experts_kernel.py --check), group sizes inside a K tile (32) and spanning it
 (128: scales applied after the dots); the decode kernel (one program per routed slot, codes read
-as int32 words) at every width, its tiles, and the byte-path fallback where rows are not whole
-words; and a quantized linear through the same kernels."""
+as int32 words) at every width, its tiles, the few-tokens kernel (a group of an expert's tokens per
+program), and the byte-path fallback where rows are not whole words; and a quantized linear
+through the same kernels."""
 import os
 import subprocess
 import sys
@@ -126,6 +127,24 @@ for family, bits in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1]), ("gpt_oss", [8, 4, 3
                                    fuse_silu=gd._silu_gate(), activation=gd._apply_gate, gemv=True, gemv_tiles=gt)
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert got.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, gt, err)
+
+# the few-tokens kernel (an expert's sorted tokens in groups of block_m per program, codes read as
+# int32 words once per group): the default tiles and explicit ones (groups of 4 and 2, K split on
+# both launches, gate/up then in float32, gating after it)
+for family, bits, T, gt in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1], 9, None),
+                            ("gpt_oss", [8, 4, 3, 2, 1, 8, 4, 3], 20, None),
+                            ("mixtral", [8, 8, 4, 4, 3, 3, 1, 2], 9,
+                             (tx.GemvTiles(16, 4, 2, 1, block_m=4), tx.GemvTiles(32, 8, 3, 2, block_m=2)))):
+    g = make(family, bits)
+    assert T * 2 > E and tx.gemvm_applies(T, 2, E, g.packed(g.gate_kind), g.packed("down_proj"))
+    for dtype in (torch.float32, torch.float16):
+        gd = g.to(dtype)
+        x = torch.randn(T, H, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
+        ref = dequantize_experts_forward(gd, x, idx, w)
+        got = tx.fused_experts(x, idx, w, gd.packed(gd.gate_kind), gd.packed("down_proj"), gated=True,
+                               fuse_silu=gd._silu_gate(), activation=gd._apply_gate, gemv="few", gemv_tiles=gt)
+        err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        assert got.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, gt, err)
 
 # where rows are not whole words (hidden 80) or a word would span two groups (group size 16), the
 # decode goes through the byte path of the grouped GEMMs
