@@ -20,7 +20,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "quantize": "api", "QuantizeResult": "api", "prepare_data": "api",
     "RunConfig": "config", "QuantConfig": "config", "ConfigError": "config",
-    "load_quantized_model": "inference",
+    "load_quantized_model": "inference", "greedy_generate": "inference",
 }
 __all__ = sorted(_LAZY)
 

@@ -30,6 +30,11 @@ with an OR and a subtraction, the scale and zero point applied once per word. La
 writes silu(gate) * up per slot; launch 2 adds w_route * (h W_down^T) into the float32
 output row of the slot's token with atomics: a zeroed buffer, two launches and a cast.
 
+From more routed slots than experts up to 8 tokens per expert (Mixtral at 16 tokens), the
+few-tokens kernel ``_gemvm_kernel`` reads codes as the decode kernel does, with slots sorted
+by expert and a group of up to 8 of one expert's tokens per program: each code is unpacked
+once per group and multiplied with every token's column.
+
 The reference it is tested against is quant/modules.dequantize_experts_forward (dequantize
 the routed experts, then matmuls); the tests run this file through Triton's interpreter on
 the CPU (TRITON_INTERPRET=1), ``benchmarks/bench_experts_kernel.py --check`` on the GPU.
