@@ -215,6 +215,28 @@ if triton is not None:
                              G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
 
     @triton.jit
+    def _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr, route_w_ptr, R, N, first_k,
+                SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr):
+        """The end of a grouped program, (tokens, rows) sums in: the bias (added by the first K span
+        only), SwiGLU, the slots' routing weights, then stored into ``out_rows``, or added there with
+        float32 atomics (K spans, or the k slots of a token, meeting in one row)."""
+        if HAS_BIAS:
+            if first_k:
+                acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                if SILU:
+                    acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if ROUTE_WEIGHT:
+            acc = acc * tl.load(route_w_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        optr = out_ptr + out_rows[:, None] * N + n[None, :]
+        omask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(optr, acc, mask=omask)
+        else:
+            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
     def _experts_gemm_kernel(
             a_ptr, out_ptr, codes_ptr, code_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
             order_ptr, counts_ptr, starts_ptr, route_w_ptr,
@@ -266,25 +288,12 @@ if triton is not None:
         else:
             acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
                                   k_lo, k_hi, 8, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
-        if HAS_BIAS:
-            if tl.program_id(2) == 0:
-                acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                if SILU:
-                    acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if SILU:
-            acc = acc * tl.sigmoid(acc) * acc_up
-        if ROUTE_WEIGHT:
-            acc = acc * tl.load(route_w_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
         if SCATTER_OUT:
             out_rows = slot
         else:
             out_rows = pos.to(tl.int64)
-        optr = out_ptr + out_rows[:, None] * N + n[None, :]
-        omask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        else:
-            tl.atomic_add(optr, acc, mask=omask)
+        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr, route_w_ptr, R, N,
+                tl.program_id(2) == 0, SILU, HAS_BIAS, ROUTE_WEIGHT, SPLIT_K > 1)
 
     # ---- decode: one routing slot (token, expert) per program, codes read as int32 words ----
     # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
@@ -588,25 +597,12 @@ if triton is not None:
         else:
             acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
                                        SILU, GS, 8, BLOCK_M, BLOCK_N, NW)
-        if HAS_BIAS:
-            if k_step == 0:
-                acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                if SILU:
-                    acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if SILU:
-            acc = acc * tl.sigmoid(acc) * acc_up
-        if ROUTE_WEIGHT:
-            acc = acc * tl.load(route_w_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
         if SCATTER_OUT:
             out_rows = (slot // TOPK).to(tl.int64)
         else:
             out_rows = pos.to(tl.int64)
-        optr = out_ptr + out_rows[:, None] * N + n[None, :]
-        omask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(optr, acc, mask=omask)
-        else:
-            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr, route_w_ptr, R, N, k_step == 0,
+                SILU, HAS_BIAS, ROUTE_WEIGHT, ATOMIC)
 
 
 @dataclass(frozen=True)
@@ -718,6 +714,23 @@ def _launch(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool
         num_stages=tiles.num_stages)
 
 
+def _launch1_out(rows: int, n1: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
+    """Launch 1's output: in the activations' dtype, or float32 zeros that K spans add into."""
+    if split_k == 1:
+        return torch.empty(rows, n1, device=like.device, dtype=like.dtype)
+    return torch.zeros(rows, n1, device=like.device, dtype=torch.float32)
+
+
+def _gate(h: torch.Tensor, inter: int, *, gated: bool, fuse_silu: bool, activation, dtype) -> torch.Tensor:
+    """Launch 1's (rows, R) output, where the kernel did not gate it, as launch 2's (rows, I) input:
+    SwiGLU on the [gate; up] halves, or the family's own ``activation``."""
+    if gated and fuse_silu:
+        h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    else:
+        h = activation(h)
+    return h.to(dtype).contiguous()
+
+
 @dataclass(frozen=True)
 class GemvTiles:
     """Tile sizes of one decode launch (``_gemv_kernel``): BLOCK_N rows, ``nw`` word columns per
@@ -786,17 +799,10 @@ def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, 
                                                   split=False)
     fused = gated and fuse_silu and t1.split_k == 1
     n1 = inter if fused else up.rows
-    if t1.split_k == 1:
-        h = torch.empty(slots, n1, device=hidden.device, dtype=hidden.dtype)
-    else:
-        h = torch.zeros(slots, n1, device=hidden.device, dtype=torch.float32)
+    h = _launch1_out(slots, n1, t1.split_k, hidden)
     _launch_gemv(hidden.contiguous(), h, up, idx, n1, a_div=k, o_div=1, silu=fused, route_w=None, tiles=t1)
     if not fused:
-        if gated and fuse_silu:
-            h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        else:
-            h = activation(h)
-        h = h.to(hidden.dtype).contiguous()
+        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
     t2 = tiles[1] if tiles else choose_gemv_tiles(slots, H, inter, sms, split=True)
     out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
     _launch_gemv(h, out, down, idx, H, a_div=1, o_div=k, silu=False, route_w=top_k_weights.reshape(-1).contiguous(),
@@ -859,18 +865,11 @@ def _fused_experts_gemvm(hidden, top_k_index, top_k_weights, up: PackedMatrices,
                                                    sms, split=False)
     fused = gated and fuse_silu and t1.split_k == 1
     n1 = inter if fused else up.rows
-    if t1.split_k == 1:
-        h = torch.empty(T * k, n1, device=hidden.device, dtype=hidden.dtype)
-    else:
-        h = torch.zeros(T * k, n1, device=hidden.device, dtype=torch.float32)
+    h = _launch1_out(T * k, n1, t1.split_k, hidden)
     _launch_gemvm(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused,
                   route_w=None, tiles=t1)
     if not fused:
-        if gated and fuse_silu:
-            h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        else:
-            h = activation(h)
-        h = h.to(hidden.dtype).contiguous()
+        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
     t2 = tiles[1] if tiles else choose_gemvm_tiles(T, k, num_experts, H, inter, sms, split=True)
     out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
     _launch_gemvm(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
@@ -921,18 +920,11 @@ def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     t1 = tiles[0] if tiles else choose_tiles(T, k, up.rows, H, num_experts, sms, split=True)
     fused = gated and fuse_silu and t1.split_k == 1
     n1 = inter if fused else up.rows
-    if t1.split_k == 1:
-        h = torch.empty(T * k, n1, device=hidden.device, dtype=hidden.dtype)
-    else:
-        h = torch.zeros(T * k, n1, device=hidden.device, dtype=torch.float32)
+    h = _launch1_out(T * k, n1, t1.split_k, hidden)
     _launch(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused, route_w=None,
             tiles=t1)
     if not fused:
-        if gated and fuse_silu:
-            h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        else:
-            h = activation(h)
-        h = h.to(hidden.dtype).contiguous()
+        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
     t2 = tiles[1] if tiles else choose_tiles(T, k, H, inter, num_experts, sms, split=True)
     y = torch.zeros(T * k, H, device=hidden.device, dtype=torch.float32)
     _launch(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,
