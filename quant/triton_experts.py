@@ -301,11 +301,41 @@ if triton is not None:
     # lowest bits first; with 3 bits, 3 words hold 32 codes and codes 10 and 21 straddle two words.
 
     @triton.jit
-    def _as_float(q):
-        """Small non-negative int32 codes as float32: q | 0x4B000000 is the float 2^23 + q exactly, so
-        one integer OR (folded with the mask into one LOP3) and one subtraction replace a slow
-        int-to-float conversion."""
-        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    def _code_float(w0, w1, w2, one, j: tl.constexpr, BITS: tl.constexpr):
+        """Code j of a word (w0; with 3 bits, of the unit w0, w1, w2) as the float 1 + q / 2^BITS:
+        the code shifted to the top BITS bits of the mantissa and the exponent of 1.0 put above it,
+        so a shift and one LOP3 (mask, then OR) make the float, with no int-to-float conversion and
+        no subtraction; the sums take the 1 out again (_word_sum). ``one`` is 0x3F800000, the bits of
+        1.0, given at run time (the kernels' ONE): as a compile-time constant the mask and the OR
+        became two LOP3, as LOP3 takes one immediate and the compiler would not hold the other in
+        a register."""
+        TOP: tl.constexpr = 23 - BITS
+        if BITS == 3 and (j == 10 or j == 21):
+            x = _code3(w0, w1, w2, j) << TOP            # the two codes that straddle two words
+        else:
+            if BITS == 3:
+                if j < 10:
+                    w = w0
+                    p: tl.constexpr = 3 * j
+                elif j < 21:
+                    w = w1
+                    p: tl.constexpr = 3 * j - 32
+                else:
+                    w = w2
+                    p: tl.constexpr = 3 * j - 64
+            else:
+                w = w0
+                p: tl.constexpr = j * BITS
+            if p <= TOP:
+                x = (w << (TOP - p)) & (((1 << BITS) - 1) << TOP)
+            else:
+                x = (w >> (p - TOP)) & (((1 << BITS) - 1) << TOP)
+        return (x | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _word_sum(pq, a_sum, s, z, BITS: tl.constexpr):
+        """s sum_k a_k (q_k - z) from pq = sum_k a_k (1 + q_k / 2^BITS) and a_sum = sum_k a_k."""
+        return s * ((1 << BITS) * pq - ((1 << BITS) + z) * a_sum)
 
     @triton.jit
     def _code3(w0, w1, w2, j: tl.constexpr):
@@ -323,14 +353,27 @@ if triton is not None:
         return q
 
     @triton.jit
-    def _gemv_scales(scale_rows, zero_rows, n_mask, c0, col0, m2, GS: tl.constexpr, P: tl.constexpr,
+    def _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS: tl.constexpr, P: tl.constexpr,
                      NW: tl.constexpr):
         """Scale and zero point of each (row, word) of a tile whose words start at code columns
-        ``col0``: (rows, 1) when the tile's NW * P codes lie in one group, else (rows, words)."""
+        ``col0`` (the tile's first word c0, words up to c_hi in the row): (rows, 1) when the tile's
+        NW * P codes lie in one group; when they span whole groups, one (rows,) load per group
+        and a select per word (a 2D load whose addresses repeat along the words made the compiler
+        lay the tile out one row per thread, every activation then loaded once per row); else
+        (rows, words) loads."""
         if GS % (NW * P) == 0:
             g = (c0 * P) // GS
             s = tl.load(scale_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             z = tl.load(zero_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        elif (NW * P) % GS == 0:
+            g0 = (c0 * P) // GS
+            in_group = (tl.arange(0, NW) * P // GS)[None, :]
+            s = tl.zeros(m2.shape, dtype=tl.float32)
+            z = tl.zeros(m2.shape, dtype=tl.float32)
+            for gi in tl.static_range((NW * P) // GS):
+                ok = n_mask & (tl.zeros(n_mask.shape, tl.int32) + (g0 + gi) * GS < c_hi * P)
+                s = tl.where(in_group == gi, tl.load(scale_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], s)
+                z = tl.where(in_group == gi, tl.load(zero_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], z)
         else:
             g = (col0 // GS)[None, :]
             s = tl.load(scale_rows[:, None] + g, mask=m2, other=0.0).to(tl.float32)
@@ -338,33 +381,71 @@ if triton is not None:
         return s, z
 
     @triton.jit
-    def _gemv_tile(w0, w1, w2, a_row, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
+    def _stream3_float(cur, nxt, o, one, t: tl.constexpr):
+        """Code t (0..10) of those starting in each word of a 3-bit row, as the float 1 + q / 8: a
+        3-bit row is one stream of codes, word k its bits 32k .. 32k + 31, so the codes starting in
+        word k begin at bit o = k mod 3 (a runtime (words,) shift, one per thread), 11 of them
+        where o < 2, the 11th straddling into the next word ``nxt``, 10 where o = 2. Read this way
+        a tile is NW consecutive words, loaded as the other widths are (a unit of 3 words at a
+        stride of 3 put every thread on one row, each activation then loaded once per row)."""
+        if t < 10:
+            sh = o + 3 * t                              # the code's first bit
+            if t < 7:
+                x = cur << (20 - sh)[None, :]           # to bits 20..22, the top of the mantissa
+            else:
+                x = cur >> (sh - 20)[None, :]
+            x = x & (7 << 20)
+        else:
+            o1 = (o & 1)[None, :]                       # 0 or 1 where the code exists (o = 2: any bits, a = 0)
+            lo = cur.to(tl.uint32, bitcast=True) >> (30 + o1)
+            x = ((lo.to(tl.int32, bitcast=True) | (nxt << (2 - o1))) & 7) << 20
+        return (x | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _stream3_scales(scale_rows, zero_rows, n_mask, c0, c_hi, wcol, GS: tl.constexpr, NW: tl.constexpr):
+        """Scale and zero point of each (row, word) of a 3-bit tile (words c0 .. c0 + NW - 1, word k's
+        codes in group k // 3 * 32 // GS): one (rows,) load per group the tile touches, selected per word."""
+        g = (wcol // 3) * 32 // GS
+        g0 = (c0 // 3) * 32 // GS
+        s = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
+        z = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
+        for gi in tl.static_range((NW * 32) // (3 * GS) + 2):
+            ok = n_mask & (tl.zeros(n_mask.shape, tl.int32) + (g0 + gi) * (GS // 32) * 3 < c_hi)
+            pick = (g == g0 + gi)[None, :]
+            s = tl.where(pick, tl.load(scale_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], s)
+            z = tl.where(pick, tl.load(zero_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], z)
+        return s, z
+
+    @triton.jit
+    def _gemv_tile(w0, w1, w2, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
                    BITS: tl.constexpr, NW: tl.constexpr):
         """sum over the tile's codes of a_k w_k for each (row, word), w_k = s (q_k - z). With 1, 2, 4,
         8 bits w0 is one word per (row, word column) (w1, w2 unused); with 3 bits w0, w1, w2 are
         each unit's 3 words. The scale and zero point come out of a word's sum,
         s (sum_k a_k q_k - z sum_k a_k), so a code costs a shift, a mask, a subtraction and one
         multiply-add."""
-        if BITS == 3:
-            P: tl.constexpr = 32
-        else:
-            P: tl.constexpr = 32 // BITS
-        col0 = wcol * P                                 # the first code column of each word (unit)
         pq = tl.zeros(m2.shape, dtype=tl.float32)
         a_sum = tl.zeros(wcol.shape, dtype=tl.float32)
-        for j in tl.static_range(P):
-            a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
-            if BITS == 3:
-                q = _code3(w0, w1, w2, j)
-            else:
-                q = (w0 >> (j * BITS)) & ((1 << BITS) - 1)
-            pq += _as_float(q) * a[None, :]
-            a_sum += a
-        s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, col0, m2, GS, P, NW)
-        return s * (pq - z * a_sum[None, :])
+        if BITS == 3:
+            o = wcol % 3
+            col0 = (wcol * 32 + o) // 3                 # the column of each word's first code
+            for t in tl.static_range(11):
+                a = tl.load(a_row + col0 + t, mask=wmask & ((t < 10) | (o < 2)), other=0.0).to(tl.float32)
+                pq += _stream3_float(w0, w1, o, one, t) * a[None, :]
+                a_sum += a
+            s, z = _stream3_scales(scale_rows, zero_rows, n_mask, c0, c_hi, wcol, GS, NW)
+        else:
+            P: tl.constexpr = 32 // BITS
+            col0 = wcol * P                             # the first code column of each word
+            for j in tl.static_range(P):
+                a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
+                pq += _code_float(w0, w1, w2, one, j, BITS) * a[None, :]
+                a_sum += a
+            s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS, P, NW)
+        return _word_sum(pq, a_sum[None, :], s, z, BITS)
 
     @triton.jit
-    def _gemv_loop(a_row, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+    def _gemv_loop(a_row, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                    GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
         """(rows,) sums a @ W^T over this program's span of K for rows ``n`` of one width. A tile is
         NW word columns of every row (with 3 bits NW units of 3 words, each load strided by 3);
@@ -375,54 +456,42 @@ if triton is not None:
         zero_rows = zero_e + n * G
         wi = tl.arange(0, NW)
         acc = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
-        if BITS == 3:
-            c_lo = k_step * k_steps * NW                # units of 32 codes, KW per row
-            c_hi = tl.minimum(KW, c_lo + k_steps * NW)
-            m2 = n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :]
-            p = rows[:, None] + 3 * (c_lo + wi)[None, :]
-            w0 = tl.load(p, mask=m2, other=0)
-            w1 = tl.load(p + 1, mask=m2, other=0)
-            w2 = tl.load(p + 2, mask=m2, other=0)
-            for c0 in range(c_lo, c_hi, NW):
-                wcol = c0 + wi
-                wmask = wcol < c_hi
-                m2 = n_mask[:, None] & wmask[None, :]
-                mn = n_mask[:, None] & ((wcol + NW) < c_hi)[None, :]
-                p = rows[:, None] + 3 * (wcol + NW)[None, :]
-                n0 = tl.load(p, mask=mn, other=0)
-                n1 = tl.load(p + 1, mask=mn, other=0)
-                n2 = tl.load(p + 2, mask=mn, other=0)
-                acc += _gemv_tile(w0, w1, w2, a_row, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, 3, NW)
-                w0, w1, w2 = n0, n1, n2
-        else:
-            c_lo = k_step * k_steps * NW * BITS         # words, KW * BITS per row
-            c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
-            m2 = n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :]
-            w = tl.load(rows[:, None] + (c_lo + wi)[None, :], mask=m2, other=0)
-            for c0 in range(c_lo, c_hi, NW):
-                wcol = c0 + wi
-                wmask = wcol < c_hi
-                m2 = n_mask[:, None] & wmask[None, :]
-                mn = n_mask[:, None] & ((wcol + NW) < c_hi)[None, :]
-                w_next = tl.load(rows[:, None] + (wcol + NW)[None, :], mask=mn, other=0)
-                acc += _gemv_tile(w, w, w, a_row, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
-                w = w_next
+        c_lo = k_step * k_steps * NW * BITS             # words, KW * BITS per row
+        c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
+        m2 = n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :]
+        w = tl.load(rows[:, None] + (c_lo + wi)[None, :], mask=m2, other=0)
+        w1 = w
+        if BITS == 3:                                   # the next words, for the codes that straddle
+            w1 = tl.load(rows[:, None] + (c_lo + wi + 1)[None, :], mask=n_mask[:, None] & ((c_lo + wi + 1) < c_hi)[None, :], other=0)
+        for c0 in range(c_lo, c_hi, NW):
+            wcol = c0 + wi
+            wmask = wcol < c_hi
+            m2 = n_mask[:, None] & wmask[None, :]
+            mn = n_mask[:, None] & ((wcol + NW) < c_hi)[None, :]
+            w_next = tl.load(rows[:, None] + (wcol + NW)[None, :], mask=mn, other=0)
+            w1_next = w_next
+            if BITS == 3:
+                w1_next = tl.load(rows[:, None] + (wcol + NW + 1)[None, :],
+                                  mask=n_mask[:, None] & ((wcol + NW + 1) < c_hi)[None, :], other=0)
+            acc += _gemv_tile(w, w1, w, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
+            w = w_next
+            w1 = w1_next
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU: tl.constexpr,
+    def _gemv_width(a_row, one, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU: tl.constexpr,
                     GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        acc = _gemv_loop(a_row, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS, BLOCK_N, NW)
+        acc = _gemv_loop(a_row, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS, BLOCK_N, NW)
         acc_up = acc
         if SILU:
-            acc_up = _gemv_loop(a_row, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc_up = _gemv_loop(a_row, one, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                                 GS, BITS, BLOCK_N, NW)
         return acc, acc_up
 
     @triton.jit
     def _gemv_kernel(
             a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr, idx_ptr, route_w_ptr,
-            N, KW, R, G, A_DIV, O_DIV,
+            N, KW, R, G, A_DIV, O_DIV, ONE,
             GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr,
             ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
         """Program (slot, row tile, K span): out[slot // O_DIV, n] (+)= a[slot // A_DIV] @ W_e^T for
@@ -443,19 +512,19 @@ if triton is not None:
         k_steps = tl.cdiv(tl.cdiv(KW * 32, NW * 32), SPLIT_K)   # spans of NW * 32 codes per program
         # one loop per width, each with its width compiled in; the expert's width picks one
         if bits == 1:
-            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 1, BLOCK_N, NW)
         elif bits == 2:
-            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 2, BLOCK_N, NW)
         elif bits == 3:
-            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 3, BLOCK_N, NW)
         elif bits == 4:
-            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 4, BLOCK_N, NW)
         else:
-            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 8, BLOCK_N, NW)
         if HAS_BIAS:
             if k_step == 0:
@@ -475,31 +544,34 @@ if triton is not None:
     # ---- few tokens per expert: the decode kernel's word loads, a group of an expert's tokens per program ----
 
     @triton.jit
-    def _gemvm_tile(w0, w1, w2, a_rows, m_mask, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
+    def _gemvm_tile(w0, w1, w2, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
                     GS: tl.constexpr, BITS: tl.constexpr, NW: tl.constexpr):
         """_gemv_tile for BLOCK_M tokens at once: each code is unpacked once and multiplied with
         the column of every token of the group, (tokens, rows, words)."""
-        if BITS == 3:
-            P: tl.constexpr = 32
-        else:
-            P: tl.constexpr = 32 // BITS
-        col0 = wcol * P
-        am = m_mask[:, None] & wmask[None, :]
         pq = tl.zeros((a_rows.shape[0], m2.shape[0], m2.shape[1]), dtype=tl.float32)
         a_sum = tl.zeros((a_rows.shape[0], m2.shape[1]), dtype=tl.float32)
-        for j in tl.static_range(P):
-            a = tl.load(a_rows[:, None] + (col0 + j)[None, :], mask=am, other=0.0).to(tl.float32)
-            if BITS == 3:
-                q = _code3(w0, w1, w2, j)
-            else:
-                q = (w0 >> (j * BITS)) & ((1 << BITS) - 1)
-            pq += _as_float(q)[None, :, :] * a[:, None, :]
-            a_sum += a
-        s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, col0, m2, GS, P, NW)
-        return s[None, :, :] * (pq - z[None, :, :] * a_sum[:, None, :])
+        if BITS == 3:
+            o = wcol % 3
+            col0 = (wcol * 32 + o) // 3
+            for t in tl.static_range(11):
+                am = m_mask[:, None] & (wmask & ((t < 10) | (o < 2)))[None, :]
+                a = tl.load(a_rows[:, None] + (col0 + t)[None, :], mask=am, other=0.0).to(tl.float32)
+                pq += _stream3_float(w0, w1, o, one, t)[None, :, :] * a[:, None, :]
+                a_sum += a
+            s, z = _stream3_scales(scale_rows, zero_rows, n_mask, c0, c_hi, wcol, GS, NW)
+        else:
+            P: tl.constexpr = 32 // BITS
+            col0 = wcol * P
+            am = m_mask[:, None] & wmask[None, :]
+            for j in tl.static_range(P):
+                a = tl.load(a_rows[:, None] + (col0 + j)[None, :], mask=am, other=0.0).to(tl.float32)
+                pq += _code_float(w0, w1, w2, one, j, BITS)[None, :, :] * a[:, None, :]
+                a_sum += a
+            s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS, P, NW)
+        return _word_sum(pq, a_sum[:, None, :], s[None, :, :], z[None, :, :], BITS)
 
     @triton.jit
-    def _gemvm_loop(a_rows, m_mask, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+    def _gemvm_loop(a_rows, m_mask, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                     GS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     NW: tl.constexpr):
         """(tokens, rows) sums a @ W^T over this program's span of K, as _gemv_loop."""
@@ -508,40 +580,30 @@ if triton is not None:
         zero_rows = zero_e + n * G
         wi = tl.arange(0, NW)
         acc = tl.zeros((BLOCK_M, BLOCK_N, NW), dtype=tl.float32)
-        if BITS == 3:
-            c_lo = k_step * k_steps * NW
-            c_hi = tl.minimum(KW, c_lo + k_steps * NW)
-            for c0 in range(c_lo, c_hi, NW):
-                wcol = c0 + wi
-                wmask = wcol < c_hi
-                m2 = n_mask[:, None] & wmask[None, :]
-                p = rows[:, None] + 3 * wcol[None, :]
-                w0 = tl.load(p, mask=m2, other=0)
-                w1 = tl.load(p + 1, mask=m2, other=0)
-                w2 = tl.load(p + 2, mask=m2, other=0)
-                acc += _gemvm_tile(w0, w1, w2, a_rows, m_mask, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
-                                   GS, 3, NW)
-        else:
-            c_lo = k_step * k_steps * NW * BITS
-            c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
-            for c0 in range(c_lo, c_hi, NW):
-                wcol = c0 + wi
-                wmask = wcol < c_hi
-                m2 = n_mask[:, None] & wmask[None, :]
-                w = tl.load(rows[:, None] + wcol[None, :], mask=m2, other=0)
-                acc += _gemvm_tile(w, w, w, a_rows, m_mask, c0, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
-                                   GS, BITS, NW)
+        c_lo = k_step * k_steps * NW * BITS
+        c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
+        for c0 in range(c_lo, c_hi, NW):
+            wcol = c0 + wi
+            wmask = wcol < c_hi
+            m2 = n_mask[:, None] & wmask[None, :]
+            w = tl.load(rows[:, None] + wcol[None, :], mask=m2, other=0)
+            w1 = w
+            if BITS == 3:
+                w1 = tl.load(rows[:, None] + (wcol + 1)[None, :], mask=n_mask[:, None] & ((wcol + 1) < c_hi)[None, :],
+                             other=0)
+            acc += _gemvm_tile(w, w1, w, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
+                               GS, BITS, NW)
         return tl.sum(acc, axis=2)
 
     @triton.jit
-    def _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+    def _gemvm_width(a_rows, m_mask, one, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
                      SILU: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        acc = _gemvm_loop(a_rows, m_mask, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS,
+        acc = _gemvm_loop(a_rows, m_mask, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS,
                           BLOCK_M, BLOCK_N, NW)
         acc_up = acc
         if SILU:
-            acc_up = _gemvm_loop(a_rows, m_mask, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc_up = _gemvm_loop(a_rows, m_mask, one, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                                  GS, BITS, BLOCK_M, BLOCK_N, NW)
         return acc, acc_up
 
@@ -549,7 +611,7 @@ if triton is not None:
     def _gemvm_kernel(
             a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
             order_ptr, counts_ptr, starts_ptr, route_w_ptr,
-            N, KW, R, G, TOPK, M_TILES,
+            N, KW, R, G, TOPK, M_TILES, ONE,
             GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
             GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr,
             ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -583,19 +645,19 @@ if triton is not None:
         k_step = tl.program_id(2)
         k_steps = tl.cdiv(tl.cdiv(KW * 32, NW * 32), SPLIT_K)
         if bits == 1:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
                                        SILU, GS, 1, BLOCK_M, BLOCK_N, NW)
         elif bits == 2:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
                                        SILU, GS, 2, BLOCK_M, BLOCK_N, NW)
         elif bits == 3:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
                                        SILU, GS, 3, BLOCK_M, BLOCK_N, NW)
         elif bits == 4:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
                                        SILU, GS, 4, BLOCK_M, BLOCK_N, NW)
         else:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
                                        SILU, GS, 8, BLOCK_M, BLOCK_N, NW)
         if SCATTER_OUT:
             out_rows = (slot // TOPK).to(tl.int64)
@@ -731,6 +793,9 @@ def _gate(h: torch.Tensor, inter: int, *, gated: bool, fuse_silu: bool, activati
     return h.to(dtype).contiguous()
 
 
+ONE_BITS = 0x3F800000   # the bits of 1.0f: the word kernels' ONE (see _code_float)
+
+
 @dataclass(frozen=True)
 class GemvTiles:
     """Tile sizes of one decode launch (``_gemv_kernel``): BLOCK_N rows, ``nw`` word columns per
@@ -771,7 +836,7 @@ def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o
     _gemv_kernel[grid](
         a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
         mats.bias if mats.bias is not None else dummy, idx, route_w if route_w is not None else dummy,
-        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], a_div, o_div,
+        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], a_div, o_div, ONE_BITS,
         GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None, ROUTE_WEIGHT=route_w is not None,
         ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
@@ -823,7 +888,7 @@ def _launch_gemvm(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a
         a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
         mats.bias if mats.bias is not None else dummy, order, counts, starts,
         route_w if route_w is not None else dummy,
-        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles,
+        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles, ONE_BITS,
         GATHER_A=gather_a, SCATTER_OUT=scatter_out, GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None,
         ROUTE_WEIGHT=route_w is not None, ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
