@@ -25,8 +25,9 @@ Decode (one token, or no more routed slots than experts) takes a second kernel,
 ``_gemv_kernel``, where a layer allows it (rows of whole int32 words: cols and group size
 multiples of 32; PackedMatrices.words): one program per (routed slot, row tile, K span),
 the expert read off top_k_index in the kernel (no sort, no routing tables), codes loaded as
-int32 words (32 / bits codes each; with 3 bits, 3 words per 32 codes), turned into floats
-with an OR and a subtraction, the scale and zero point applied once per word. Launch 1
+int32 words (32 / bits codes each; a 3-bit row read as one stream of codes over consecutive
+words), each code made the float 1 + q / 2^bits by a shift and one LOP3, the scale and zero
+point applied once per word. Launch 1
 writes silu(gate) * up per slot; launch 2 adds w_route * (h W_down^T) into the float32
 output row of the slot's token with atomics: a zeroed buffer, two launches and a cast.
 
@@ -298,59 +299,29 @@ if triton is not None:
     # ---- decode: one routing slot (token, expert) per program, codes read as int32 words ----
     # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
     # of 32): with 1, 2, 4 or 8 bits word w holds codes 32/bits * w .. 32/bits * (w + 1) - 1,
-    # lowest bits first; with 3 bits, 3 words hold 32 codes and codes 10 and 21 straddle two words.
+    # lowest bits first; with 3 bits, 3 words hold 32 codes and codes 10 and 21 straddle two words
+    # (the row is one stream of 3-bit codes: _stream3_float).
 
     @triton.jit
-    def _code_float(w0, w1, w2, one, j: tl.constexpr, BITS: tl.constexpr):
-        """Code j of a word (w0; with 3 bits, of the unit w0, w1, w2) as the float 1 + q / 2^BITS:
-        the code shifted to the top BITS bits of the mantissa and the exponent of 1.0 put above it,
-        so a shift and one LOP3 (mask, then OR) make the float, with no int-to-float conversion and
-        no subtraction; the sums take the 1 out again (_word_sum). ``one`` is 0x3F800000, the bits of
-        1.0, given at run time (the kernels' ONE): as a compile-time constant the mask and the OR
-        became two LOP3, as LOP3 takes one immediate and the compiler would not hold the other in
-        a register."""
+    def _code_float(w, one, j: tl.constexpr, BITS: tl.constexpr):
+        """Code j of word w (1, 2, 4 or 8 bits) as the float 1 + q / 2^BITS: the code shifted to the
+        top BITS bits of the mantissa and the exponent of 1.0 put above it, so a shift and one LOP3
+        (mask, then OR) make the float, with no int-to-float conversion and no subtraction; the
+        sums take the 1 out again (_word_sum). ``one`` is 0x3F800000, the bits of 1.0, given at run
+        time (the kernels' ONE): as a compile-time constant the mask and the OR became two LOP3,
+        as LOP3 takes one immediate and the compiler would not hold the other in a register."""
         TOP: tl.constexpr = 23 - BITS
-        if BITS == 3 and (j == 10 or j == 21):
-            x = _code3(w0, w1, w2, j) << TOP            # the two codes that straddle two words
+        p: tl.constexpr = j * BITS
+        if p <= TOP:
+            x = (w << (TOP - p)) & (((1 << BITS) - 1) << TOP)
         else:
-            if BITS == 3:
-                if j < 10:
-                    w = w0
-                    p: tl.constexpr = 3 * j
-                elif j < 21:
-                    w = w1
-                    p: tl.constexpr = 3 * j - 32
-                else:
-                    w = w2
-                    p: tl.constexpr = 3 * j - 64
-            else:
-                w = w0
-                p: tl.constexpr = j * BITS
-            if p <= TOP:
-                x = (w << (TOP - p)) & (((1 << BITS) - 1) << TOP)
-            else:
-                x = (w >> (p - TOP)) & (((1 << BITS) - 1) << TOP)
+            x = (w >> (p - TOP)) & (((1 << BITS) - 1) << TOP)
         return (x | one).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _word_sum(pq, a_sum, s, z, BITS: tl.constexpr):
         """s sum_k a_k (q_k - z) from pq = sum_k a_k (1 + q_k / 2^BITS) and a_sum = sum_k a_k."""
         return s * ((1 << BITS) * pq - ((1 << BITS) + z) * a_sum)
-
-    @triton.jit
-    def _code3(w0, w1, w2, j: tl.constexpr):
-        """Code j (0..31) of 3-bit units held in words w0, w1, w2: the bits 3j .. 3j + 2 of the 96."""
-        if j < 10:
-            q = (w0 >> (3 * j)) & 7
-        elif j == 10:                                   # bits 30, 31 of w0 and bit 0 of w1
-            q = ((w0 >> 30) & 3) | ((w1 & 1) << 2)
-        elif j < 21:
-            q = (w1 >> (3 * j - 32)) & 7
-        elif j == 21:                                   # bit 31 of w1 and bits 0, 1 of w2
-            q = ((w1 >> 31) & 1) | ((w2 & 3) << 1)
-        else:
-            q = (w2 >> (3 * j - 64)) & 7
-        return q
 
     @triton.jit
     def _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS: tl.constexpr, P: tl.constexpr,
@@ -417,13 +388,12 @@ if triton is not None:
         return s, z
 
     @triton.jit
-    def _gemv_tile(w0, w1, w2, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
+    def _gemv_tile(w0, w1, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
                    BITS: tl.constexpr, NW: tl.constexpr):
-        """sum over the tile's codes of a_k w_k for each (row, word), w_k = s (q_k - z). With 1, 2, 4,
-        8 bits w0 is one word per (row, word column) (w1, w2 unused); with 3 bits w0, w1, w2 are
-        each unit's 3 words. The scale and zero point come out of a word's sum,
-        s (sum_k a_k q_k - z sum_k a_k), so a code costs a shift, a mask, a subtraction and one
-        multiply-add."""
+        """sum over the tile's codes of a_k w_k for each (row, word), w_k = s (q_k - z). w0 is one word
+        per (row, word column); with 3 bits w1 is the word after it (for the code that straddles;
+        unused otherwise). The scale and zero point come out of a word's sum,
+        s (sum_k a_k q_k - z sum_k a_k), so a code costs a shift, one LOP3 and one multiply-add."""
         pq = tl.zeros(m2.shape, dtype=tl.float32)
         a_sum = tl.zeros(wcol.shape, dtype=tl.float32)
         if BITS == 3:
@@ -439,7 +409,7 @@ if triton is not None:
             col0 = wcol * P                             # the first code column of each word
             for j in tl.static_range(P):
                 a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
-                pq += _code_float(w0, w1, w2, one, j, BITS) * a[None, :]
+                pq += _code_float(w0, one, j, BITS) * a[None, :]
                 a_sum += a
             s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS, P, NW)
         return _word_sum(pq, a_sum[None, :], s, z, BITS)
@@ -448,9 +418,9 @@ if triton is not None:
     def _gemv_loop(a_row, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                    GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
         """(rows,) sums a @ W^T over this program's span of K for rows ``n`` of one width. A tile is
-        NW word columns of every row (with 3 bits NW units of 3 words, each load strided by 3);
-        the next tile's words are loaded before this one's codes are unpacked, so two tiles of
-        loads are in flight."""
+        NW consecutive words of every row, whatever the width (a span of NW * BITS words holds
+        NW * 32 codes); the next tile's words are loaded before this one's codes are unpacked,
+        so two tiles of loads are in flight."""
         rows = words_e + n.to(tl.int64) * (KW * BITS)
         scale_rows = scale_e + n * G
         zero_rows = zero_e + n * G
@@ -473,7 +443,7 @@ if triton is not None:
             if BITS == 3:
                 w1_next = tl.load(rows[:, None] + (wcol + NW + 1)[None, :],
                                   mask=n_mask[:, None] & ((wcol + NW + 1) < c_hi)[None, :], other=0)
-            acc += _gemv_tile(w, w1, w, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
+            acc += _gemv_tile(w, w1, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
             w = w_next
             w1 = w1_next
         return tl.sum(acc, axis=1)
@@ -544,7 +514,7 @@ if triton is not None:
     # ---- few tokens per expert: the decode kernel's word loads, a group of an expert's tokens per program ----
 
     @triton.jit
-    def _gemvm_tile(w0, w1, w2, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
+    def _gemvm_tile(w0, w1, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
                     GS: tl.constexpr, BITS: tl.constexpr, NW: tl.constexpr):
         """_gemv_tile for BLOCK_M tokens at once: each code is unpacked once and multiplied with
         the column of every token of the group, (tokens, rows, words)."""
@@ -565,7 +535,7 @@ if triton is not None:
             am = m_mask[:, None] & wmask[None, :]
             for j in tl.static_range(P):
                 a = tl.load(a_rows[:, None] + (col0 + j)[None, :], mask=am, other=0.0).to(tl.float32)
-                pq += _code_float(w0, w1, w2, one, j, BITS)[None, :, :] * a[:, None, :]
+                pq += _code_float(w0, one, j, BITS)[None, :, :] * a[:, None, :]
                 a_sum += a
             s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS, P, NW)
         return _word_sum(pq, a_sum[:, None, :], s[None, :, :], z[None, :, :], BITS)
@@ -591,7 +561,7 @@ if triton is not None:
             if BITS == 3:
                 w1 = tl.load(rows[:, None] + (wcol + 1)[None, :], mask=n_mask[:, None] & ((wcol + 1) < c_hi)[None, :],
                              other=0)
-            acc += _gemvm_tile(w, w1, w, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
+            acc += _gemvm_tile(w, w1, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
                                GS, BITS, NW)
         return tl.sum(acc, axis=2)
 

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Instruction mix of the decode kernel's inner loops, compiled offline for sm_90 (no GPU needed).
+
+    python benchmarks/sass_decode_kernel.py [--silu] [--tiles 64 8 4]
+
+Builds quant/triton_experts._gemv_kernel for an H100 (Triton's own ptxas; bf16 activations,
+group 128, launch-2 settings unless --silu), disassembles the cubin with Triton's bundled
+nvdisasm and prints, for each backward branch (one inner loop per width, in the order the
+compiler laid them out), the instruction count and the most frequent opcodes, plus registers
+per thread. Each loop is one tile: BLOCK_N x NW words; divide by the FFMA count to get
+instructions per code and row. Runs with or without torch (a stub stands in: the kernels do
+not use it); with the GPU's Triton version the figures are those of the GPU's code.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+
+try:
+    import torch  # noqa: F401
+except ImportError:  # the kernels need no torch; the module only names it
+    sys.modules["torch"] = types.ModuleType("torch")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SIG = {"a_ptr": "*bf16", "out_ptr": "*fp32", "words_ptr": "*i32", "word_off_ptr": "*i64", "bits_ptr": "*i32",
+       "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16", "idx_ptr": "*i64", "route_w_ptr": "*bf16",
+       "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "A_DIV": "i32", "O_DIV": "i32", "ONE": "i32"}
+
+
+def load_kernels():
+    spec = importlib.util.spec_from_file_location("triton_experts_offline", os.path.join(ROOT, "quant", "triton_experts.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def loops(sass: str):
+    """(instruction count, opcode counter) of each loop: from a label to the branch back to it."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1).strip())
+    for i, text in enumerate(ins):
+        m = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", text)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = ins[labels[m.group(1)]:i + 1]
+            yield len(body), collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0] for x in body)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--silu", action="store_true", help="launch 1 (gate and up rows, SwiGLU)")
+    ap.add_argument("--tiles", type=int, nargs=3, default=(64, 8, 4), metavar=("BLOCK_N", "NW", "WARPS"))
+    args = ap.parse_args()
+    tx = load_kernels()
+    fn = tx._gemv_kernel
+    bn, nw, warps = args.tiles
+    const = {"GS": 128, "SILU": args.silu, "HAS_BIAS": False, "ROUTE_WEIGHT": not args.silu, "ATOMIC": True,
+             "SPLIT_K": 1, "BLOCK_N": bn, "NW": nw}
+    names = list(fn.arg_names)
+    sig = {k: v for k, v in dict(SIG, **{k: "constexpr" for k in const}).items() if k in names}  # ONE: v7 on
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if v.startswith("*") or k in ("N", "KW", "R", "G")}
+    k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": 1})
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        open(cubin, "wb").write(k.asm["cubin"])
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
+                             check=True).stdout
+    regs = re.search(r"REG:(\d+)", res).group(1)
+    print(f"command: python benchmarks/sass_decode_kernel.py {' '.join(sys.argv[1:])}")
+    print(f"triton {triton.__version__}, sm_90, _gemv_kernel, tiles BLOCK_N {bn} x NW {nw} words, {warps} warps, "
+          f"{'launch 1 (SwiGLU)' if args.silu else 'launch 2'}; registers/thread {regs}")
+    for n, ops in loops(sass):
+        if n > 1:
+            print(f"loop: {n} instructions, FFMA {ops.get('FFMA', 0)}: "
+                  + ", ".join(f"{op} {c}" for op, c in ops.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
