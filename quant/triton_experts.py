@@ -238,6 +238,16 @@ if triton is not None:
             tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
+    def _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M: tl.constexpr):
+        """Tile m_tile of expert e's ``count`` routed slots (sorted by expert, route()): the mask, the
+        sorted positions and the original (token, k) slots."""
+        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m < count
+        pos = tl.load(starts_ptr + e) + m
+        slot = tl.load(order_ptr + pos, mask=m_mask, other=0)
+        return m_mask, pos, slot
+
+    @triton.jit
     def _experts_gemm_kernel(
             a_ptr, out_ptr, codes_ptr, code_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
             order_ptr, counts_ptr, starts_ptr, route_w_ptr,
@@ -253,10 +263,7 @@ if triton is not None:
         count = tl.load(counts_ptr + e)
         if m_tile * BLOCK_M >= count:
             return
-        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = m < count
-        pos = tl.load(starts_ptr + e) + m                               # sorted slot positions
-        slot = tl.load(order_ptr + pos, mask=m_mask, other=0)           # the original (token, k) slot
+        m_mask, pos, slot = _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M)
         if GATHER_A:
             a_rows = slot // TOPK
         else:
@@ -324,31 +331,37 @@ if triton is not None:
         return s * ((1 << BITS) * pq - ((1 << BITS) + z) * a_sum)
 
     @triton.jit
-    def _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS: tl.constexpr, P: tl.constexpr,
+    def _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS: tl.constexpr, BITS: tl.constexpr,
                      NW: tl.constexpr):
-        """Scale and zero point of each (row, word) of a tile whose words start at code columns
-        ``col0`` (the tile's first word c0, words up to c_hi in the row): (rows, 1) when the tile's
-        NW * P codes lie in one group; when they span whole groups, one (rows,) load per group
-        and a select per word (a 2D load whose addresses repeat along the words made the compiler
-        lay the tile out one row per thread, every activation then loaded once per row); else
-        (rows, words) loads."""
-        if GS % (NW * P) == 0:
-            g = (c0 * P) // GS
-            s = tl.load(scale_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(zero_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        elif (NW * P) % GS == 0:
-            g0 = (c0 * P) // GS
-            in_group = (tl.arange(0, NW) * P // GS)[None, :]
-            s = tl.zeros(m2.shape, dtype=tl.float32)
-            z = tl.zeros(m2.shape, dtype=tl.float32)
-            for gi in tl.static_range((NW * P) // GS):
-                ok = n_mask & (tl.zeros(n_mask.shape, tl.int32) + (g0 + gi) * GS < c_hi * P)
+        """Scale and zero point of each (row, word) of a tile of words c0 .. c0 + NW - 1 (words up to
+        c_hi in the row), ``col0`` the column of each word's first code, which sets its group:
+        (rows, 1) when the tile lies in one group, else one (rows,) load per group the tile can
+        touch and a select per word. (A 2D load whose addresses repeat along the words made the
+        compiler lay the tile out one row per thread, every activation then loaded once per row.)"""
+        if BITS == 3:
+            g0 = ((c0 * 32 + c0 % 3) // 3) // GS             # the group of word c0's first code
+            NG: tl.constexpr = (NW * 32) // (3 * GS) + 2     # groups a tile of NW words can touch
+        else:
+            g0 = (c0 * (32 // BITS)) // GS
+            if (NW * (32 // BITS)) % GS == 0:
+                NG: tl.constexpr = (NW * (32 // BITS)) // GS     # tiles start on group boundaries
+            else:
+                NG: tl.constexpr = (NW * (32 // BITS)) // GS + 2
+        if BITS != 3 and GS % (NW * (32 // BITS)) == 0:
+            s = tl.load(scale_rows + g0, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(zero_rows + g0, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        else:
+            if BITS != 3 and (NW * (32 // BITS)) % GS == 0:
+                in_group = (tl.arange(0, NW) * (32 // BITS) // GS)[None, :]   # known when compiled
+            else:
+                in_group = (col0 // GS - g0)[None, :]
+            s = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
+            z = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
+            for gi in tl.static_range(NG):
+                # the group exists in this span if its first code lies before word c_hi's
+                ok = n_mask & (tl.zeros(n_mask.shape, tl.int32) + (g0 + gi) * GS * BITS < c_hi * 32)
                 s = tl.where(in_group == gi, tl.load(scale_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], s)
                 z = tl.where(in_group == gi, tl.load(zero_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], z)
-        else:
-            g = (col0 // GS)[None, :]
-            s = tl.load(scale_rows[:, None] + g, mask=m2, other=0.0).to(tl.float32)
-            z = tl.load(zero_rows[:, None] + g, mask=m2, other=0.0).to(tl.float32)
         return s, z
 
     @triton.jit
@@ -373,21 +386,6 @@ if triton is not None:
         return (x | one).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _stream3_scales(scale_rows, zero_rows, n_mask, c0, c_hi, wcol, GS: tl.constexpr, NW: tl.constexpr):
-        """Scale and zero point of each (row, word) of a 3-bit tile (words c0 .. c0 + NW - 1, word k's
-        codes in group k // 3 * 32 // GS): one (rows,) load per group the tile touches, selected per word."""
-        g = (wcol // 3) * 32 // GS
-        g0 = (c0 // 3) * 32 // GS
-        s = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
-        z = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
-        for gi in tl.static_range((NW * 32) // (3 * GS) + 2):
-            ok = n_mask & (tl.zeros(n_mask.shape, tl.int32) + (g0 + gi) * (GS // 32) * 3 < c_hi)
-            pick = (g == g0 + gi)[None, :]
-            s = tl.where(pick, tl.load(scale_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], s)
-            z = tl.where(pick, tl.load(zero_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], z)
-        return s, z
-
-    @triton.jit
     def _gemv_tile(w0, w1, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
                    BITS: tl.constexpr, NW: tl.constexpr):
         """sum over the tile's codes of a_k w_k for each (row, word), w_k = s (q_k - z). w0 is one word
@@ -403,7 +401,7 @@ if triton is not None:
                 a = tl.load(a_row + col0 + t, mask=wmask & ((t < 10) | (o < 2)), other=0.0).to(tl.float32)
                 pq += _stream3_float(w0, w1, o, one, t) * a[None, :]
                 a_sum += a
-            s, z = _stream3_scales(scale_rows, zero_rows, n_mask, c0, c_hi, wcol, GS, NW)
+            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 3, NW)
         else:
             P: tl.constexpr = 32 // BITS
             col0 = wcol * P                             # the first code column of each word
@@ -411,7 +409,7 @@ if triton is not None:
                 a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
                 pq += _code_float(w0, one, j, BITS) * a[None, :]
                 a_sum += a
-            s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS, P, NW)
+            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, BITS, NW)
         return _word_sum(pq, a_sum[None, :], s, z, BITS)
 
     @triton.jit
@@ -528,7 +526,7 @@ if triton is not None:
                 a = tl.load(a_rows[:, None] + (col0 + t)[None, :], mask=am, other=0.0).to(tl.float32)
                 pq += _stream3_float(w0, w1, o, one, t)[None, :, :] * a[:, None, :]
                 a_sum += a
-            s, z = _stream3_scales(scale_rows, zero_rows, n_mask, c0, c_hi, wcol, GS, NW)
+            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 3, NW)
         else:
             P: tl.constexpr = 32 // BITS
             col0 = wcol * P
@@ -537,7 +535,7 @@ if triton is not None:
                 a = tl.load(a_rows[:, None] + (col0 + j)[None, :], mask=am, other=0.0).to(tl.float32)
                 pq += _code_float(w0, one, j, BITS)[None, :, :] * a[:, None, :]
                 a_sum += a
-            s, z = _gemv_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, m2, GS, P, NW)
+            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, BITS, NW)
         return _word_sum(pq, a_sum[:, None, :], s[None, :, :], z[None, :, :], BITS)
 
     @triton.jit
@@ -596,10 +594,7 @@ if triton is not None:
         count = tl.load(counts_ptr + e)
         if m_tile * BLOCK_M >= count:
             return
-        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = m < count
-        pos = tl.load(starts_ptr + e) + m
-        slot = tl.load(order_ptr + pos, mask=m_mask, other=0)
+        m_mask, pos, slot = _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M)
         K = KW * 32
         if GATHER_A:
             a_rows = a_ptr + (slot // TOPK).to(tl.int64) * K
