@@ -632,6 +632,189 @@ if triton is not None:
                 SILU, HAS_BIAS, ROUTE_WEIGHT, ATOMIC)
 
 
+    # ---- many tokens: tensor cores, weights as the dot's first operand, codes read as int32 words ----
+
+    @triton.jit
+    def _top_of_mantissa(v, sh, BITS: tl.constexpr):
+        """Bits sh .. sh + BITS - 1 of the uint32 words v moved to the top BITS bits of a float's mantissa
+        (bits 23 - BITS .. 22) with 1.0's exponent above them: the float 1 + q / 2^BITS. ``sh`` is known
+        per register where this is used (a dimension each thread holds whole), so the select and the
+        shifts fold into one shift and one LOP3."""
+        TOP: tl.constexpr = 23 - BITS
+        x = tl.where(sh <= TOP, v << tl.maximum(TOP - sh, 0).to(tl.uint32), v >> tl.maximum(sh - TOP, 0).to(tl.uint32))
+        return x & (((1 << BITS) - 1) << TOP)
+
+    @triton.jit
+    def _dense_float(wd, one, BITS: tl.constexpr):
+        """Codes of the tile's words ``wd`` (words, rows), each word loaded once, as the floats
+        1 + q / 2^BITS, (K tile, rows), with 1, 2, 4 or 8 bits: (words, codes of a word, rows) made by
+        shifts, seen as (words x codes, rows). Rows last: the compiler's default layout then gives each
+        thread whole columns of the tile (one row of W), so the expansion moves no data between threads
+        and every shift is known per register."""
+        P: tl.constexpr = 32 // BITS
+        sh = (tl.arange(0, P) * BITS)[None, :, None]
+        x = _top_of_mantissa(wd.to(tl.uint32, bitcast=True)[:, None, :], sh, BITS)
+        x = tl.reshape(x, (wd.shape[0] * P, wd.shape[1]))
+        return (x.to(tl.int32, bitcast=True) | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _dense3_float(w0, w1, w2, one):
+        """As _dense_float for 3 bits: ``w0, w1, w2`` (units, rows) the three words of each unit of 32
+        codes (code c at bits 3c .. 3c + 2 of the unit; codes 10 and 21 straddle two words)."""
+        c = tl.arange(0, 32)[None, :, None]
+        j = (3 * c) // 32                                   # the word code c starts in
+        off = 3 * c - 32 * j
+        a0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
+        a1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
+        a2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
+        lo = tl.where(j == 0, a0, tl.where(j == 1, a1, a2))
+        hi = tl.where(j == 0, a1, a2)                       # the next word (j = 2: no code straddles)
+        x = _top_of_mantissa(lo, off, 3)
+        # a code starting at bit 30 or 31 takes its high bits from the next word's lowest
+        x = x | tl.where(off > 29, (hi << tl.minimum(52 - off, 31).to(tl.uint32)) & (7 << 20), 0)
+        x = tl.reshape(x, (w0.shape[0] * 32, w0.shape[1]))
+        return (x.to(tl.int32, bitcast=True) | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mma_tile(acc, a_t, x, k, k0, kmask, n_mask, scale_rows, zero_rows, GS: tl.constexpr,
+                  ONE_GROUP: tl.constexpr, BITS: tl.constexpr, FP32_DOT: tl.constexpr):
+        """acc (tokens, rows) += a W^T for one K tile, x (K tile, rows) its codes as 1 + q / 2^BITS:
+        the weights w = s (q - z) = x 2^BITS s - (2^BITS + z) s (one multiply-add), rounded to the
+        activations' dtype as the reference's dequantized matrix is."""
+        if ONE_GROUP:
+            g = k0 // GS
+            s = tl.load(scale_rows + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(zero_rows + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            mask = kmask[:, None] & n_mask[None, :]
+            g = (k // GS)[:, None]
+            s = tl.load(scale_rows[None, :] + g, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(zero_rows[None, :] + g, mask=mask, other=0.0).to(tl.float32)
+        w = (x * (s * (1 << BITS)) - s * ((1 << BITS) + z)).to(a_t.dtype)
+        if FP32_DOT:
+            return tl.dot(a_t, w, acc, input_precision="ieee")
+        else:
+            return tl.dot(a_t, w, acc)
+
+    @triton.jit
+    def _tile_words(rows, k0, K, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The words of K tile k0 of each row, (words, rows), zeros past K; with 3 bits the first,
+        second and third word of each unit of 32 codes, (units, rows) each (else the same tensor thrice)."""
+        if BITS == 3:
+            c = (k0 // 32) * 3 + 3 * tl.arange(0, BLOCK_K // 32)
+            m = (c < K * 3 // 32)[:, None] & n_mask[None, :]
+            p = rows[None, :] + c[:, None]
+            w0 = tl.load(p, mask=m, other=0)
+            w1 = tl.load(p + 1, mask=m, other=0)
+            w2 = tl.load(p + 2, mask=m, other=0)
+            return w0, w1, w2
+        else:
+            c = k0 * BITS // 32 + tl.arange(0, BLOCK_K * BITS // 32)
+            w = tl.load(rows[None, :] + c[:, None], mask=(c < K * BITS // 32)[:, None] & n_mask[None, :], other=0)
+            return w, w, w
+
+    @triton.jit
+    def _tile_float(wd, one, BITS: tl.constexpr):
+        if BITS == 3:
+            return _dense3_float(wd[0], wd[1], wd[2], one)
+        else:
+            return _dense_float(wd[0], one, BITS)
+
+    @triton.jit
+    def _mma_width(acc, acc_up, a_rows, m_mask, one, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_lo, k_hi,
+                   GS: tl.constexpr, ONE_GROUP: tl.constexpr, SILU: tl.constexpr, BITS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        """One width's loop over this program's K span: acc (+ acc_up, the up rows N + n) += a W^T.
+        The next tile's words are loaded into registers before this tile's are unpacked (a load
+        carried over the loop, which the compiler's pipeliner leaves alone: it would stage the
+        words through shared memory)."""
+        K = KW * 32
+        rows = words_e + n.to(tl.int64) * (KW * BITS)
+        rows_up = words_e + (n + N).to(tl.int64) * (KW * BITS)
+        kk = tl.arange(0, BLOCK_K)
+        wd = _tile_words(rows, k_lo, K, n_mask, BITS, BLOCK_K)
+        wd_up = wd
+        if SILU:
+            wd_up = _tile_words(rows_up, k_lo, K, n_mask, BITS, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + kk
+            kmask = k < k_hi
+            wd_next = _tile_words(rows, k0 + BLOCK_K, K, n_mask, BITS, BLOCK_K)
+            wd_up_next = wd_next
+            if SILU:
+                wd_up_next = _tile_words(rows_up, k0 + BLOCK_K, K, n_mask, BITS, BLOCK_K)
+            a_t = tl.load(a_rows[:, None] + k[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
+            x = _tile_float(wd, one, BITS)
+            acc = _mma_tile(acc, a_t, x, k, k0, kmask, n_mask, scale_e + n * G, zero_e + n * G, GS,
+                            ONE_GROUP, BITS, FP32_DOT)
+            if SILU:
+                x_up = _tile_float(wd_up, one, BITS)
+                acc_up = _mma_tile(acc_up, a_t, x_up, k, k0, kmask, n_mask, scale_e + (n + N) * G,
+                                   zero_e + (n + N) * G, GS, ONE_GROUP, BITS, FP32_DOT)
+            wd = wd_next
+            wd_up = wd_up_next
+        return acc, acc_up
+
+    @triton.jit
+    def _experts_mma_kernel(
+            a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
+            order_ptr, counts_ptr, starts_ptr, route_w_ptr,
+            N, KW, R, G, TOPK, M_TILES, ONE,
+            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, GS: tl.constexpr, SILU: tl.constexpr,
+            HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
+            ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            FP32_DOT: tl.constexpr):
+        """Program (expert e, BLOCK_M of its sorted slots, BLOCK_N rows, K span): the (rows, tokens)
+        tile W_e a^T on the tensor cores, the weights made in registers from the codes each K step
+        (the dot's first operand, which the tensor cores take from registers), the tokens' columns
+        of a the second. Slots, gathering and scattering as _gemvm_kernel."""
+        pid = tl.program_id(0)
+        e = pid // M_TILES
+        m_tile = pid % M_TILES
+        count = tl.load(counts_ptr + e)
+        if m_tile * BLOCK_M >= count:
+            return
+        m_mask, pos, slot = _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M)
+        K = KW * 32
+        if GATHER_A:
+            a_rows = a_ptr + (slot // TOPK).to(tl.int64) * K
+        else:
+            a_rows = a_ptr + pos.to(tl.int64) * K
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        e = e.to(tl.int64)
+        bits = tl.load(bits_ptr + e)
+        words_e = words_ptr + tl.load(word_off_ptr + e)
+        scale_e = scale_ptr + e * R * G
+        zero_e = zero_ptr + e * R * G
+        k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        k_lo = tl.program_id(2) * k_steps * BLOCK_K
+        k_hi = tl.minimum(K, k_lo + k_steps * BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if bits == 1:
+            acc, acc_up = _mma_width(acc, acc_up, a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G,
+                                     k_lo, k_hi, GS, ONE_GROUP, SILU, 1, BLOCK_K, FP32_DOT)
+        elif bits == 2:
+            acc, acc_up = _mma_width(acc, acc_up, a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G,
+                                     k_lo, k_hi, GS, ONE_GROUP, SILU, 2, BLOCK_K, FP32_DOT)
+        elif bits == 3:
+            acc, acc_up = _mma_width(acc, acc_up, a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G,
+                                     k_lo, k_hi, GS, ONE_GROUP, SILU, 3, BLOCK_K, FP32_DOT)
+        elif bits == 4:
+            acc, acc_up = _mma_width(acc, acc_up, a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G,
+                                     k_lo, k_hi, GS, ONE_GROUP, SILU, 4, BLOCK_K, FP32_DOT)
+        else:
+            acc, acc_up = _mma_width(acc, acc_up, a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G,
+                                     k_lo, k_hi, GS, ONE_GROUP, SILU, 8, BLOCK_K, FP32_DOT)
+        if SCATTER_OUT:
+            out_rows = (slot // TOPK).to(tl.int64)
+        else:
+            out_rows = pos.to(tl.int64)
+        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr,
+                route_w_ptr, R, N, tl.program_id(2) == 0, SILU, HAS_BIAS, ROUTE_WEIGHT, ATOMIC)
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Tile sizes of one launch; ``split_k`` > 1 sums partial products with atomics."""
@@ -907,6 +1090,63 @@ def _fused_experts_gemvm(hidden, top_k_index, top_k_weights, up: PackedMatrices,
     return out.to(hidden.dtype)
 
 
+def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
+                silu: bool, route_w: torch.Tensor | None, tiles: Tiles):
+    order, counts, starts, top_k = routing
+    atomic = scatter_out or tiles.split_k > 1
+    assert not atomic or out.dtype == torch.float32
+    num_experts = mats.scale.shape[0]
+    m_tiles = max(1, triton.cdiv(order.numel() // top_k, tiles.block_m))   # an expert has at most T slots
+    grid = (num_experts * m_tiles, triton.cdiv(n_out, tiles.block_n), tiles.split_k)
+    dummy = mats.scale
+    _experts_mma_kernel[grid](
+        a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
+        mats.bias if mats.bias is not None else dummy, order, counts, starts,
+        route_w if route_w is not None else dummy,
+        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles, ONE_BITS,
+        GATHER_A=gather_a, SCATTER_OUT=scatter_out, GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None,
+        ROUTE_WEIGHT=route_w is not None, ATOMIC=atomic, SPLIT_K=tiles.split_k,
+        ONE_GROUP=mats.group_size % tiles.block_k == 0, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, FP32_DOT=a.dtype == torch.float32, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
+
+
+def choose_mma_tiles(tokens: int, top_k: int, num_experts: int, n_out: int, k: int, sms: int) -> Tiles:
+    """Tensor-core tiles from the tokens per expert: 16 of them with 64 rows and K tiles of 128
+    (few tokens: the unpacking is the work, two K tiles of loads in flight), up to 128 x 128 with
+    K tiles of 64 (many: the tensor cores are)."""
+    per_expert = tokens * top_k / max(1, min(num_experts, tokens * top_k))
+    bm = min(128, max(16, triton.next_power_of_2(int(per_expert))))
+    if bm <= 32:
+        return Tiles(bm, 64, 128, 1, num_warps=4, num_stages=2)
+    return Tiles(bm, 128, 64, 1, num_warps=8, num_stages=3)
+
+
+def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
+                       gated: bool, fuse_silu: bool, activation, tiles: tuple[Tiles, Tiles] | None):
+    """Tensor cores: slots sorted by expert; launch 1 writes h at the sorted positions (gathering x
+    rows by token), launch 2 adds w[slot] * (h W_down^T) into out[token] with float32 atomics."""
+    T, H = hidden.shape
+    k = top_k_index.shape[-1]
+    num_experts = up.scale.shape[0]
+    routing = route(top_k_index, num_experts)
+    sms = sm_count(hidden.device)
+    inter = up.rows // 2 if gated else up.rows
+    t1 = tiles[0] if tiles else choose_mma_tiles(T, k, num_experts, up.rows, H, sms)
+    fused = gated and fuse_silu and t1.split_k == 1
+    n1 = inter if fused else up.rows
+    h = _launch1_out(T * k, n1, t1.split_k, hidden)
+    _launch_mma(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused,
+                route_w=None, tiles=t1)
+    if not fused:
+        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
+    t2 = tiles[1] if tiles else choose_mma_tiles(T, k, num_experts, H, inter, sms)
+    out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
+    _launch_mma(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
+                route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
+    return out.to(hidden.dtype)
+
+
 def route(top_k_index: torch.Tensor, num_experts: int):
     """Slots sorted by expert (stable), tokens per expert and each expert's first sorted
     position; all on the device, no host sync."""
@@ -935,6 +1175,9 @@ def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     if gemv is None and tiles is None:
         gemv = True if gemv_applies(T, k, num_experts, up, down) else \
             "few" if gemvm_applies(T, k, num_experts, up, down) else False
+    if gemv == "mma":
+        return _fused_experts_mma(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
+                                  activation=activation, tiles=tiles)
     if gemv == "few":
         return _fused_experts_gemvm(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
                                     activation=activation, tiles=gemv_tiles)
