@@ -18,7 +18,8 @@
 3. ``--generate``: 8 Mixtral-8x7B-shaped layers (random weights): greedy generation of 64
    new tokens after a 32-token prompt at batch 1 and 16, bf16 (grouped_mm, eager) against the
    packed model (experts mixed as above, attention 4 bits), warmed up at the same lengths.
-4. ``--sweep``: tile sizes for the mixed Mixtral layer at T = 1, 16, 4096.
+4. ``--sweep``: the tensor-core kernel's tile sizes for the mixed layers (--layer, default both) at
+   --tokens; ``--gemv_sweep`` the decode kernel's.
 5. ``--profile``: torch.profiler tables (CUDA time per kernel) for that layer, both backends.
 """
 from __future__ import annotations
@@ -219,49 +220,6 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
         torch.cuda.empty_cache()
 
 
-def sweep(shapes=("mixtral8x7b",), tokens=(1, 16, 4096)):
-    """Tile candidates per layer shape and T: (block_m, block_n, block_k, split_k of launch 1,
-    split_k of launch 2, warps, stages). Launch 1 split over K computes gate/up in float32 and
-    SwiGLU after it; unsplit, SwiGLU is fused in the kernel. T = 1 here is the grouped GEMMs'
-    one-token tiles (the layer itself takes the decode kernel: --gemv_sweep)."""
-    cands = {1: [(1, 64, 128, 1, 4, 4, 2), (1, 16, 128, 4, 8, 4, 2)],
-             16: [(16, 64, 128, 1, 1, 4, 2), (16, 64, 128, 1, 1, 4, 3), (16, 128, 128, 1, 1, 4, 2),
-                  (16, 128, 128, 1, 1, 8, 3), (16, 32, 128, 1, 1, 4, 2), (16, 64, 64, 1, 1, 4, 3),
-                  (16, 64, 128, 1, 2, 4, 2), (16, 256, 128, 1, 1, 8, 2), (32, 64, 128, 1, 1, 4, 2)],
-             4096: [(128, 64, 128, 1, 1, 8, 3), (128, 128, 128, 1, 1, 8, 3), (64, 128, 128, 1, 1, 4, 3),
-                    (128, 128, 64, 1, 1, 8, 4), (128, 256, 64, 1, 1, 8, 3), (64, 64, 128, 1, 1, 4, 4),
-                    (128, 128, 128, 1, 1, 4, 3), (256, 128, 64, 1, 1, 8, 3)]}
-    for shape in shapes:
-        model_type, H, I, E, k = SHAPES[shape]
-        m = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
-        gen = torch.Generator(device=DEV).manual_seed(2)
-        up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-        log(f"\n## tile sweep, mixed {shape} layer: (block_m, block_n, block_k, split_k launch 1, split_k launch 2, "
-            f"warps, stages)")
-        for T in tokens:
-            x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
-            idx, w = routing(T, E, k, torch.bfloat16, gen)
-            ref = dequantize_experts_forward(m, x, idx, w)
-            ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True), 20 if T < 64 else 5)
-            log(f"T {T:5d} default: {ms:.3f} ms")
-            RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T, "tiles": "default", "ms": ms})
-            for bm, bn, bk, sk1, sk2, warps, stages in cands.get(T, []):
-                t1 = tx.Tiles(bm, bn, bk, sk1, warps, stages)
-                t2 = tx.Tiles(bm, bn, bk, sk2, warps, stages)
-                fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,  # noqa: E731
-                                              tiles=(t1, t2), gemv=False)
-                try:
-                    err = rel(fn(), ref)
-                    ms = timed(fn, 20 if T < 64 else 5)
-                    log(f"T {T:5d} tiles {bm}, {bn}, {bk}, {sk1}, {sk2}, {warps}, {stages}: {ms:.3f} ms "
-                        f"(rel diff {err:.1e})")
-                    RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T, "ms": ms, "rel": err,
-                                                            "tiles": [bm, bn, bk, sk1, sk2, warps, stages]})
-                except Exception as exc:  # noqa: BLE001
-                    log(f"T {T} tiles {bm}, {bn}, {bk}, {sk1}, {sk2}, {warps}, {stages}: {type(exc).__name__} "
-                        f"{str(exc)[:150]}")
-
-
 def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
     """The decode kernel (one program per routed slot) against the grouped GEMMs, and its tile
     candidates (block_n, nw, split_k launch 1, split_k launch 2, warps), per layer shape and T;
@@ -277,37 +235,19 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
             idx, w = routing(T, E, k, torch.bfloat16, gen)
             ref = dequantize_experts_forward(m, x, idx, w)
-            kernels_ = (("grouped GEMMs", dict(gemv=False)), ("gemv default", dict(gemv=True)),
-                        ("few-tokens default", dict(gemv="few")))
+            kernels_ = (("gemv default", dict(kernel="gemv")), ("mma default", dict(kernel="mma")))
             for label, kw in kernels_:
                 got = tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw)
                 ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw), 50)
                 log(f"T {T:3d} {label}: {ms:.4f} ms (rel diff {rel(got, ref):.1e})")
                 RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "tiles": label, "ms": ms})
-            if T * k > E:   # the few-tokens kernel's candidates (block_m, block_n, nw, split_k 2, warps)
-                for bm, bn, nw, sk2, warps in ((4, 64, 8, 1, 4), (4, 32, 8, 4, 2), (8, 64, 8, 1, 4), (8, 32, 8, 1, 2),
-                                               (8, 32, 8, 4, 2), (8, 16, 8, 4, 1), (16, 32, 8, 1, 2), (2, 64, 8, 1, 4)):
-                    t1 = tx.GemvTiles(bn, nw, 1, warps, block_m=bm)
-                    t2 = tx.GemvTiles(bn, nw, sk2, warps, block_m=bm)
-                    fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,  # noqa: E731
-                                                  gemv="few", gemv_tiles=(t1, t2))
-                    try:
-                        err = rel(fn(), ref)
-                        ms = timed(fn, 50)
-                        log(f"T {T:3d} few-tokens tiles {bm}, {bn}, {nw}, {sk2}, {warps}: {ms:.4f} ms (rel diff {err:.1e})")
-                        RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "ms": ms, "kernel": "few",
-                                                                     "tiles": [bm, bn, nw, sk2, warps]})
-                    except Exception as exc:  # noqa: BLE001
-                        log(f"T {T} few-tokens tiles {bm}, {bn}, {nw}, {sk2}, {warps}: {type(exc).__name__} "
-                            f"{str(exc)[:150]}")
-                continue
             cands = [(bn, nw, 1, sk2, warps) for bn, nw, warps in ((64, 8, 4), (32, 8, 2), (32, 16, 4), (128, 8, 4))
                      for sk2 in (1, 4)]
             for bn, nw, sk1, sk2, warps in cands:
                 t1 = tx.GemvTiles(bn, nw, sk1, warps)
                 t2 = tx.GemvTiles(bn, nw, sk2, warps)
                 try:
-                    fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, gemv=True,
+                    fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, kernel="gemv",
                                                   gemv_tiles=(t1, t2))
                     err = rel(fn(), ref)
                     ms = timed(fn, 50)
@@ -337,6 +277,67 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
                 ms = timed(g.replay, 50)
                 log(f"T {T:3d} gemv kernels alone, CUDA graph replay: {ms:.4f} ms; routed GB/s "
                     f"{routed_bytes(m, idx) / ms / 1e6:.0f}")
+
+
+def sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(16, 4096)):
+    """The tensor-core kernel (kernel="mma") against the default path (the decode kernel where it
+    applies), the dequantize path and bf16 grouped_mm, and its tile candidates (block_m, block_n,
+    block_k, split_k launch 2, warps, stages), per layer shape and T."""
+    cands = {16: [(16, 64, 128, 1, 4, 2), (16, 32, 128, 1, 4, 2), (16, 128, 128, 1, 4, 2), (16, 64, 256, 1, 4, 2),
+                  (16, 64, 64, 1, 4, 3), (16, 128, 64, 1, 8, 3), (16, 64, 128, 2, 4, 2)],
+             4096: [(128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3),
+                    (128, 64, 64, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 64, 1, 4, 4)]}
+    for shape in shapes:
+        model_type, H, I, E, k = SHAPES[shape]
+        m = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
+        cls, config = experts_template(model_type, H, I, E, k)
+        with torch.device(DEV):
+            dense = cls(config).to(torch.bfloat16)
+        for p in dense.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        config._experts_implementation = "grouped_mm"
+        gen = torch.Generator(device=DEV).manual_seed(6)
+        up, down = m.packed("gate_up_proj"), m.packed("down_proj")
+        log(f"\n## tensor-core kernel from words, mixed {shape} layer: tiles (block_m, block_n, block_k, "
+            f"split_k 2, warps, stages)")
+        for T in tokens:
+            x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+            idx, w = routing(T, E, k, torch.bfloat16, gen)
+            ref = dequantize_experts_forward(m, x, idx, w)
+            reps = 50 if T <= 64 else 10
+            with torch.no_grad():
+                base = timed(lambda: dense(x, idx, w), reps)
+            log(f"T {T:4d} bf16 grouped_mm: {base:.4f} ms")
+            for label, fn in (("dequantize", lambda: dequantize_experts_forward(m, x, idx, w)),
+                              ("default fused", lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True)),
+                              ("mma default", lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,
+                                                                       kernel="mma"))):
+                try:
+                    err = rel(fn(), ref)
+                    ms = timed(fn, reps)
+                    log(f"T {T:4d} {label}: {ms:.4f} ms, x bf16 {base / ms:.2f} (rel diff {err:.1e})")
+                    RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T, "tiles": label, "ms": ms,
+                                                                "bf16_ms": base})
+                except Exception as exc:  # noqa: BLE001
+                    log(f"T {T} {label}: {type(exc).__name__} {str(exc)[:200]}")
+            for bm, bn, bk, sk2, warps, stages in cands.get(T, []):
+                t1 = tx.Tiles(bm, bn, bk, 1, warps, stages)
+                t2 = tx.Tiles(bm, bn, bk, sk2, warps, stages)
+                fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True,  # noqa: E731
+                                              kernel="mma", tiles=(t1, t2))
+                try:
+                    err = rel(fn(), ref)
+                    ms = timed(fn, reps)
+                    log(f"T {T:4d} mma tiles {bm}, {bn}, {bk}, {sk2}, {warps}, {stages}: {ms:.4f} ms, "
+                        f"x bf16 {base / ms:.2f} (rel diff {err:.1e})")
+                    RESULTS.setdefault("sweep", []).append({"shape": shape, "T": T, "ms": ms, "bf16_ms": base,
+                                                                "tiles": [bm, bn, bk, sk2, warps, stages]})
+                except Exception as exc:  # noqa: BLE001
+                    log(f"T {T} mma tiles {bm}, {bn}, {bk}, {sk2}, {warps}, {stages}: {type(exc).__name__} "
+                        f"{str(exc)[:150]}")
+        dense = m = None
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def profile():
@@ -476,7 +477,7 @@ def main():
     log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
     ok = True
     steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer] + \
-        ([generate] if a.generate else []) + ([lambda: sweep(a.layer or ("mixtral8x7b",), a.tokens)] if a.sweep else []) + ([profile] if a.profile else []) + \
+        ([generate] if a.generate else []) + ([lambda: sweep(a.layer or tuple(SHAPES), a.tokens)] if a.sweep else []) + ([profile] if a.profile else []) + \
         ([lambda: gemv_sweep(a.layer or tuple(SHAPES), a.tokens)] if a.gemv_sweep else [])
     for step in steps:
         t0 = time.time()

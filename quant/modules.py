@@ -74,8 +74,8 @@ class QuantLinear(nn.Module):
         return dequantize(self.weight.view(torch.uint8), self.weight_scale, zero, self.bits, self.in_features, dtype)
 
     def fused_applies(self) -> bool:
-        return triton_experts.available() and triton_experts.group_size_ok(self.in_features // self.groups) \
-            and self.in_features % self.groups == 0
+        return triton_experts.available() and self.in_features % self.groups == 0 \
+            and triton_experts.words_ok(self.in_features, self.in_features // self.groups)
 
     def packed(self) -> triton_experts.PackedMatrices:
         """This matrix as the fused kernel reads it: one "expert" (zeros decoded once, per device)."""
@@ -183,8 +183,8 @@ class QuantExperts(nn.Module):
         return self._kernel_cache[key]
 
     def fused_applies(self) -> bool:
-        """The kernel takes these shapes (group size a multiple of 16) and Triton is there."""
-        return all(triton_experts.group_size_ok(layout.cols // layout.groups) and layout.cols % layout.groups == 0
+        """The kernels take these shapes (rows of whole int32 words in one group: words_ok) and Triton is there."""
+        return all(layout.cols % layout.groups == 0 and triton_experts.words_ok(layout.cols, layout.cols // layout.groups)
                    for layout in self.layouts.values()) and triton_experts.available()
 
     def _silu_gate(self) -> bool:
@@ -237,7 +237,7 @@ def set_experts_backend(model: nn.Module, backend: str, linears: bool = True) ->
     mods = [m for m in model.modules() if isinstance(m, kinds)]
     for m in mods:
         if backend == "fused" and not m.fused_applies():
-            raise ValueError("the fused kernel needs Triton and a group size that is a multiple of 16; "
+            raise ValueError("the fused kernels need Triton, and columns and a group size that are multiples of 32; "
                              "use backend='dequantize'")
         m.backend = backend
     return len(mods)

@@ -2,8 +2,8 @@
 
 Writes the weight once in the compute dtype, where the eager version
 (quant/packing.dequantize_packed) makes several passes over intermediate tensors. Same
-arithmetic: w = scale * (q - zero) in float32, then cast. The codes are read as the fused
-experts kernel reads them (quant/triton_experts.py: _codes_tile).
+arithmetic: w = scale * (q - zero) in float32, then cast. A packed row is read as units of 8
+codes, ``bits`` bytes each (quant/packing.py), unpacked in column order in registers.
 The tests run it through Triton's interpreter on the CPU (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -18,7 +18,41 @@ except ImportError:  # CPU-only installs
 
 
 if triton is not None:
-    from .triton_experts import _codes_tile
+    @triton.jit
+    def _unit_words(row_ptr, unit, mask, BITS: tl.constexpr):
+        """Units ``unit`` of the packed rows at ``row_ptr``, (rows, U) int32 of 8 * BITS bits
+        (BITS <= 4): a unit is 8 codes in BITS consecutive bytes, little-endian."""
+        ptr = row_ptr[:, None] + unit[None, :] * BITS
+        v = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+        for b in tl.static_range(1, BITS):
+            v = v | (tl.load(ptr + b, mask=mask, other=0).to(tl.int32) << (8 * b))
+        return v
+
+    @triton.jit
+    def _plane(v, row_ptr, unit, mask, j: tl.constexpr, BITS: tl.constexpr):
+        """Code j of every unit, (rows, U) int32: shifted out of the unit, or (8 bits) its byte."""
+        if BITS == 8:
+            return tl.load(row_ptr[:, None] + unit[None, :] * 8 + j, mask=mask, other=0).to(tl.int32)
+        else:
+            return (v >> (j * BITS)) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def _codes_tile(row_ptr, unit, mask, BITS: tl.constexpr):
+        """The codes of units ``unit`` in column order, (rows, 8 U) int32: the 8 planes
+        interleaved in registers (interleave(x, y) alternates x and y along the last axis)."""
+        v = tl.zeros(mask.shape, dtype=tl.int32)
+        if BITS != 8:
+            v = _unit_words(row_ptr, unit, mask, BITS)
+        p0 = _plane(v, row_ptr, unit, mask, 0, BITS)
+        p1 = _plane(v, row_ptr, unit, mask, 1, BITS)
+        p2 = _plane(v, row_ptr, unit, mask, 2, BITS)
+        p3 = _plane(v, row_ptr, unit, mask, 3, BITS)
+        p4 = _plane(v, row_ptr, unit, mask, 4, BITS)
+        p5 = _plane(v, row_ptr, unit, mask, 5, BITS)
+        p6 = _plane(v, row_ptr, unit, mask, 6, BITS)
+        p7 = _plane(v, row_ptr, unit, mask, 7, BITS)
+        return tl.interleave(tl.interleave(tl.interleave(p0, p4), tl.interleave(p2, p6)),
+                             tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7)))
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS,

@@ -1,40 +1,29 @@
-"""Fused mixed-bit MoE experts: grouped GEMMs straight from the packed codes (GPU path).
+"""Fused mixed-bit MoE experts: the routed experts computed straight from the packed codes (GPU path).
 
 One launch computes every routed expert's gate/up projection, whatever width each expert
 has, and one more launch its down projection; the codes are unpacked and dequantized in
-registers, never written out:
+registers, never written to memory:
 
-    tokens sorted by expert (a stable sort of the T*k routing slots, no host sync)
-    h  = silu(x W_gate^T) * (x W_up^T)      launch 1, rows of x gathered by slot // k
-    y  = w_route * (h W_down^T)             launch 2, rows written back to their slot
-    out[t] = sum over t's k slots of y      (one reduction)
+    h   = silu(x W_gate^T) * (x W_up^T)      launch 1, one row per routing slot (token, expert)
+    out[t] += w_route * (h W_down^T)         launch 2, float32 atomics into the slot's token row
 
-A program owns (expert, BLOCK_M of its tokens, BLOCK_N output rows) and walks the input
-columns BLOCK_K at a time. A packed row (quant/packing.py) is units of 8 codes, ``bits``
-bytes each: a unit is loaded with one byte load per bit of width and its codes shifted out
-in registers. One loop per width is compiled in; the expert's width picks one at run time,
-so every mix runs in the same two launches. One token per tile runs on the CUDA cores
-(products kept per (row, unit), reduced once at the end); more run on the tensor cores
-(codes put in column order in registers, one ``tl.dot`` per K tile, the scale and zero
-point applied after the dot when the tile lies in one group). Programs past an expert's
-token count return at once, so the grid is sized from T alone. With few tokens (decode)
-the down projection is split over K (``split_k``) and summed with float32 atomics, to keep
-every SM reading codes.
+Both kernels read a packed row (quant/packing.py) as little-endian int32 words, so a layer
+needs rows of whole words inside one quantization group (``words_ok``: columns and group
+size multiples of 32); other layers run the dequantize path. One loop per width is compiled
+in and the expert's width picks one at run time, so every mix of 1/2/3/4/8 bits runs in the
+same two launches.
 
-Decode (one token, or no more routed slots than experts) takes a second kernel,
-``_gemv_kernel``, where a layer allows it (rows of whole int32 words: cols and group size
-multiples of 32; PackedMatrices.words): one program per (routed slot, row tile, K span),
-the expert read off top_k_index in the kernel (no sort, no routing tables), codes loaded as
-int32 words (32 / bits codes each; a 3-bit row read as one stream of codes over consecutive
-words), each code made the float 1 + q / 2^bits by a shift and one LOP3, the scale and zero
-point applied once per word. Launch 1
-writes silu(gate) * up per slot; launch 2 adds w_route * (h W_down^T) into the float32
-output row of the slot's token with atomics: a zeroed buffer, two launches and a cast.
-
-From more routed slots than experts up to 8 tokens per expert (Mixtral at 16 tokens), the
-few-tokens kernel ``_gemvm_kernel`` reads codes as the decode kernel does, with slots sorted
-by expert and a group of up to 8 of one expert's tokens per program: each code is unpacked
-once per group and multiplied with every token's column.
+- ``_gemv_kernel`` (decode: one token, or no more routed slots than experts): one program per
+  (routed slot, row tile, K span), the expert read off top_k_index in the kernel (no sort, no
+  routing tables), each code made the float 1 + q / 2^bits by a shift and one LOP3 (a 3-bit
+  row read as one stream of codes over consecutive words), the scale and zero point applied
+  once per word; K split over programs for the down projection.
+- ``_experts_mma_kernel`` (more tokens): slots sorted by expert (route(), no host sync), a
+  program owns (expert, BLOCK_M of its tokens, BLOCK_N rows) and per K tile makes the weights
+  w = s (q - z) in registers from the words (the same float trick, one multiply-add, rounded to
+  the activations' dtype as the reference's dequantized matrix is) and hands them to one
+  ``tl.dot`` on the tensor cores. Programs past an expert's token count return at once, so the
+  grid is sized from T alone.
 
 The reference it is tested against is quant/modules.dequantize_experts_forward (dequantize
 the routed experts, then matmuls); the tests run this file through Triton's interpreter on
@@ -42,6 +31,7 @@ the CPU (TRITON_INTERPRET=1), ``benchmarks/bench_experts_kernel.py --check`` on 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -59,161 +49,6 @@ def available() -> bool:
 
 
 if triton is not None:
-    @triton.jit
-    def _unit_words(row_ptr, unit, mask, BITS: tl.constexpr):
-        """Units ``unit`` of the packed rows at ``row_ptr``, (rows, U) int32 of 8 * BITS bits
-        (BITS <= 4): a unit is 8 codes in BITS consecutive bytes, little-endian."""
-        ptr = row_ptr[:, None] + unit[None, :] * BITS
-        v = tl.load(ptr, mask=mask, other=0).to(tl.int32)
-        for b in tl.static_range(1, BITS):
-            v = v | (tl.load(ptr + b, mask=mask, other=0).to(tl.int32) << (8 * b))
-        return v
-
-    @triton.jit
-    def _plane(v, row_ptr, unit, mask, j: tl.constexpr, BITS: tl.constexpr):
-        """Code j of every unit, (rows, U) int32: shifted out of the unit, or (8 bits) its byte."""
-        if BITS == 8:
-            return tl.load(row_ptr[:, None] + unit[None, :] * 8 + j, mask=mask, other=0).to(tl.int32)
-        else:
-            return (v >> (j * BITS)) & ((1 << BITS) - 1)
-
-    @triton.jit
-    def _codes_tile(row_ptr, unit, mask, BITS: tl.constexpr):
-        """The codes of units ``unit`` in column order, (rows, 8 U) int32: the 8 planes
-        interleaved in registers (interleave(x, y) alternates x and y along the last axis)."""
-        v = tl.zeros(mask.shape, dtype=tl.int32)
-        if BITS != 8:
-            v = _unit_words(row_ptr, unit, mask, BITS)
-        p0 = _plane(v, row_ptr, unit, mask, 0, BITS)
-        p1 = _plane(v, row_ptr, unit, mask, 1, BITS)
-        p2 = _plane(v, row_ptr, unit, mask, 2, BITS)
-        p3 = _plane(v, row_ptr, unit, mask, 3, BITS)
-        p4 = _plane(v, row_ptr, unit, mask, 4, BITS)
-        p5 = _plane(v, row_ptr, unit, mask, 5, BITS)
-        p6 = _plane(v, row_ptr, unit, mask, 6, BITS)
-        p7 = _plane(v, row_ptr, unit, mask, 7, BITS)
-        return tl.interleave(tl.interleave(tl.interleave(p0, p4), tl.interleave(p2, p6)),
-                             tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7)))
-
-    @triton.jit
-    def _scales(scale_e, zero_e, n, n_mask, mask, unit, k0, G, GS, ONE_GROUP: tl.constexpr):
-        """Scale s and offset c = -s z of rows n for the units of one K tile: (rows, 1)
-        inside one group, else (rows, U), so that w = q s + c."""
-        if ONE_GROUP:
-            g = k0 // GS
-            s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        else:
-            gu = ((unit * 8) // GS)[None, :]
-            s = tl.load(scale_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(zero_e + n[:, None] * G + gu, mask=mask, other=0.0).to(tl.float32)
-        return s, -s * z
-
-    @triton.jit
-    def _loop_fma(acc, acc_up, a_ptr, a_row, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                  k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One token (decode): acc (+ acc_up) += a @ W^T on the CUDA cores. A K tile is
-        U = BLOCK_K / 8 units of 8 codes; code j of every unit (column 8u + j) is shifted out
-        of the loaded unit, dequantized (w = q s + c) and multiplied with those columns of a.
-        Products stay per (row, unit) until the loop ends, in the layout the codes were
-        loaded in: one reduction over the units at the end."""
-        U: tl.constexpr = BLOCK_K // 8
-        u = tl.arange(0, U)
-        rows = codes_e + n.to(tl.int64) * row_bytes
-        rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
-        p = tl.zeros((BLOCK_N, U), dtype=tl.float32)
-        p_up = tl.zeros((BLOCK_N, U), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            unit = k0 // 8 + u
-            mask = n_mask[:, None] & (unit * 8 < K)[None, :]
-            v = tl.zeros((BLOCK_N, U), dtype=tl.int32)
-            v_up = tl.zeros((BLOCK_N, U), dtype=tl.int32)
-            if BITS != 8:
-                v = _unit_words(rows, unit, mask, BITS)
-                if SILU:
-                    v_up = _unit_words(rows_up, unit, mask, BITS)
-            s, c = _scales(scale_e, zero_e, n, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
-            s_up, c_up = s, c
-            if SILU:
-                s_up, c_up = _scales(scale_e, zero_e, n + N, n_mask, mask, unit, k0, G, GS, ONE_GROUP)
-            for j in tl.static_range(8):
-                col = unit * 8 + j
-                a = tl.load(a_ptr + a_row * K + col, mask=col < K, other=0.0).to(tl.float32)[None, :]
-                p += (_plane(v, rows, unit, mask, j, BITS).to(tl.float32) * s + c) * a
-                if SILU:
-                    p_up += (_plane(v_up, rows_up, unit, mask, j, BITS).to(tl.float32) * s_up + c_up) * a
-        acc += tl.sum(p, axis=1)[None, :]
-        if SILU:
-            acc_up += tl.sum(p_up, axis=1)[None, :]
-        return acc, acc_up
-
-    @triton.jit
-    def _dot_tile(acc, a, a_sum, rows, unit, umask, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
-                  BITS: tl.constexpr, ONE_GROUP: tl.constexpr, FP32_DOT: tl.constexpr):
-        """acc += a @ W^T for one K tile of rows ``rows`` on the tensor cores. Inside one
-        quantization group the scale and zero point come out of the sum,
-        sum_k a_k s (q_k - z) = s (sum_k a_k q_k - z sum_k a_k), so the codes (exact small
-        integers) go to the dot as they are; otherwise each weight is s (q - z) first."""
-        q = _codes_tile(rows, unit, umask, BITS)
-        if ONE_GROUP:
-            g = k0 // GS
-            s = tl.load(scale_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(zero_e + n * G + g, mask=n_mask, other=0.0).to(tl.float32)
-            if FP32_DOT:
-                part = tl.dot(a, tl.trans(q.to(a.dtype)), input_precision="ieee")
-            else:
-                part = tl.dot(a, tl.trans(q.to(a.dtype)))
-            acc += s[None, :] * (part - z[None, :] * a_sum[:, None])
-        else:
-            m2 = n_mask[:, None] & kmask[None, :]
-            gk = (k // GS)[None, :]
-            s = tl.load(scale_e + n[:, None] * G + gk, mask=m2, other=0.0).to(tl.float32)
-            z = tl.load(zero_e + n[:, None] * G + gk, mask=m2, other=0.0).to(tl.float32)
-            w = (s * (q.to(tl.float32) - z)).to(a.dtype)
-            if FP32_DOT:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w))
-        return acc
-
-    @triton.jit
-    def _loop_dot(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                  k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
-        """Many tokens (prefill): acc (+ acc_up) += a @ W^T, a tile of codes in column order
-        per K step, one dot each."""
-        U: tl.constexpr = BLOCK_K // 8
-        u = tl.arange(0, U)
-        rows = codes_e + n.to(tl.int64) * row_bytes
-        rows_up = codes_e + (n + N).to(tl.int64) * row_bytes
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            unit = k0 // 8 + u
-            umask = n_mask[:, None] & (unit * 8 < K)[None, :]
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
-            a_sum = tl.sum(a.to(tl.float32), axis=1)
-            acc = _dot_tile(acc, a, a_sum, rows, unit, umask, k, kmask, scale_e, zero_e, n, n_mask, G, GS, k0,
-                            BITS, ONE_GROUP, FP32_DOT)
-            if SILU:
-                acc_up = _dot_tile(acc_up, a, a_sum, rows_up, unit, umask, k, kmask, scale_e, zero_e, n + N, n_mask,
-                                   G, GS, k0, BITS, ONE_GROUP, FP32_DOT)
-        return acc, acc_up
-
-    @triton.jit
-    def _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                k_lo, k_hi, BITS: tl.constexpr, SILU: tl.constexpr, ONE_GROUP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
-        """One width's loop over K (BITS compiled in): the CUDA cores for a tile of one
-        token, the tensor cores for more."""
-        if BLOCK_M == 1:
-            a_row = tl.sum(a_rows)
-            return _loop_fma(acc, acc_up, a_ptr, a_row, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e,
-                             G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_N, BLOCK_K)
-        else:
-            return _loop_dot(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e,
-                             G, GS, K, k_lo, k_hi, BITS, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
 
     @triton.jit
     def _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr, route_w_ptr, R, N, first_k,
@@ -247,61 +82,6 @@ if triton is not None:
         slot = tl.load(order_ptr + pos, mask=m_mask, other=0)
         return m_mask, pos, slot
 
-    @triton.jit
-    def _experts_gemm_kernel(
-            a_ptr, out_ptr, codes_ptr, code_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
-            order_ptr, counts_ptr, starts_ptr, route_w_ptr,
-            N, K, R, G, GS, TOPK, M_TILES,
-            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-            ROUTE_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
-        """out = a @ W_e^T for each expert e's sorted rows. N output columns (with SILU: the
-        gate rows 0..N-1 and the up rows N..2N-1 of an expert's R = 2N rows)."""
-        pid_em = tl.program_id(0)
-        e = pid_em // M_TILES
-        m_tile = pid_em % M_TILES
-        count = tl.load(counts_ptr + e)
-        if m_tile * BLOCK_M >= count:
-            return
-        m_mask, pos, slot = _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M)
-        if GATHER_A:
-            a_rows = slot // TOPK
-        else:
-            a_rows = pos.to(tl.int64)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < N
-        bits = tl.load(bits_ptr + e)
-        row_bytes = ((K + 7) // 8) * bits
-        codes_e = codes_ptr + tl.load(code_off_ptr + e)
-        scale_e = scale_ptr + e.to(tl.int64) * R * G
-        zero_e = zero_ptr + e.to(tl.int64) * R * G
-        k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-        k_lo = tl.program_id(2) * k_steps * BLOCK_K
-        k_hi = tl.minimum(K, k_lo + k_steps * BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # one loop per width, each with its width compiled in; the expert's width picks one
-        if bits == 1:
-            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                                  k_lo, k_hi, 1, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
-        elif bits == 2:
-            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                                  k_lo, k_hi, 2, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
-        elif bits == 3:
-            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                                  k_lo, k_hi, 3, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
-        elif bits == 4:
-            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                                  k_lo, k_hi, 4, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
-        else:
-            acc, acc_up = _k_loop(acc, acc_up, a_ptr, a_rows, m_mask, codes_e, n, n_mask, N, row_bytes, scale_e, zero_e, G, GS, K,
-                                  k_lo, k_hi, 8, SILU, ONE_GROUP, BLOCK_M, BLOCK_N, BLOCK_K, FP32_DOT)
-        if SCATTER_OUT:
-            out_rows = slot
-        else:
-            out_rows = pos.to(tl.int64)
-        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr, route_w_ptr, R, N,
-                tl.program_id(2) == 0, SILU, HAS_BIAS, ROUTE_WEIGHT, SPLIT_K > 1)
 
     # ---- decode: one routing slot (token, expert) per program, codes read as int32 words ----
     # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
@@ -509,130 +289,8 @@ if triton is not None:
         else:
             tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
-    # ---- few tokens per expert: the decode kernel's word loads, a group of an expert's tokens per program ----
 
-    @triton.jit
-    def _gemvm_tile(w0, w1, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
-                    GS: tl.constexpr, BITS: tl.constexpr, NW: tl.constexpr):
-        """_gemv_tile for BLOCK_M tokens at once: each code is unpacked once and multiplied with
-        the column of every token of the group, (tokens, rows, words)."""
-        pq = tl.zeros((a_rows.shape[0], m2.shape[0], m2.shape[1]), dtype=tl.float32)
-        a_sum = tl.zeros((a_rows.shape[0], m2.shape[1]), dtype=tl.float32)
-        if BITS == 3:
-            o = wcol % 3
-            col0 = (wcol * 32 + o) // 3
-            for t in tl.static_range(11):
-                am = m_mask[:, None] & (wmask & ((t < 10) | (o < 2)))[None, :]
-                a = tl.load(a_rows[:, None] + (col0 + t)[None, :], mask=am, other=0.0).to(tl.float32)
-                pq += _stream3_float(w0, w1, o, one, t)[None, :, :] * a[:, None, :]
-                a_sum += a
-            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 3, NW)
-        else:
-            P: tl.constexpr = 32 // BITS
-            col0 = wcol * P
-            am = m_mask[:, None] & wmask[None, :]
-            for j in tl.static_range(P):
-                a = tl.load(a_rows[:, None] + (col0 + j)[None, :], mask=am, other=0.0).to(tl.float32)
-                pq += _code_float(w0, one, j, BITS)[None, :, :] * a[:, None, :]
-                a_sum += a
-            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, BITS, NW)
-        return _word_sum(pq, a_sum[:, None, :], s[None, :, :], z[None, :, :], BITS)
-
-    @triton.jit
-    def _gemvm_loop(a_rows, m_mask, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
-                    GS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    NW: tl.constexpr):
-        """(tokens, rows) sums a @ W^T over this program's span of K, as _gemv_loop."""
-        rows = words_e + n.to(tl.int64) * (KW * BITS)
-        scale_rows = scale_e + n * G
-        zero_rows = zero_e + n * G
-        wi = tl.arange(0, NW)
-        acc = tl.zeros((BLOCK_M, BLOCK_N, NW), dtype=tl.float32)
-        c_lo = k_step * k_steps * NW * BITS
-        c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
-        for c0 in range(c_lo, c_hi, NW):
-            wcol = c0 + wi
-            wmask = wcol < c_hi
-            m2 = n_mask[:, None] & wmask[None, :]
-            w = tl.load(rows[:, None] + wcol[None, :], mask=m2, other=0)
-            w1 = w
-            if BITS == 3:
-                w1 = tl.load(rows[:, None] + (wcol + 1)[None, :], mask=n_mask[:, None] & ((wcol + 1) < c_hi)[None, :],
-                             other=0)
-            acc += _gemvm_tile(w, w1, one, a_rows, m_mask, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask,
-                               GS, BITS, NW)
-        return tl.sum(acc, axis=2)
-
-    @triton.jit
-    def _gemvm_width(a_rows, m_mask, one, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
-                     SILU: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        acc = _gemvm_loop(a_rows, m_mask, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS,
-                          BLOCK_M, BLOCK_N, NW)
-        acc_up = acc
-        if SILU:
-            acc_up = _gemvm_loop(a_rows, m_mask, one, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
-                                 GS, BITS, BLOCK_M, BLOCK_N, NW)
-        return acc, acc_up
-
-    @triton.jit
-    def _gemvm_kernel(
-            a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
-            order_ptr, counts_ptr, starts_ptr, route_w_ptr,
-            N, KW, R, G, TOPK, M_TILES, ONE,
-            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
-            GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr,
-            ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            NW: tl.constexpr):
-        """Program (expert e, BLOCK_M of its sorted slots, row tile, K span), slots sorted by expert
-        as for the grouped GEMMs. GATHER_A: a rows are the slots' tokens (else their sorted
-        positions); SCATTER_OUT: the output row is the slot's token, added to with atomics (the k
-        slots of a token meet there), else the sorted position."""
-        pid = tl.program_id(0)
-        e = pid // M_TILES
-        m_tile = pid % M_TILES
-        count = tl.load(counts_ptr + e)
-        if m_tile * BLOCK_M >= count:
-            return
-        m_mask, pos, slot = _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M)
-        K = KW * 32
-        if GATHER_A:
-            a_rows = a_ptr + (slot // TOPK).to(tl.int64) * K
-        else:
-            a_rows = a_ptr + pos.to(tl.int64) * K
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < N
-        e = e.to(tl.int64)
-        bits = tl.load(bits_ptr + e)
-        words_e = words_ptr + tl.load(word_off_ptr + e)
-        scale_e = scale_ptr + e * R * G
-        zero_e = zero_ptr + e * R * G
-        k_step = tl.program_id(2)
-        k_steps = tl.cdiv(tl.cdiv(KW * 32, NW * 32), SPLIT_K)
-        if bits == 1:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
-                                       SILU, GS, 1, BLOCK_M, BLOCK_N, NW)
-        elif bits == 2:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
-                                       SILU, GS, 2, BLOCK_M, BLOCK_N, NW)
-        elif bits == 3:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
-                                       SILU, GS, 3, BLOCK_M, BLOCK_N, NW)
-        elif bits == 4:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
-                                       SILU, GS, 4, BLOCK_M, BLOCK_N, NW)
-        else:
-            acc, acc_up = _gemvm_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
-                                       SILU, GS, 8, BLOCK_M, BLOCK_N, NW)
-        if SCATTER_OUT:
-            out_rows = (slot // TOPK).to(tl.int64)
-        else:
-            out_rows = pos.to(tl.int64)
-        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr, route_w_ptr, R, N, k_step == 0,
-                SILU, HAS_BIAS, ROUTE_WEIGHT, ATOMIC)
-
-
-    # ---- many tokens: tensor cores, weights as the dot's first operand, codes read as int32 words ----
+    # ---- more tokens: tensor cores, the weights made from int32 words in registers each K tile ----
 
     @triton.jit
     def _top_of_mantissa(v, sh, BITS: tl.constexpr):
@@ -817,7 +475,8 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class Tiles:
-    """Tile sizes of one launch; ``split_k`` > 1 sums partial products with atomics."""
+    """Tile sizes of one tensor-core launch (``_experts_mma_kernel``): BLOCK_M tokens x BLOCK_N rows,
+    K tiles of BLOCK_K codes; ``split_k`` > 1 adds the K spans' partial sums with float32 atomics."""
     block_m: int
     block_n: int
     block_k: int
@@ -840,16 +499,16 @@ class PackedMatrices:
     cols: int
     group_size: int
     bias: torch.Tensor | None = None
-    # the codes as int32 words and each expert's offset in words, for the decode kernel; None
-    # where a row is not whole words (cols not a multiple of 32) or a word would span two
-    # groups (group size not a multiple of 32): those layers decode through the byte path
+    # the codes as int32 words and each expert's offset in words, as the kernels read them; None
+    # where a row is not whole words or a word would span two groups (words_ok): those layers
+    # run the dequantize path
     words: torch.Tensor | None = field(default=None, init=False)
     word_offsets: torch.Tensor | None = field(default=None, init=False)
 
     def __post_init__(self):
         # Rows of whole words make every expert's bytes (rows x row bytes) a multiple of 4, so the
         # offsets, prefix sums of those (quant/format.py), are whole words too.
-        if self.cols % 32 == 0 and self.group_size % 32 == 0 and self.codes.is_contiguous() \
+        if words_ok(self.cols, self.group_size) and self.codes.is_contiguous() \
                 and self.codes.data_ptr() % 4 == 0 and self.codes.numel() % 4 == 0:
             object.__setattr__(self, "words", self.codes.view(torch.int32))
             object.__setattr__(self, "word_offsets", self.code_offsets // 4)
@@ -864,64 +523,10 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# K tile: 16 units of 8 codes, so each of a tile's 8 dots (one per code position) has
-# K = 16, the least tl.dot takes.
-BLOCK_K = 128
-
-
-BIG_MATRIX = 1 << 25   # rows x columns of one expert matrix from which the one-token tiles narrow
-
-
-def group_size_ok(group_size: int) -> bool:
-    """The kernel reads whole 8-code units inside one group: group sizes that are multiples of 16."""
-    return group_size % 16 == 0
-
-
-def choose_tiles(tokens: int, top_k: int, n_out: int, k: int, num_experts: int, sms: int, split: bool) -> Tiles:
-    """Few tokens per expert (decode): one token per tile on the CUDA cores (a single token
-    in) or 16 on the tensor cores, and K split until the active experts' row tiles fill the
-    GPU twice over; many (prefill): larger tensor-core tiles."""
-    slots = tokens * top_k
-    active_experts = min(num_experts, slots)
-    per_expert = slots / max(1, active_experts)
-    if per_expert <= 8:
-        bm = 1 if tokens == 1 else 16
-        if bm == 1 and n_out * k >= BIG_MATRIX:
-            # Large experts at one token: narrow row tiles (fewer registers, more programs) and
-            # K split into spans of ~8 tiles. Mixtral-shaped layer on an H100: 0.55 ms against
-            # 0.91 with 64-row tiles and an unsplit gate/up launch; Qwen3-shaped experts (below
-            # the threshold) were slower that way (benchmarks/results/bench_experts_kernel_h100_v3*)
-            split_k = max(1, min(8, triton.cdiv(k, BLOCK_K) // 8)) if split else 1
-            return Tiles(1, 16, BLOCK_K, split_k, num_warps=4, num_stages=2)
-        bn = 64
-        split_k = 1
-        if split:
-            programs = max(1, active_experts) * triton.cdiv(n_out, bn)
-            split_k = max(1, min(triton.cdiv(k, BLOCK_K), triton.cdiv(2 * sms, programs)))
-        return Tiles(bm, bn, BLOCK_K, split_k, num_warps=4, num_stages=2)
-    # 128 x 64 tiles, 8 warps, 3 stages: the fastest of the H100 sweep at 4096 tokens for both
-    # layer shapes (Qwen3 5.8 ms against 6.8 with 64 x 128, Mixtral 37 against 52;
-    # benchmarks/results/bench_experts_kernel_h100_v3_sweep.txt)
-    return Tiles(128, 64, BLOCK_K, 1, num_warps=8, num_stages=3)
-
-
-def _launch(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool, silu: bool,
-            route_w: torch.Tensor | None, tiles: Tiles):
-    order, counts, starts, top_k = routing
-    num_experts = mats.scale.shape[0]
-    # An expert gets at most one slot per token (top-k picks distinct experts): T rows.
-    m_tiles = max(1, triton.cdiv(order.numel() // top_k, tiles.block_m))
-    grid = (num_experts * m_tiles, triton.cdiv(n_out, tiles.block_n), tiles.split_k)
-    dummy = mats.scale
-    _experts_gemm_kernel[grid](
-        a, out, mats.codes, mats.code_offsets, mats.bits, mats.scale, mats.zero,
-        mats.bias if mats.bias is not None else dummy, order, counts, starts,
-        route_w if route_w is not None else dummy,
-        n_out, mats.cols, mats.rows, mats.scale.shape[2], mats.cols // mats.scale.shape[2], top_k, m_tiles,
-        GATHER_A=gather_a, SCATTER_OUT=scatter_out, SILU=silu, HAS_BIAS=mats.bias is not None,
-        ROUTE_WEIGHT=route_w is not None, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        ONE_GROUP=(mats.group_size % tiles.block_k == 0), BLOCK_K=tiles.block_k, FP32_DOT=a.dtype == torch.float32, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+def words_ok(cols: int, group_size: int) -> bool:
+    """The kernels read rows of whole int32 words, a word inside one quantization group: columns and
+    group size multiples of 32 (every MoE family's hidden and expert sizes are)."""
+    return cols % 32 == 0 and group_size % 32 == 0
 
 
 def _launch1_out(rows: int, n1: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
@@ -953,7 +558,6 @@ class GemvTiles:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
-    block_m: int = 1   # tokens per program of the few-tokens kernel (_gemvm_kernel); the decode kernel takes one
 
 
 def choose_gemv_tiles(slots: int, n_out: int, k: int, sms: int, split: bool) -> GemvTiles:
@@ -992,9 +596,10 @@ def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o
 
 # The decode kernel reads an expert's codes once per routed token (no sorting, no routing
 # tables, two launches and a memset): it runs while the routed slots are no more than the
-# experts (T k <= E, about one token per routed expert) and always at T = 1.
-def gemv_applies(tokens: int, top_k: int, num_experts: int, up: PackedMatrices, down: PackedMatrices) -> bool:
-    return up.words is not None and down.words is not None and (tokens == 1 or tokens * top_k <= num_experts)
+# experts (T k <= E, about one token per routed expert) and always at T = 1; the tensor-core
+# kernel, which reads an expert's codes once per 16 to 128 of its tokens, above that.
+def choose_kernel(tokens: int, top_k: int, num_experts: int) -> str:
+    return "gemv" if tokens == 1 or tokens * top_k <= num_experts else "mma"
 
 
 def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *, gated: bool,
@@ -1023,73 +628,6 @@ def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, 
     return out.to(hidden.dtype)
 
 
-def _launch_gemvm(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
-                  silu: bool, route_w: torch.Tensor | None, tiles: GemvTiles):
-    order, counts, starts, top_k = routing
-    atomic = scatter_out or tiles.split_k > 1
-    assert not atomic or out.dtype == torch.float32
-    num_experts = mats.scale.shape[0]
-    m_tiles = max(1, triton.cdiv(order.numel() // top_k, tiles.block_m))   # an expert has at most T slots
-    grid = (num_experts * m_tiles, triton.cdiv(n_out, tiles.block_n), tiles.split_k)
-    dummy = mats.scale
-    _gemvm_kernel[grid](
-        a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
-        mats.bias if mats.bias is not None else dummy, order, counts, starts,
-        route_w if route_w is not None else dummy,
-        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles, ONE_BITS,
-        GATHER_A=gather_a, SCATTER_OUT=scatter_out, GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None,
-        ROUTE_WEIGHT=route_w is not None, ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-
-
-def choose_gemvm_tiles(tokens: int, top_k: int, num_experts: int, n_out: int, k: int, sms: int,
-                       split: bool) -> GemvTiles:
-    """Groups of up to 8 of an expert's tokens per program; rows and K split as for the decode
-    kernel, counting a group where that counts a slot."""
-    slots = tokens * top_k
-    active = min(num_experts, slots)
-    block_m = min(8, triton.next_power_of_2(max(1, triton.cdiv(slots, active))))
-    groups = active * triton.cdiv(triton.cdiv(slots, active), block_m)
-    t = choose_gemv_tiles(groups, n_out, k, sms, split)
-    return GemvTiles(t.block_n, t.nw, t.split_k, t.num_warps, t.num_stages, block_m)
-
-
-# The few-tokens kernel runs from more routed slots than experts up to this many tokens per
-# expert (T k / E); the tensor-core tiles above it.
-GEMVM_MAX_PER_EXPERT = 8
-
-
-def gemvm_applies(tokens: int, top_k: int, num_experts: int, up: PackedMatrices, down: PackedMatrices) -> bool:
-    return up.words is not None and down.words is not None and tokens * top_k <= GEMVM_MAX_PER_EXPERT * num_experts
-
-
-def _fused_experts_gemvm(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
-                         gated: bool, fuse_silu: bool, activation, tiles: tuple[GemvTiles, GemvTiles] | None):
-    """Few tokens per expert: slots sorted by expert; launch 1 writes h at the sorted positions
-    (gathering x rows by token), launch 2 adds w[slot] * (h W_down^T) into out[token] with
-    float32 atomics, as the decode kernel does."""
-    T, H = hidden.shape
-    k = top_k_index.shape[-1]
-    num_experts = up.scale.shape[0]
-    routing = route(top_k_index, num_experts)
-    sms = sm_count(hidden.device)
-    inter = up.rows // 2 if gated else up.rows
-    t1 = tiles[0] if tiles else choose_gemvm_tiles(T, k, num_experts, inter if gated and fuse_silu else up.rows, H,
-                                                   sms, split=False)
-    fused = gated and fuse_silu and t1.split_k == 1
-    n1 = inter if fused else up.rows
-    h = _launch1_out(T * k, n1, t1.split_k, hidden)
-    _launch_gemvm(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused,
-                  route_w=None, tiles=t1)
-    if not fused:
-        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
-    t2 = tiles[1] if tiles else choose_gemvm_tiles(T, k, num_experts, H, inter, sms, split=True)
-    out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
-    _launch_gemvm(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
-                  route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
-    return out.to(hidden.dtype)
-
-
 def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
                 silu: bool, route_w: torch.Tensor | None, tiles: Tiles):
     order, counts, starts, top_k = routing
@@ -1111,15 +649,18 @@ def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: 
         num_stages=tiles.num_stages)
 
 
-def choose_mma_tiles(tokens: int, top_k: int, num_experts: int, n_out: int, k: int, sms: int) -> Tiles:
-    """Tensor-core tiles from the tokens per expert: 16 of them with 64 rows and K tiles of 128
-    (few tokens: the unpacking is the work, two K tiles of loads in flight), up to 128 x 128 with
-    K tiles of 64 (many: the tensor cores are)."""
-    per_expert = tokens * top_k / max(1, min(num_experts, tokens * top_k))
-    bm = min(128, max(16, triton.next_power_of_2(int(per_expert))))
+def choose_mma_tiles(tokens: int, top_k: int, num_experts: int) -> Tiles:
+    """Tiles of 16 to 128 tokens (the routed tokens per active expert, rounded up to a power of two)
+    x 128 rows x K tiles of 128 codes: 4 warps and 2 stages up to 32 tokens, where unpacking the codes
+    is the work, 8 warps and 3 stages above, where the tensor cores are. From the H100 sweep
+    (benchmarks/results/bench_experts_kernel_h100_v8_mma_sweep.txt): Mixtral-shaped layer at 16 tokens
+    1.06 ms against 1.34 with 64 rows; Qwen3-shaped at 4096, 2.67 ms against 2.88 with K tiles of 64."""
+    slots = tokens * top_k
+    per_expert = slots / max(1, min(num_experts, slots))
+    bm = min(128, max(16, triton.next_power_of_2(math.ceil(per_expert))))
     if bm <= 32:
-        return Tiles(bm, 64, 128, 1, num_warps=4, num_stages=2)
-    return Tiles(bm, 128, 64, 1, num_warps=8, num_stages=3)
+        return Tiles(bm, 128, 128, 1, num_warps=4, num_stages=2)
+    return Tiles(bm, 128, 128, 1, num_warps=8, num_stages=3)
 
 
 def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
@@ -1130,9 +671,8 @@ def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, d
     k = top_k_index.shape[-1]
     num_experts = up.scale.shape[0]
     routing = route(top_k_index, num_experts)
-    sms = sm_count(hidden.device)
     inter = up.rows // 2 if gated else up.rows
-    t1 = tiles[0] if tiles else choose_mma_tiles(T, k, num_experts, up.rows, H, sms)
+    t1 = tiles[0] if tiles else choose_mma_tiles(T, k, num_experts)
     fused = gated and fuse_silu and t1.split_k == 1
     n1 = inter if fused else up.rows
     h = _launch1_out(T * k, n1, t1.split_k, hidden)
@@ -1140,7 +680,7 @@ def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, d
                 route_w=None, tiles=t1)
     if not fused:
         h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
-    t2 = tiles[1] if tiles else choose_mma_tiles(T, k, num_experts, H, inter, sms)
+    t2 = tiles[1] if tiles else t1
     out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
     _launch_mma(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
                 route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
@@ -1160,49 +700,20 @@ def route(top_k_index: torch.Tensor, num_experts: int):
 
 def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   up: PackedMatrices, down: PackedMatrices, *, gated: bool, fuse_silu: bool, activation=None,
-                  tiles: tuple[Tiles, Tiles] | None = None, gemv: bool | str | None = None,
+                  kernel: str | None = None, tiles: tuple[Tiles, Tiles] | None = None,
                   gemv_tiles: tuple[GemvTiles, GemvTiles] | None = None) -> torch.Tensor:
     """The MoE experts output (T, hidden) for routed tokens. ``gated``: ``up`` holds
     [gate; up] rows (R = 2 I); ``fuse_silu``: silu(gate) * up inside the kernel, otherwise
     ``activation`` maps launch 1's (slots, R) output to (slots, I) (a family's own gating).
-    ``gemv``: True the decode kernel (one program per routed slot), "few" the few-tokens kernel
-    (a group of an expert's tokens per program), False the sorted grouped GEMMs; None picks
-    (gemv_applies, then gemvm_applies); explicit ``tiles`` mean the grouped GEMMs."""
-    T, H = hidden.shape
-    k = top_k_index.shape[-1]
-    sms = sm_count(hidden.device)
-    num_experts = up.scale.shape[0]
-    if gemv is None and tiles is None:
-        gemv = True if gemv_applies(T, k, num_experts, up, down) else \
-            "few" if gemvm_applies(T, k, num_experts, up, down) else False
-    if gemv == "mma":
-        return _fused_experts_mma(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
-                                  activation=activation, tiles=tiles)
-    if gemv == "few":
-        return _fused_experts_gemvm(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
-                                    activation=activation, tiles=gemv_tiles)
-    if gemv:
-        return _fused_experts_gemv(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu,
-                                   activation=activation, tiles=gemv_tiles)
-    routing = route(top_k_index, num_experts)
-    inter = up.rows // 2 if gated else up.rows
-    # Few tokens (decode): launch 1 too is split over K, so that enough programs stream codes
-    # (a Qwen3 layer at one token has 8 experts x 24 row tiles: 192 programs for 132 SMs); the
-    # partial sums add up in float32 and the activation follows in torch. Otherwise SwiGLU is
-    # applied in the kernel's registers where the family's gating is plain SwiGLU.
-    t1 = tiles[0] if tiles else choose_tiles(T, k, up.rows, H, num_experts, sms, split=True)
-    fused = gated and fuse_silu and t1.split_k == 1
-    n1 = inter if fused else up.rows
-    h = _launch1_out(T * k, n1, t1.split_k, hidden)
-    _launch(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused, route_w=None,
-            tiles=t1)
-    if not fused:
-        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
-    t2 = tiles[1] if tiles else choose_tiles(T, k, H, inter, num_experts, sms, split=True)
-    y = torch.zeros(T * k, H, device=hidden.device, dtype=torch.float32)
-    _launch(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,
-            route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
-    return y.view(T, k, H).sum(1).to(hidden.dtype)
+    ``kernel``: "gemv" the decode kernel (one program per routed slot), "mma" the tensor-core
+    kernel (slots sorted by expert, tiles of an expert's tokens); None: choose_kernel.
+    ``tiles`` / ``gemv_tiles``: the two launches' tiles (None: chosen from the shapes)."""
+    assert up.words is not None and down.words is not None, "rows of whole words only (words_ok)"
+    T = hidden.shape[0]
+    kernel = kernel or choose_kernel(T, top_k_index.shape[-1], up.scale.shape[0])
+    run = _fused_experts_gemv if kernel == "gemv" else _fused_experts_mma
+    return run(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu, activation=activation,
+               tiles=gemv_tiles if kernel == "gemv" else tiles)
 
 
 def linear_routing(tokens: int, device) -> tuple:
@@ -1222,17 +733,20 @@ LINEAR_GEMV_MAX_TOKENS = 16   # the decode kernel reads the matrix once per toke
 
 def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = None,
                  gemv_tiles: GemvTiles | None = None) -> torch.Tensor:
-    """x (T, C) @ W^T for one packed (R, C) matrix (``mats`` with one expert), no bias."""
+    """x (T, C) @ W^T for one packed (R, C) matrix (``mats`` with one expert), no bias: the decode
+    kernel up to LINEAR_GEMV_MAX_TOKENS tokens (or with ``gemv_tiles``), the tensor cores above."""
     T = x.shape[0]
-    if tiles is None and mats.words is not None and (T <= LINEAR_GEMV_MAX_TOKENS or gemv_tiles is not None):
+    x = x.contiguous()
+    if tiles is None and (T <= LINEAR_GEMV_MAX_TOKENS or gemv_tiles is not None):
         t = gemv_tiles or choose_gemv_tiles(T, mats.rows, mats.cols, sm_count(x.device), split=True)
         out = torch.empty(T, mats.rows, device=x.device, dtype=x.dtype) if t.split_k == 1 else \
             torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32)
-        _launch_gemv(x.contiguous(), out, mats, _zero_index(T, x.device), mats.rows, a_div=1, o_div=1, silu=False,
+        _launch_gemv(x, out, mats, _zero_index(T, x.device), mats.rows, a_div=1, o_div=1, silu=False,
                      route_w=None, tiles=t)
         return out.to(x.dtype)
-    t = tiles or choose_tiles(T, 1, mats.rows, mats.cols, 1, sm_count(x.device), split=True)
-    out = torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32 if t.split_k > 1 else x.dtype)
-    _launch(x.contiguous(), out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
-            silu=False, route_w=None, tiles=t)
+    t = tiles or choose_mma_tiles(T, 1, 1)
+    out = torch.empty(T, mats.rows, device=x.device, dtype=x.dtype) if t.split_k == 1 else \
+        torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32)
+    _launch_mma(x, out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
+                silu=False, route_w=None, tiles=t)
     return out.to(x.dtype)

@@ -1,14 +1,12 @@
 """The fused mixed-bit experts kernels (quant/triton_experts.py), run by Triton's
 interpreter on the CPU, against the reference path (dequantize each routed expert, then
-matmuls): every width alone and mixed in one layer, 1 to 1500 tokens (decode tiles with
-split-K and prefill tiles), an expert that gets no token, SwiGLU fused in the kernel
-(Mixtral) and a family's own gating with biases (GPT-OSS), float32 and float16 (the
-interpreter's bfloat16 tl.dot is wrong in Triton 3.9, so bfloat16 is checked on the GPU by
-benchmarks/bench_experts_kernel.py --check), group sizes inside a K tile (32) and spanning it
-(128: scales applied after the dots); the decode kernel (one program per routed slot, codes read
-as int32 words) at every width, its tiles, the few-tokens kernel (a group of an expert's tokens per
-program), and the byte-path fallback where rows are not whole words; and a quantized linear
-through the same kernels."""
+matmuls): every width alone and mixed in one layer, 1 to 1500 tokens (the decode kernel and
+the tensor-core kernel, their tiles, split-K), an expert that gets no token, SwiGLU fused in
+the kernel (Mixtral) and a family's own gating with biases (GPT-OSS), float32 and float16
+(the interpreter's bfloat16 tl.dot is wrong in Triton 3.9, so bfloat16 is checked on the GPU
+by benchmarks/bench_experts_kernel.py --check), group sizes smaller than a K tile (32) and
+a multiple of it (128); layers whose rows are not whole words go to the dequantize path; and
+a quantized linear through the same kernels."""
 import os
 import subprocess
 import sys
@@ -44,7 +42,7 @@ def routing(T, gen, dtype):
 gen = torch.Generator().manual_seed(0)
 cases = [("mixtral", [b] * E) for b in (1, 2, 3, 4, 8)] + [("mixtral", [3, 3, 2, 2, 2, 2, 1, 1]),
          ("gpt_oss", [8, 4, 3, 2, 1, 8, 4, 3])]
-seen_split = set()
+seen_kernels = set()
 for family, bits in cases:
     m = make(family, bits)
     assert m._silu_gate() == (family == "mixtral")
@@ -58,22 +56,21 @@ for family, bits in cases:
             assert got.dtype == dtype and got.shape == ref.shape
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, dtype, err)
-            t = tx.choose_tiles(T, 2, H, I, E, 132, split=True)
-            seen_split.add(t.block_m)
-# both loops were exercised: CUDA cores (1 token per tile) and tensor cores (split-K needs K > 128: below)
-assert {1, 16, 128} <= seen_split, seen_split
+            seen_kernels.add((tx.choose_kernel(T, 2, E), tx.choose_mma_tiles(T, 2, E).block_m))
+# both kernels ran: decode (T 1, 3) and tensor cores at 16 and 128 tokens per tile (T 40, 1500)
+assert {"gemv", "mma"} == {k for k, _ in seen_kernels} and {16, 128} <= {bm for k, bm in seen_kernels if k == "mma"}
 
 # explicit tiles: several M tiles per expert, split-K on both launches' shapes
 m = make("mixtral", [4, 2, 1, 3, 8, 2, 2, 1]).to(torch.float32)
 x = torch.randn(70, H, generator=gen); idx, w = routing(70, gen, torch.float32)
 ref = dequantize_experts_forward(m, x, idx, w)
-for tiles in ((tx.Tiles(16, 32, 128), tx.Tiles(16, 16, 128)), (tx.Tiles(32, 64, 128), tx.Tiles(64, 32, 128))):
+for tiles in ((tx.Tiles(16, 32, 128), tx.Tiles(16, 16, 128)), (tx.Tiles(32, 64, 64), tx.Tiles(64, 32, 32))):
     got = tx.fused_experts(x, idx, w, m.packed("gate_up_proj"), m.packed("down_proj"), gated=True, fuse_silu=True,
-                           tiles=tiles)
+                           kernel="mma", tiles=tiles)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5, tiles
 
-# group size a multiple of the K tile (128): scale and zero point applied after each tile's dots
-# and the down projection split over K (3 tiles of 128, summed with atomics)
+# group size a multiple of the K tile (128: one scale and zero point per row and tile) and the down
+# projection split over K (3 tiles of 128, summed with atomics)
 config = MixtralConfig(hidden_size=128, intermediate_size=384, num_local_experts=E)
 with torch.device("meta"):
     template = MixtralExperts(config)
@@ -85,7 +82,7 @@ def check_tiles(experts, hidden: int, T: int, tiles, label) -> None:
         x = torch.randn(T, hidden, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
         ref = dequantize_experts_forward(experts.to(dtype), x, idx, w)
         got = tx.fused_experts(x, idx, w, experts.packed("gate_up_proj"), experts.packed("down_proj"), gated=True,
-                               fuse_silu=True, tiles=tiles)
+                               fuse_silu=True, kernel="mma" if tiles else None, tiles=tiles)
         err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), (label, T, dtype, err)
 
@@ -93,7 +90,7 @@ def check_tiles(experts, hidden: int, T: int, tiles, label) -> None:
 for bits in ([3, 3, 2, 2, 2, 2, 1, 1], [8, 4, 8, 4, 8, 4, 8, 4]):
     big = random_packed_experts(template, config, {"gate_up_proj": (768, 128), "down_proj": (128, 384)}, bits, 128)
     for T, tiles in ((1, None), (40, None), (3, (tx.Tiles(16, 64, 128), tx.Tiles(16, 64, 128, split_k=3))),
-                     (1, (tx.Tiles(1, 32, 128), tx.Tiles(1, 64, 128, split_k=3)))):
+                     (1, (tx.Tiles(16, 32, 128), tx.Tiles(16, 64, 128, split_k=3)))):
         check_tiles(big, 128, T, tiles, ("one group", bits))
 
 # the gate/up launch split over K (3 tiles of 128): float32 partial sums, SwiGLU (or the family's
@@ -103,8 +100,7 @@ with torch.device("meta"):
     template = MixtralExperts(config)
 wide = random_packed_experts(template, config, {"gate_up_proj": (256, 384), "down_proj": (384, 128)},
                              [3, 3, 2, 2, 2, 2, 1, 1], 128)
-for T, tiles in ((1, (tx.Tiles(1, 32, 128, split_k=3), tx.Tiles(1, 64, 128))),
-                 (1, (tx.Tiles(1, 16, 128, split_k=2), tx.Tiles(1, 16, 128))),
+for T, tiles in ((1, (tx.Tiles(16, 32, 128, split_k=3), tx.Tiles(16, 64, 128))),
                  (3, (tx.Tiles(16, 32, 128, split_k=2), tx.Tiles(16, 64, 128, split_k=2)))):
     check_tiles(wide, 384, T, tiles, "split gate/up")
 
@@ -124,41 +120,42 @@ for family, bits in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1]), ("gpt_oss", [8, 4, 3
             x = torch.randn(T, H, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
             ref = dequantize_experts_forward(gd, x, idx, w)
             got = tx.fused_experts(x, idx, w, gd.packed(gd.gate_kind), gd.packed("down_proj"), gated=True,
-                                   fuse_silu=gd._silu_gate(), activation=gd._apply_gate, gemv=True, gemv_tiles=gt)
+                                   fuse_silu=gd._silu_gate(), activation=gd._apply_gate, kernel="gemv", gemv_tiles=gt)
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert got.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, gt, err)
 
-# the few-tokens kernel (an expert's sorted tokens in groups of block_m per program, codes read as
-# int32 words once per group): the default tiles and explicit ones (groups of 4 and 2, K split on
-# both launches, gate/up then in float32, gating after it)
-for family, bits, T, gt in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1], 9, None),
-                            ("gpt_oss", [8, 4, 3, 2, 1, 8, 4, 3], 20, None),
-                            ("mixtral", [8, 8, 4, 4, 3, 3, 1, 2], 9,
-                             (tx.GemvTiles(16, 4, 2, 1, block_m=4), tx.GemvTiles(32, 8, 3, 2, block_m=2)))):
+# the tensor-core kernel at a few tokens per expert (T 9: 18 slots over 7 experts), with the family's own
+# gating and biases (GPT-OSS) and explicit tiles (K split on both launches, gate/up then in float32,
+# gating after it; K tiles of 32 and 64 inside and across the 3-bit units)
+for family, bits, T, tiles in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1], 9, None),
+                               ("gpt_oss", [8, 4, 3, 2, 1, 8, 4, 3], 20, None),
+                               ("gpt_oss", [8, 8, 4, 4, 3, 3, 1, 2], 9,
+                                (tx.Tiles(16, 32, 32, 2), tx.Tiles(16, 16, 64, 3)))):
     g = make(family, bits)
-    assert T * 2 > E and tx.gemvm_applies(T, 2, E, g.packed(g.gate_kind), g.packed("down_proj"))
+    assert tx.choose_kernel(T, 2, E) == "mma"
     for dtype in (torch.float32, torch.float16):
         gd = g.to(dtype)
         x = torch.randn(T, H, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
         ref = dequantize_experts_forward(gd, x, idx, w)
         got = tx.fused_experts(x, idx, w, gd.packed(gd.gate_kind), gd.packed("down_proj"), gated=True,
-                               fuse_silu=gd._silu_gate(), activation=gd._apply_gate, gemv="few", gemv_tiles=gt)
+                               fuse_silu=gd._silu_gate(), activation=gd._apply_gate, tiles=tiles)
         err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-        assert got.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, gt, err)
+        assert got.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, tiles, err)
 
 # where rows are not whole words (hidden 80) or a word would span two groups (group size 16), the
-# decode goes through the byte path of the grouped GEMMs
+# fused kernels do not apply: "auto" runs the dequantize path, "fused" is a one-line error
+import pytest
 config16 = MixtralConfig(hidden_size=80, intermediate_size=96, num_local_experts=E)
 with torch.device("meta"):
     template16 = MixtralExperts(config16)
 odd = random_packed_experts(template16, config16, {"gate_up_proj": (192, 80), "down_proj": (80, 96)},
                             [3, 3, 2, 2, 2, 2, 1, 1], 16)
 assert odd.packed("gate_up_proj").words is None and odd.packed("down_proj").words is None
-assert not tx.gemv_applies(1, 2, E, odd.packed("gate_up_proj"), odd.packed("down_proj"))
+assert not odd.fused_applies()
+with pytest.raises(ValueError, match="multiples of 32"):
+    set_experts_backend(odd, "fused")
 x = torch.randn(1, 80, generator=gen); idx, w = routing(1, gen, torch.float32)
-ref = dequantize_experts_forward(odd, x, idx, w)
-got = tx.fused_experts(x, idx, w, odd.packed("gate_up_proj"), odd.packed("down_proj"), gated=True, fuse_silu=True)
-assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+assert torch.equal(odd(x, idx, w), dequantize_experts_forward(odd, x, idx, w))
 
 # a token routed nowhere real changes nothing else: all-zero output rows stay zero
 idx, w = routing(4, gen, torch.float32)
@@ -175,7 +172,7 @@ for bits in (1, 2, 3, 4, 8):
     state = linear_tensors(torch.randint(0, 2 ** bits, (40, 96), generator=gen), torch.rand(40, 3, generator=gen) * 0.1,
                            zero, bits)
     lin.load_state_dict({**state, "bias": torch.randn(40, generator=gen)}, assign=True)
-    assert lin.packed().words is not None       # up to 16 tokens through the decode kernel, more through the GEMMs
+    assert lin.packed().words is not None       # up to 16 tokens through the decode kernel, more the tensor cores
     for shape in ((1, 96), (2, 7, 96), (300, 96)):
         x = torch.randn(*shape, generator=gen)
         lin.backend = "dequantize"; ref = lin(x)
@@ -200,10 +197,10 @@ def test_backend_choice():
 
     from moeq.quant.modules import set_experts_backend
     from moeq.utils.synthetic import random_packed_experts
-    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4)
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=4)
     with torch.device("meta"):
         template = MixtralExperts(config)
-    m = random_packed_experts(template, config, {"gate_up_proj": (96, 32), "down_proj": (32, 48)}, [2, 3, 1, 4], 16)
+    m = random_packed_experts(template, config, {"gate_up_proj": (128, 32), "down_proj": (32, 64)}, [2, 3, 1, 4], 32)
     assert m.backend == "auto" and m.fused_applies()
     with pytest.raises(ValueError, match="auto, fused, dequantize"):
         set_experts_backend(m, "fast")
