@@ -283,8 +283,8 @@ def sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(16, 4096)):
     """The tensor-core kernel (kernel="mma") against the default path (the decode kernel where it
     applies), the dequantize path and bf16 grouped_mm, and its tile candidates (block_m, block_n,
     block_k, split_k launch 2, warps, stages), per layer shape and T."""
-    cands = {16: [(16, 64, 128, 1, 4, 2), (16, 32, 128, 1, 4, 2), (16, 128, 128, 1, 4, 2), (16, 64, 256, 1, 4, 2),
-                  (16, 64, 64, 1, 4, 3), (16, 128, 64, 1, 8, 3), (16, 64, 128, 2, 4, 2)],
+    cands = {16: [(16, 128, 128, 1, 4, 2), (16, 128, 128, 2, 4, 2), (16, 128, 128, 4, 4, 2), (16, 256, 128, 1, 8, 2),
+                  (16, 128, 128, 1, 4, 3), (16, 128, 256, 1, 8, 2), (16, 64, 128, 2, 4, 2), (16, 128, 64, 2, 4, 3)],
              4096: [(128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3),
                     (128, 64, 64, 1, 4, 3), (256, 128, 64, 1, 8, 3), (128, 128, 64, 1, 4, 4)]}
     for shape in shapes:

@@ -651,16 +651,16 @@ def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: 
 
 def choose_mma_tiles(tokens: int, top_k: int, num_experts: int) -> Tiles:
     """Tiles of 16 to 128 tokens (the routed tokens per active expert, rounded up to a power of two)
-    x 128 rows x K tiles of 128 codes: 4 warps and 2 stages up to 32 tokens, where unpacking the codes
-    is the work, 8 warps and 3 stages above, where the tensor cores are. From the H100 sweep
-    (benchmarks/results/bench_experts_kernel_h100_v8_mma_sweep.txt): Mixtral-shaped layer at 16 tokens
-    1.06 ms against 1.34 with 64 rows; Qwen3-shaped at 4096, 2.67 ms against 2.88 with K tiles of 64."""
+    x 128 rows x K tiles of 128 codes, 3 stages: 4 warps up to 32 tokens, where unpacking the codes is
+    the work, 8 above, where the tensor cores are. From the H100 sweeps
+    (benchmarks/results/bench_experts_kernel_h100_v8_mma_sweep.txt, _v8_sweep16.txt): Mixtral-shaped
+    layer at 16 tokens 0.94 ms, against 1.14 with 2 stages and 1.34 with 64 rows (splitting the down
+    projection's K in two as well measured 1.13 in _v8b.txt); Qwen3-shaped at 4096, 2.67 ms against
+    2.88 with K tiles of 64."""
     slots = tokens * top_k
-    per_expert = slots / max(1, min(num_experts, slots))
-    bm = min(128, max(16, triton.next_power_of_2(math.ceil(per_expert))))
-    if bm <= 32:
-        return Tiles(bm, 128, 128, 1, num_warps=4, num_stages=2)
-    return Tiles(bm, 128, 128, 1, num_warps=8, num_stages=3)
+    active = max(1, min(num_experts, slots))
+    bm = min(128, max(16, triton.next_power_of_2(math.ceil(slots / active))))
+    return Tiles(bm, 128, 128, 1, num_warps=4 if bm <= 32 else 8, num_stages=3)
 
 
 def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
