@@ -207,9 +207,9 @@ def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_
 # "auto" runs the fused kernels up to this many routed tokens per expert (T * k / E) and
 # dequantize-then-matmul above it, where dequantizing each expert once beats unpacking it again
 # for every tile of 128 tokens. Measured on one H100 (benchmarks/results/
-# bench_experts_kernel_h100_v8*.txt, mixed 3/3/2/2/2/2/1/1 layers): Mixtral shapes, fused 2.6x /
+# bench_experts_kernel_h100_v8*.txt, mixed 3/3/2/2/2/2/1/1 layers): Mixtral shapes, fused 6.5x /
 # 5.0x faster at 4 / 16 tokens per expert, dequantize 1.2x faster at 1024; Qwen3-30B-A3B shapes,
-# fused 33x faster at 256.
+# fused 32-34x faster at 256.
 FUSED_MAX_TOKENS_PER_EXPERT = 256
 
 
