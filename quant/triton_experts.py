@@ -422,10 +422,12 @@ if triton is not None:
             HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
             ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             FP32_DOT: tl.constexpr):
-        """Program (expert e, BLOCK_M of its sorted slots, BLOCK_N rows, K span): the (rows, tokens)
-        tile W_e a^T on the tensor cores, the weights made in registers from the codes each K step
-        (the dot's first operand, which the tensor cores take from registers), the tokens' columns
-        of a the second. Slots, gathering and scattering as _gemvm_kernel."""
+        """Program (expert e, BLOCK_M of its sorted slots, BLOCK_N rows, K span): the (tokens, rows)
+        tile a W_e^T on the tensor cores, the weights made in registers from the words each K tile
+        (the dot's second operand; the compiler stages it through shared memory). GATHER_A: the a
+        rows are the slots' tokens (else their sorted positions); SCATTER_OUT: the output row is the
+        slot's token, added to with atomics (the k slots of a token meet there), else the sorted
+        position."""
         pid = tl.program_id(0)
         e = pid // M_TILES
         m_tile = pid % M_TILES
