@@ -389,6 +389,8 @@ if triton is not None:
         K = KW * 32
         rows = words_e + n.to(tl.int64) * (KW * BITS)
         rows_up = words_e + (n + N).to(tl.int64) * (KW * BITS)
+        scale_rows, zero_rows = scale_e + n * G, zero_e + n * G
+        scale_up, zero_up = scale_e + (n + N) * G, zero_e + (n + N) * G
         kk = tl.arange(0, BLOCK_K)
         wd = _tile_words(rows, k_lo, K, n_mask, BITS, BLOCK_K)
         wd_up = wd
@@ -403,12 +405,11 @@ if triton is not None:
                 wd_up_next = _tile_words(rows_up, k0 + BLOCK_K, K, n_mask, BITS, BLOCK_K)
             a_t = tl.load(a_rows[:, None] + k[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
             x = _tile_float(wd, one, BITS)
-            acc = _mma_tile(acc, a_t, x, k, k0, kmask, n_mask, scale_e + n * G, zero_e + n * G, GS,
-                            ONE_GROUP, BITS, FP32_DOT)
+            acc = _mma_tile(acc, a_t, x, k, k0, kmask, n_mask, scale_rows, zero_rows, GS, ONE_GROUP, BITS, FP32_DOT)
             if SILU:
                 x_up = _tile_float(wd_up, one, BITS)
-                acc_up = _mma_tile(acc_up, a_t, x_up, k, k0, kmask, n_mask, scale_e + (n + N) * G,
-                                   zero_e + (n + N) * G, GS, ONE_GROUP, BITS, FP32_DOT)
+                acc_up = _mma_tile(acc_up, a_t, x_up, k, k0, kmask, n_mask, scale_up, zero_up, GS, ONE_GROUP, BITS,
+                                   FP32_DOT)
             wd = wd_next
             wd_up = wd_up_next
         return acc, acc_up
@@ -604,12 +605,30 @@ def choose_kernel(tokens: int, top_k: int, num_experts: int) -> str:
     return "gemv" if tokens == 1 or tokens * top_k <= num_experts else "mma"
 
 
+def _two_launches(hidden, up: PackedMatrices, *, slots: int, gated: bool, fuse_silu: bool, activation, t1, launch1,
+                  launch2) -> torch.Tensor:
+    """The layer's two launches, whichever kernel: launch 1 writes one hidden row per routing slot
+    (silu(gate) * up fused where the family's gating is plain SwiGLU and K is not split, else the
+    gating after it in torch); launch 2 adds the routed, weighted down projection into a zeroed
+    float32 (T, hidden) output with atomics. ``launch1(h, n_out, silu)``, ``launch2(h, out)``."""
+    inter = up.rows // 2 if gated else up.rows
+    fused = gated and fuse_silu and t1.split_k == 1
+    n1 = inter if fused else up.rows
+    h = _launch1_out(slots, n1, t1.split_k, hidden)
+    launch1(h, n1, fused)
+    if not fused:
+        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
+    out = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+    launch2(h, out)
+    return out.to(hidden.dtype)
+
+
 def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *, gated: bool,
                         fuse_silu: bool, activation, tiles: tuple[GemvTiles, GemvTiles] | None):
     """Decode: launch 1 writes each slot's hidden row h[slot] (gathering x[slot // k]); launch 2
     adds w[slot] * (h[slot] W_down^T) straight into out[slot // k] (float32 atomics), so the
     sum over the k slots needs no launch of its own."""
-    T, H = hidden.shape
+    H = hidden.shape[1]
     k = top_k_index.shape[-1]
     idx = top_k_index.reshape(-1)
     slots = idx.numel()
@@ -617,17 +636,15 @@ def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, 
     inter = up.rows // 2 if gated else up.rows
     t1 = tiles[0] if tiles else choose_gemv_tiles(slots, inter if gated and fuse_silu else up.rows, H, sms,
                                                   split=False)
-    fused = gated and fuse_silu and t1.split_k == 1
-    n1 = inter if fused else up.rows
-    h = _launch1_out(slots, n1, t1.split_k, hidden)
-    _launch_gemv(hidden.contiguous(), h, up, idx, n1, a_div=k, o_div=1, silu=fused, route_w=None, tiles=t1)
-    if not fused:
-        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
     t2 = tiles[1] if tiles else choose_gemv_tiles(slots, H, inter, sms, split=True)
-    out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
-    _launch_gemv(h, out, down, idx, H, a_div=1, o_div=k, silu=False, route_w=top_k_weights.reshape(-1).contiguous(),
-                 tiles=t2)
-    return out.to(hidden.dtype)
+    x = hidden.contiguous()
+    route_w = top_k_weights.reshape(-1).contiguous()
+    return _two_launches(
+        hidden, up, slots=slots, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
+        launch1=lambda h, n1, silu: _launch_gemv(x, h, up, idx, n1, a_div=k, o_div=1, silu=silu, route_w=None,
+                                                 tiles=t1),
+        launch2=lambda h, out: _launch_gemv(h, out, down, idx, H, a_div=1, o_div=k, silu=False, route_w=route_w,
+                                            tiles=t2))
 
 
 def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
@@ -673,20 +690,16 @@ def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, d
     k = top_k_index.shape[-1]
     num_experts = up.scale.shape[0]
     routing = route(top_k_index, num_experts)
-    inter = up.rows // 2 if gated else up.rows
     t1 = tiles[0] if tiles else choose_mma_tiles(T, k, num_experts)
-    fused = gated and fuse_silu and t1.split_k == 1
-    n1 = inter if fused else up.rows
-    h = _launch1_out(T * k, n1, t1.split_k, hidden)
-    _launch_mma(hidden.contiguous(), h, up, routing, n1, gather_a=True, scatter_out=False, silu=fused,
-                route_w=None, tiles=t1)
-    if not fused:
-        h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
     t2 = tiles[1] if tiles else t1
-    out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
-    _launch_mma(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
-                route_w=top_k_weights.reshape(-1).contiguous(), tiles=t2)
-    return out.to(hidden.dtype)
+    x = hidden.contiguous()
+    route_w = top_k_weights.reshape(-1).contiguous()
+    return _two_launches(
+        hidden, up, slots=T * k, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
+        launch1=lambda h, n1, silu: _launch_mma(x, h, up, routing, n1, gather_a=True, scatter_out=False, silu=silu,
+                                                route_w=None, tiles=t1),
+        launch2=lambda h, out: _launch_mma(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
+                                           route_w=route_w, tiles=t2))
 
 
 def route(top_k_index: torch.Tensor, num_experts: int):
