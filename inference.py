@@ -37,15 +37,19 @@ def load_quantized_model(path: str, device_map=None, dtype="auto", model_class=N
     return model.eval()
 
 
-def greedy_generate(model, input_ids, max_new_tokens: int, cuda_graph: bool | None = None):
+def greedy_generate(model, input_ids, max_new_tokens: int, cuda_graph: bool | None = None,
+                    step_ms: list | None = None):
     """Greedy decoding with a static KV cache: ``input_ids`` (batch, prompt) -> (batch, prompt +
     max_new_tokens), the tokens ``model.generate(do_sample=False)`` gives. With ``cuda_graph``
     (default: on CUDA) one decode step (forward, argmax, cache and position updates) is
     captured once in a CUDA graph and replayed for every further token: at batch 1 a step is
     mostly kernel launches and Python, which a replay skips. The first two steps run eagerly,
     so that lazily built state (caches of the packed modules, Triton's compiled kernels) exists
-    before the capture."""
+    before the capture. ``step_ms``: a list that gets the milliseconds of every decode step after
+    the first token (CUDA events on CUDA, the wall clock on CPU): the steady decode speed,
+    without the prompt's forward, the eager steps and the capture."""
     import inspect
+    import time
 
     import torch
     from transformers import StaticCache
@@ -83,15 +87,29 @@ def greedy_generate(model, input_ids, max_new_tokens: int, cuda_graph: bool | No
             tok.copy_(nxt)
             pos.add_(1)
 
+        def timed(run):
+            if step_ms is None:
+                return run()
+            if dev.type != "cuda":
+                t0 = time.perf_counter()
+                run()
+                return step_ms.append(1000 * (time.perf_counter() - t0))
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
+            step_ms.append(a.elapsed_time(b))
+
         left = max_new_tokens - 1
         eager_steps = left if not cuda_graph else min(left, 2)
         for _ in range(eager_steps):
-            step()
+            timed(step)
         left -= eager_steps
         if left:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
             for _ in range(left):
-                graph.replay()
+                timed(graph.replay)
     return out

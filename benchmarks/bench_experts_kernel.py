@@ -220,63 +220,72 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
         torch.cuda.empty_cache()
 
 
+def replay_ms(fn, reps=200):
+    """Median milliseconds of ``fn`` captured once in a CUDA graph and replayed (kernels only, no
+    host time); on the CPU one plain call."""
+    if DEV != "cuda":
+        return timed(fn, 1)
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return timed(g.replay, reps)
+
+
+GEMV_CANDS = [   # (block_n, nw, warps) of both launches, split_k launch 1, split_k launch 2
+    (64, 8, 4, 1, 4), (64, 8, 4, 2, 4), (32, 16, 4, 1, 4), (32, 16, 4, 2, 4), (32, 16, 4, 1, 2), (32, 8, 2, 1, 4),
+    (16, 16, 2, 1, 4), (32, 32, 4, 1, 4), (16, 32, 4, 1, 4), (64, 16, 8, 1, 4), (128, 8, 8, 1, 4)]
+
+
 def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
-    """The decode kernel (one program per routed slot) against the grouped GEMMs, and its tile
-    candidates (block_n, nw, split_k launch 1, split_k launch 2, warps), per layer shape and T;
-    also the two launches alone with routing done outside (``kernels``): what the layer costs
-    beyond its kernels is host time."""
+    """The decode kernel's tile candidates (block_n, nw, warps, split_k launch 1, split_k launch 2),
+    per layer shape, T and width (uniform 1/2/3/4 bits, and mixed), each timed as CUDA-graph
+    replays of the whole fused_experts call (kernels only: no host time), against the default
+    tiles and the tensor-core kernel. The same routing for every candidate of a row."""
     for shape in shapes:
         model_type, H, I, E, k = SHAPES[shape]
-        m = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
+        layers = {f"uniform {b}": packed_layer(model_type, H, I, E, k, [b] * E) for b in (1, 2, 3, 4)}
+        layers["mixed"] = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
         gen = torch.Generator(device=DEV).manual_seed(5)
-        up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-        log(f"\n## decode kernel, mixed {shape} layer: tiles (block_n, nw, split_k 1, split_k 2, warps)")
+        log(f"\n## decode kernel tiles, {shape} layer, CUDA-graph replays (ms): candidates (block_n, nw, warps, "
+            f"split_k 1, split_k 2)")
         for T in tokens:
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
             idx, w = routing(T, E, k, torch.bfloat16, gen)
-            ref = dequantize_experts_forward(m, x, idx, w)
-            kernels_ = (("gemv default", dict(kernel="gemv")), ("mma default", dict(kernel="mma")))
-            for label, kw in kernels_:
-                got = tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw)
-                ms = timed(lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw), 50)
-                log(f"T {T:3d} {label}: {ms:.4f} ms (rel diff {rel(got, ref):.1e})")
-                RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "tiles": label, "ms": ms})
-            cands = [(bn, nw, 1, sk2, warps) for bn, nw, warps in ((64, 8, 4), (32, 8, 2), (32, 16, 4), (128, 8, 4))
-                     for sk2 in (1, 4)]
-            for bn, nw, sk1, sk2, warps in cands:
-                t1 = tx.GemvTiles(bn, nw, sk1, warps)
-                t2 = tx.GemvTiles(bn, nw, sk2, warps)
-                try:
-                    fn = lambda: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, kernel="gemv",
-                                                  gemv_tiles=(t1, t2))
-                    err = rel(fn(), ref)
-                    ms = timed(fn, 50)
-                    log(f"T {T:3d} gemv tiles {bn}, {nw}, {sk1}, {sk2}, {warps}: {ms:.4f} ms (rel diff {err:.1e})")
-                    RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "ms": ms,
-                                                                 "tiles": [bn, nw, sk1, sk2, warps]})
-                except Exception as exc:  # noqa: BLE001
-                    log(f"T {T} gemv tiles {bn}, {nw}, {sk1}, {sk2}, {warps}: {type(exc).__name__} {str(exc)[:150]}")
-            # the launches alone: h and out preallocated, default tiles
-            slots = T * k
-            flat = idx.reshape(-1)
-            t1 = tx.choose_gemv_tiles(slots, I, H, tx.sm_count(x.device), split=False)
-            t2 = tx.choose_gemv_tiles(slots, H, I, tx.sm_count(x.device), split=True)
-            h = torch.empty(slots, I, device=DEV, dtype=x.dtype)
-            out = torch.zeros(T, H, device=DEV, dtype=torch.float32)
-            rw = w.reshape(-1).contiguous()
-
-            def kernels():
-                tx._launch_gemv(x, h, up, flat, I, a_div=k, o_div=1, silu=True, route_w=None, tiles=t1)
-                tx._launch_gemv(h, out, down, flat, H, a_div=1, o_div=k, silu=False, route_w=rw, tiles=t2)
-            ms = timed(kernels, 50)
-            log(f"T {T:3d} gemv kernels alone {t1}, {t2}: {ms:.4f} ms")
-            if DEV == "cuda":
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    kernels()
-                ms = timed(g.replay, 50)
-                log(f"T {T:3d} gemv kernels alone, CUDA graph replay: {ms:.4f} ms; routed GB/s "
-                    f"{routed_bytes(m, idx) / ms / 1e6:.0f}")
+            labels = ["gemv default", "mma default"] + [str(c) for c in GEMV_CANDS]
+            log(f"\nT {T}, experts {sorted(set(idx.flatten().tolist()))[:16]}")
+            log("| tiles | " + " | ".join(layers) + " |")
+            log("|---|" + "---|" * len(layers))
+            table = {label: [] for label in labels}
+            for name, m in layers.items():
+                up, down = m.packed("gate_up_proj"), m.packed("down_proj")
+                ref = dequantize_experts_forward(m, x, idx, w)
+                for label in labels:
+                    if label == "gemv default":
+                        kw = dict(kernel="gemv")
+                    elif label == "mma default":
+                        kw = dict(kernel="mma")
+                    else:
+                        bn, nw, warps, sk1, sk2 = eval(label)   # noqa: S307 (our own tuple's repr)
+                        kw = dict(kernel="gemv", gemv_tiles=(tx.GemvTiles(bn, nw, sk1, warps),
+                                                             tx.GemvTiles(bn, nw, sk2, warps)))
+                    fn = lambda kw=kw: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw)  # noqa
+                    try:
+                        err = rel(fn(), ref)
+                        ms = replay_ms(fn)
+                        table[label].append(f"{ms:.4f}" + ("" if err < 3e-2 else f" (rel diff {err:.1e}!)"))
+                        RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "layer": name,
+                                                                     "tiles": label, "ms": ms, "rel": err})
+                    except Exception as exc:  # noqa: BLE001
+                        table[label].append(f"{type(exc).__name__}")
+                        log(f"{label} {name}: {type(exc).__name__} {str(exc)[:150]}")
+            for label in labels:
+                log(f"| {label} | " + " | ".join(table[label]) + " |")
+        layers = None
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(16, 4096)):
@@ -363,6 +372,33 @@ def profile():
             log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
+PROFILE_DECODE = False   # --profile_decode
+
+
+def profile_decode(model, ids, label, new_tokens=9):
+    """Where a decode step's GPU time goes: torch.profiler over greedy_generate without a CUDA
+    graph (the kernels the graph replays), less a profile of the prompt's forward alone, per kernel
+    and per step."""
+    def kernels(n):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            greedy_generate(model, ids, n, cuda_graph=False)
+            sync()
+        return {e.key: (e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0}
+    with torch.no_grad():
+        greedy_generate(model, ids, new_tokens, cuda_graph=False)   # warm-up: compiled kernels, caches
+        prompt, run = kernels(1), kernels(new_tokens)
+    steps = new_tokens - 1
+    per_step = {k: ((c - prompt.get(k, (0, 0))[0]) / steps, (us - prompt.get(k, (0, 0))[1]) / steps)
+                for k, (c, us) in run.items()}
+    total = sum(us for _, us in per_step.values())
+    log(f"\n## decode step GPU time, {label}, batch {ids.shape[0]} (torch.profiler over {steps} eager steps, the "
+        f"prompt's forward subtracted): {total / 1000:.3f} ms of kernels a step")
+    log("| kernel | calls a step | us a step |")
+    log("|---|---|---|")
+    for key, (calls, us) in sorted(per_step.items(), key=lambda kv: -kv[1][1])[:18]:
+        log(f"| {key[:90]} | {calls:.1f} | {us:.1f} |")
+
+
 def generate(prompt=32):
     layers, new_tokens = SMALL["layers"], SMALL["new_tokens"]
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -376,22 +412,28 @@ def generate(prompt=32):
     gen = torch.Generator(device=DEV).manual_seed(3)
     prompts = {b: torch.randint(0, vocab, (b, prompt), device=DEV, generator=gen) for b in (1, 16)}
     log(f"\n## greedy generation, {layers} Mixtral-8x7B-shaped layers, {prompt}-token prompt + {new_tokens} new tokens")
-    log("| batch | model, how | tokens/s | x bf16 best | x bf16 best generate() |")
-    log("|---|---|---|---|---|")
+    log("tokens/s: batch x new tokens / the whole call's time (prompt forward, eager steps and the CUDA graph's capture "
+        "included); decode-step tokens/s: batch / the median step time of the CUDA-graph replays (greedy_generate's "
+        "step_ms), the steady decode speed")
+    log("| batch | model, how | tokens/s | x bf16 best | x bf16 best generate() | decode-step tokens/s | x bf16 best |")
+    log("|---|---|---|---|---|---|---|")
     out = []
 
     def tok_s(batch, graph=False):
         """Tokens/s of one whole call (prefill included; with ``graph``, greedy_generate's
-        capture of the decode step too), after a warm-up call at the same lengths."""
+        capture of the decode step too), after a warm-up call at the same lengths; with ``graph``
+        also batch / the median replayed step (else None)."""
         ids = prompts[batch]
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        steps = []
         if graph:
-            run = lambda: greedy_generate(model, ids, new_tokens, cuda_graph=True)   # noqa: E731
+            run = lambda: greedy_generate(model, ids, new_tokens, cuda_graph=True, step_ms=steps)   # noqa: E731
         else:
             run = lambda: model.generate(ids, **kw)   # noqa: E731
         with torch.no_grad():
             run()
             sync()
+            steps.clear()
             t0 = time.perf_counter()
             tokens = run()
             sync()
@@ -403,14 +445,15 @@ def generate(prompt=32):
                 again = (first == model.generate(ids, **kw)).float().mean().item()
             log(f"batch {batch}: greedy_generate's tokens equal generate()'s: {100 * same:.1f}%; two generate() "
                 f"calls agree on {100 * again:.1f}% (float32 atomics add in any order: near-ties can flip)")
-        return rate
+        replays = steps[2:]   # the first two steps run eagerly (greedy_generate)
+        return rate, (1000 * batch / statistics.median(replays) if replays else None)
 
     def measure(label, batch, graph):
         try:
             return tok_s(batch, graph)
         except Exception as exc:  # noqa: BLE001 (a mode that cannot run here is reported, not fatal)
             log(f"{label} batch {batch}{' CUDA graph' if graph else ''}: {type(exc).__name__}: {str(exc)[:200]}")
-            return None
+            return None, None
     graph_modes = (False, True) if DEV == "cuda" else (False,)
     base = {}
     for batch in (1, 16):
@@ -419,6 +462,8 @@ def generate(prompt=32):
             for graph in graph_modes:
                 base[(batch, impl, graph)] = measure(f"bf16 {impl}", batch, graph)
     model.set_experts_implementation("grouped_mm")
+    if PROFILE_DECODE:
+        profile_decode(model, prompts[1], "bf16 grouped_mm")
     for i, layer in enumerate(model.model.layers):   # pack in place: experts mixed, attention 4 bits
         layer.mlp.experts = packed_layer("mixtral", hidden, inter, 8, 2, MIXED, seed=i)
         layer.mlp.experts.config = model.config      # dispatch as in a loaded model
@@ -430,24 +475,35 @@ def generate(prompt=32):
         if DEV == "cuda":
             torch.cuda.empty_cache()
 
+    if PROFILE_DECODE:
+        set_experts_backend(model, "fused")
+        profile_decode(model, prompts[1], "packed fused")
+
     def how(graph):
         return "greedy_generate, CUDA graph" if graph else "generate"
+
+    def cells(rate, step, best, best_plain, best_step):
+        step_cells = f"{step:.1f} | {step / best_step:.2f}" if step and best_step else " | "
+        return f"{rate:.1f} | {rate / best:.2f} | {rate / best_plain:.2f} | {step_cells}"
     for batch in (1, 16):
-        best = max(v for (b, _, _), v in base.items() if b == batch and v)
-        best_plain = max(v for (b, _, g), v in base.items() if b == batch and v and not g)
-        for (b, impl, graph), v in base.items():
-            if b == batch and v:
-                log(f"| {batch} | bf16 {impl}, {how(graph)} | {v:.1f} | {v / best:.2f} | {v / best_plain:.2f} |")
-                out.append({"batch": batch, "model": f"bf16 {impl}", "cuda_graph": graph, "tok_s": v})
+        mine = {key: v for key, v in base.items() if key[0] == batch and v[0]}
+        best = max(v[0] for v in mine.values())
+        best_plain = max(v[0] for (_, _, g), v in mine.items() if not g)
+        best_step = max((v[1] for v in mine.values() if v[1]), default=None)
+        for (b, impl, graph), (v, step) in mine.items():
+            log(f"| {batch} | bf16 {impl}, {how(graph)} | {cells(v, step, best, best_plain, best_step)} |")
+            out.append({"batch": batch, "model": f"bf16 {impl}", "cuda_graph": graph, "tok_s": v,
+                        "decode_step_tok_s": step})
         for backend in ("fused", "dequantize"):
             set_experts_backend(model, backend)
             for graph in graph_modes if backend == "fused" else (False,):
-                v = measure(f"packed {backend}", batch, graph)
+                v, step = measure(f"packed {backend}", batch, graph)
                 if v:
-                    log(f"| {batch} | packed {backend}, {how(graph)} | {v:.1f} | {v / best:.2f} | "
-                        f"{v / best_plain:.2f} |")
+                    log(f"| {batch} | packed {backend}, {how(graph)} | {cells(v, step, best, best_plain, best_step)} |")
                     out.append({"batch": batch, "model": f"packed {backend}", "cuda_graph": graph, "tok_s": v,
-                                "x_bf16_best": v / best, "x_bf16_best_generate": v / best_plain})
+                                "x_bf16_best": v / best, "x_bf16_best_generate": v / best_plain,
+                                "decode_step_tok_s": step,
+                                "x_bf16_best_decode_step": step / best_step if step and best_step else None})
     RESULTS["generate"] = out
 
 
@@ -461,6 +517,8 @@ def main():
     ap.add_argument("--gemv_sweep", action="store_true", help="the decode kernel's tiles, --layer shapes, --tokens")
     ap.add_argument("--check_tokens", type=int, nargs="+", default=None, help="T values of --check")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of a mixed Mixtral layer")
+    ap.add_argument("--profile_decode", action="store_true",
+                    help="with --generate: torch.profiler of a batch-1 decode step, bf16 and packed")
     ap.add_argument("--json_out", default=None)
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -473,10 +531,13 @@ def main():
         sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
     if a.check_tokens:
         SMALL["T"] = tuple(a.check_tokens)
+    global PROFILE_DECODE
+    PROFILE_DECODE = a.profile_decode
     log("command: python " + " ".join(sys.argv))
     log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
     ok = True
-    steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer] + \
+    sweeping = a.sweep or a.gemv_sweep   # --layer then only names the sweeps' shapes
+    steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer if not sweeping] + \
         ([generate] if a.generate else []) + ([lambda: sweep(a.layer or tuple(SHAPES), a.tokens)] if a.sweep else []) + ([profile] if a.profile else []) + \
         ([lambda: gemv_sweep(a.layer or tuple(SHAPES), a.tokens)] if a.gemv_sweep else [])
     for step in steps:

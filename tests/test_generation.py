@@ -22,9 +22,11 @@ def same_as_generate(model, batch, prompt, new):
     ids = torch.randint(0, 300, (batch, prompt), generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=299)
-    got = greedy_generate(model, ids, new)
+    steps = []
+    got = greedy_generate(model, ids, new, step_ms=steps)
     assert got.shape == (batch, prompt + new)
     assert torch.equal(got, ref)
+    assert len(steps) == new - 1 and all(ms > 0 for ms in steps)   # each decode step after the first token
 
 
 def test_greedy_generate_matches_generate():
