@@ -16,7 +16,7 @@ same two launches.
 - ``_gemv_kernel`` (decode: one token, or no more routed slots than experts): one program per
   (routed slot, row tile, K span), the expert read off top_k_index in the kernel (no sort, no
   routing tables), each code made the float 1 + q / 2^bits by a shift and one LOP3 (a 3-bit
-  row read as one stream of codes over consecutive words), the scale and zero point applied
+  row read as units of 3 words, 32 codes), the scale and zero point applied
   once per word; K split over programs for the down projection.
 - ``_experts_mma_kernel`` (more tokens): slots sorted by expert (route(), no host sync), a
   program owns (expert, BLOCK_M of its tokens, BLOCK_N rows) and per K tile makes the weights
@@ -86,8 +86,8 @@ if triton is not None:
     # ---- decode: one routing slot (token, expert) per program, codes read as int32 words ----
     # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
     # of 32): with 1, 2, 4 or 8 bits word w holds codes 32/bits * w .. 32/bits * (w + 1) - 1,
-    # lowest bits first; with 3 bits, 3 words hold 32 codes and codes 10 and 21 straddle two words
-    # (the row is one stream of 3-bit codes: _stream3_float).
+    # lowest bits first; with 3 bits, units of 3 words hold 32 codes, codes 10 and 21 straddling
+    # two words (_unit3_float).
 
     @triton.jit
     def _code_float(w, one, j: tl.constexpr, BITS: tl.constexpr):
@@ -145,49 +145,69 @@ if triton is not None:
         return s, z
 
     @triton.jit
-    def _stream3_float(cur, nxt, o, one, t: tl.constexpr):
-        """Code t (0..10) of those starting in each word of a 3-bit row, as the float 1 + q / 8: a
-        3-bit row is one stream of codes, word k its bits 32k .. 32k + 31, so the codes starting in
-        word k begin at bit o = k mod 3 (a runtime (words,) shift, one per thread), 11 of them
-        where o < 2, the 11th straddling into the next word ``nxt``, 10 where o = 2. Read this way
-        a tile is NW consecutive words, loaded as the other widths are (a unit of 3 words at a
-        stride of 3 put every thread on one row, each activation then loaded once per row)."""
-        if t < 10:
-            sh = o + 3 * t                              # the code's first bit
-            if t < 7:
-                x = cur << (20 - sh)[None, :]           # to bits 20..22, the top of the mantissa
-            else:
-                x = cur >> (sh - 20)[None, :]
-            x = x & (7 << 20)
+    def _unit3_float(w0, w1, w2, one, c: tl.constexpr):
+        """Code c (0..31) of units of 32 3-bit codes, each unit three words w0, w1, w2 (code c at bits
+        3c .. 3c + 2 of the unit), as the float 1 + q / 8, like _code_float: every shift known when
+        compiled. Codes 10 and 21 start at bit 30 and 31 of a word and take their high bits from the
+        next word's lowest."""
+        p: tl.constexpr = 3 * c
+        j: tl.constexpr = p // 32                       # the word the code starts in
+        off: tl.constexpr = p - 32 * j
+        if j == 0:
+            lo = w0
+            hi = w1
+        elif j == 1:
+            lo = w1
+            hi = w2
         else:
-            o1 = (o & 1)[None, :]                       # 0 or 1 where the code exists (o = 2: any bits, a = 0)
-            lo = cur.to(tl.uint32, bitcast=True) >> (30 + o1)
-            x = ((lo.to(tl.int32, bitcast=True) | (nxt << (2 - o1))) & 7) << 20
+            lo = w2
+            hi = w2
+        if off <= 20:
+            x = (lo << (20 - off)) & (7 << 20)          # to bits 20..22, the top of the mantissa
+        elif off <= 29:
+            x = (lo >> (off - 20)) & (7 << 20)
+        else:                                           # straddles: 32 - off bits here, the rest in hi
+            low = (lo.to(tl.uint32, bitcast=True) >> (off - 20)).to(tl.int32, bitcast=True)
+            x = (low | (hi << (52 - off))) & (7 << 20)
         return (x | one).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _gemv_tile(w0, w1, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
+    def _elem_words(rows, c, mask, BITS: tl.constexpr):
+        """The words of elements c of each row, (rows, elements): one word (1, 2, 4, 8 bits), or the
+        three words of a unit of 32 codes (3 bits); (w, w, w) in the first case. The units are loaded
+        as (elements, rows) and transposed: loaded (rows, elements) at a stride of 3 words the compiler
+        laid them out one row per thread, each activation then loaded once per row, not once per 4."""
+        if BITS == 3:
+            p = rows[None, :] + 3 * c[:, None]
+            m = tl.trans(mask)
+            return tl.trans(tl.load(p, mask=m, other=0)), tl.trans(tl.load(p + 1, mask=m, other=0)), \
+                tl.trans(tl.load(p + 2, mask=m, other=0))
+        else:
+            w = tl.load(rows[:, None] + c[None, :], mask=mask, other=0)
+            return w, w, w
+
+    @triton.jit
+    def _gemv_tile(wd, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
                    BITS: tl.constexpr, NW: tl.constexpr):
-        """sum over the tile's codes of a_k w_k for each (row, word), w_k = s (q_k - z). w0 is one word
-        per (row, word column); with 3 bits w1 is the word after it (for the code that straddles;
-        unused otherwise). The scale and zero point come out of a word's sum,
-        s (sum_k a_k q_k - z sum_k a_k), so a code costs a shift, one LOP3 and one multiply-add."""
+        """sum over the tile's codes of a_k w_k for each (row, element), w_k = s (q_k - z): ``wd`` the
+        elements' words (_elem_words), an element a word, or with 3 bits a unit of 32 codes. The scale
+        and zero point come out of an element's sum, s (sum_k a_k q_k - z sum_k a_k), so a code costs
+        a shift, one LOP3 and one multiply-add."""
         pq = tl.zeros(m2.shape, dtype=tl.float32)
         a_sum = tl.zeros(wcol.shape, dtype=tl.float32)
         if BITS == 3:
-            o = wcol % 3
-            col0 = (wcol * 32 + o) // 3                 # the column of each word's first code
-            for t in tl.static_range(11):
-                a = tl.load(a_row + col0 + t, mask=wmask & ((t < 10) | (o < 2)), other=0.0).to(tl.float32)
-                pq += _stream3_float(w0, w1, o, one, t) * a[None, :]
+            col0 = wcol * 32                            # the column of each unit's first code
+            for c in tl.static_range(32):
+                a = tl.load(a_row + col0 + c, mask=wmask, other=0.0).to(tl.float32)
+                pq += _unit3_float(wd[0], wd[1], wd[2], one, c) * a[None, :]
                 a_sum += a
-            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 3, NW)
+            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 1, NW)   # 32 codes, as 1 bit
         else:
             P: tl.constexpr = 32 // BITS
             col0 = wcol * P                             # the first code column of each word
             for j in tl.static_range(P):
                 a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
-                pq += _code_float(w0, one, j, BITS) * a[None, :]
+                pq += _code_float(wd[0], one, j, BITS) * a[None, :]
                 a_sum += a
             s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, BITS, NW)
         return _word_sum(pq, a_sum[None, :], s, z, BITS)
@@ -196,34 +216,25 @@ if triton is not None:
     def _gemv_loop(a_row, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                    GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
         """(rows,) sums a @ W^T over this program's span of K for rows ``n`` of one width. A tile is
-        NW consecutive words of every row, whatever the width (a span of NW * BITS words holds
-        NW * 32 codes); the next tile's words are loaded before this one's codes are unpacked,
-        so two tiles of loads are in flight."""
+        NW consecutive elements of every row: words (NW * 32 / BITS codes), or with 3 bits units of
+        three words (NW * 32 codes); the next tile's words are loaded before this one's codes are
+        unpacked, so two tiles of loads are in flight."""
+        EL: tl.constexpr = 1 if BITS == 3 else BITS     # elements per 32 codes of a row
         rows = words_e + n.to(tl.int64) * (KW * BITS)
         scale_rows = scale_e + n * G
         zero_rows = zero_e + n * G
         wi = tl.arange(0, NW)
         acc = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
-        c_lo = k_step * k_steps * NW * BITS             # words, KW * BITS per row
-        c_hi = tl.minimum(KW * BITS, c_lo + k_steps * NW * BITS)
-        m2 = n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :]
-        w = tl.load(rows[:, None] + (c_lo + wi)[None, :], mask=m2, other=0)
-        w1 = w
-        if BITS == 3:                                   # the next words, for the codes that straddle
-            w1 = tl.load(rows[:, None] + (c_lo + wi + 1)[None, :], mask=n_mask[:, None] & ((c_lo + wi + 1) < c_hi)[None, :], other=0)
+        c_lo = k_step * k_steps * NW * EL               # elements, KW * EL per row
+        c_hi = tl.minimum(KW * EL, c_lo + k_steps * NW * EL)
+        wd = _elem_words(rows, c_lo + wi, n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :], BITS)
         for c0 in range(c_lo, c_hi, NW):
             wcol = c0 + wi
             wmask = wcol < c_hi
             m2 = n_mask[:, None] & wmask[None, :]
-            mn = n_mask[:, None] & ((wcol + NW) < c_hi)[None, :]
-            w_next = tl.load(rows[:, None] + (wcol + NW)[None, :], mask=mn, other=0)
-            w1_next = w_next
-            if BITS == 3:
-                w1_next = tl.load(rows[:, None] + (wcol + NW + 1)[None, :],
-                                  mask=n_mask[:, None] & ((wcol + NW + 1) < c_hi)[None, :], other=0)
-            acc += _gemv_tile(w, w1, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
-            w = w_next
-            w1 = w1_next
+            wd_next = _elem_words(rows, wcol + NW, n_mask[:, None] & ((wcol + NW) < c_hi)[None, :], BITS)
+            acc += _gemv_tile(wd, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
+            wd = wd_next
         return tl.sum(acc, axis=1)
 
     @triton.jit
