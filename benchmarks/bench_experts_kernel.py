@@ -179,14 +179,29 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
               (("mixed 3/3/2/2/2/2/1/1", (MIXED * (E // 8 + 1))[:E]),
                                                                         *((f"uniform {b}", [b] * E) for b in (1, 2, 3, 4)))}
     log(f"\n## one {shape} MoE layer ({E} experts, top-{k}, hidden {H}, intermediate {I}), {dtype}, group 128; {name}")
-    log("| T | implementation | ms | x bf16 best | routed GB/s (T=1) |")
-    log("|---|---|---|---|---|")
+    log("ms: median of timed calls (host time included); graph ms: median CUDA-graph replay of the same call (kernels "
+        "only; at T <= 64, for the implementations that capture); routed GB/s: bytes of the routed experts over graph ms")
+    log("| T | implementation | ms | x bf16 best | graph ms | x bf16 best (graph) | routed GB/s (T=1, graph) |")
+    log("|---|---|---|---|---|---|---|")
     rows = []
+
+    def graph_ms(fn, T, capturable):
+        if not capturable or T > 64 or DEV != "cuda":
+            return None
+        try:
+            with torch.no_grad():
+                return replay_ms(fn, 100)
+        except Exception as exc:  # noqa: BLE001 (report, go on)
+            log(f"graph capture: {type(exc).__name__}: {str(exc)[:120]}")
+            return None
+
+    def cell(v, best):
+        return (f"{v:.3f} | {best / v:.2f}" if v and best else " | ")
     for T in tokens:
         x = torch.randn(T, H, device=DEV, generator=gen).to(dtype)
         idx, w = routing(T, E, k, dtype, gen)
         reps = 50 if T <= 64 else 10
-        base = {}
+        base, base_graph = {}, {}
         for impl in ("grouped_mm", "batched_mm", "eager"):
             if impl == "batched_mm" and T * k * 2 * I * H * 2 > 20e9:
                 continue   # batched_mm gathers a weight copy per routed token: out of memory here
@@ -196,24 +211,30 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
                     base[impl] = timed(lambda: dense(x, idx, w), reps)
             except Exception as exc:  # noqa: BLE001 (report, go on)
                 log(f"bf16 {impl} T={T}: {type(exc).__name__}: {str(exc)[:200]}")
+            # eager loops over experts with host syncs: no capture
+            base_graph[impl] = graph_ms(lambda: dense(x, idx, w), T, impl != "eager")
         best = min(base.values())
+        best_graph = min((v for v in base_graph.values() if v), default=None)
         dense_bytes = len(set(idx.flatten().tolist())) * 3 * H * I * 2
         for impl, ms in base.items():
-            bw = f"{dense_bytes / ms / 1e6:.0f}" if T == 1 else ""
-            log(f"| {T} | bf16 {impl} | {ms:.3f} | {best / ms:.2f} | {bw} |")
-            rows.append({"shape": shape, "T": T, "impl": f"bf16 {impl}", "ms": ms})
+            g = base_graph.get(impl)
+            bw = f"{dense_bytes / g / 1e6:.0f}" if T == 1 and g else ""
+            log(f"| {T} | bf16 {impl} | {cell(ms, best)} | {cell(g, best_graph)} | {bw} |")
+            rows.append({"shape": shape, "T": T, "impl": f"bf16 {impl}", "ms": ms, "graph_ms": g})
         for label, m in packed.items():
             for backend in ("fused", "dequantize"):
                 set_experts_backend(m, backend)
                 with torch.no_grad():
                     ms = timed(lambda: m(x, idx, w), reps)
+                g = graph_ms(lambda: m(x, idx, w), T, backend == "fused")
                 bw = ""
-                if T == 1:
-                    gbs = routed_bytes(m, idx) / ms / 1e6
+                if T == 1 and g:
+                    gbs = routed_bytes(m, idx) / g / 1e6
                     bw = f"{gbs:.0f}" + (f" ({100 * gbs / peak:.0f}% of {peak:.0f})" if peak else "")
-                log(f"| {T} | packed {label}, {backend} | {ms:.3f} | {best / ms:.2f} | {bw} |")
+                log(f"| {T} | packed {label}, {backend} | {cell(ms, best)} | {cell(g, best_graph)} | {bw} |")
                 rows.append({"shape": shape, "T": T, "impl": f"packed {label} {backend}", "ms": ms,
-                             "x_bf16_best": best / ms})
+                             "x_bf16_best": best / ms, "graph_ms": g,
+                             "x_bf16_best_graph": best_graph / g if g and best_graph else None})
     RESULTS.setdefault("layer", []).extend(rows)
     dense = packed = None   # free before the next shape
     if DEV == "cuda":
@@ -259,31 +280,30 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
             log(f"\nT {T}, experts {sorted(set(idx.flatten().tolist()))[:16]}")
             log("| tiles | " + " | ".join(layers) + " |")
             log("|---|" + "---|" * len(layers))
-            table = {label: [] for label in labels}
-            for name, m in layers.items():
-                up, down = m.packed("gate_up_proj"), m.packed("down_proj")
-                ref = dequantize_experts_forward(m, x, idx, w)
-                for label in labels:
-                    if label == "gemv default":
-                        kw = dict(kernel="gemv")
-                    elif label == "mma default":
-                        kw = dict(kernel="mma")
-                    else:
-                        bn, nw, warps, sk1, sk2 = eval(label)   # noqa: S307 (our own tuple's repr)
-                        kw = dict(kernel="gemv", gemv_tiles=(tx.GemvTiles(bn, nw, sk1, warps),
-                                                             tx.GemvTiles(bn, nw, sk2, warps)))
+            mats = {name: (m.packed("gate_up_proj"), m.packed("down_proj"), dequantize_experts_forward(m, x, idx, w))
+                    for name, m in layers.items()}
+            for label in labels:   # a row as soon as it is measured (a run cut short keeps its rows)
+                if label == "gemv default":
+                    kw = dict(kernel="gemv")
+                elif label == "mma default":
+                    kw = dict(kernel="mma")
+                else:
+                    bn, nw, warps, sk1, sk2 = eval(label)   # noqa: S307 (our own tuple's repr)
+                    kw = dict(kernel="gemv", gemv_tiles=(tx.GemvTiles(bn, nw, sk1, warps),
+                                                         tx.GemvTiles(bn, nw, sk2, warps)))
+                cells = []
+                for name, (up, down, ref) in mats.items():
                     fn = lambda kw=kw: tx.fused_experts(x, idx, w, up, down, gated=True, fuse_silu=True, **kw)  # noqa
                     try:
                         err = rel(fn(), ref)
                         ms = replay_ms(fn)
-                        table[label].append(f"{ms:.4f}" + ("" if err < 3e-2 else f" (rel diff {err:.1e}!)"))
+                        cells.append(f"{ms:.4f}" + ("" if err < 3e-2 else f" (rel diff {err:.1e}!)"))
                         RESULTS.setdefault("gemv_sweep", []).append({"shape": shape, "T": T, "layer": name,
                                                                      "tiles": label, "ms": ms, "rel": err})
                     except Exception as exc:  # noqa: BLE001
-                        table[label].append(f"{type(exc).__name__}")
+                        cells.append(f"{type(exc).__name__}")
                         log(f"{label} {name}: {type(exc).__name__} {str(exc)[:150]}")
-            for label in labels:
-                log(f"| {label} | " + " | ".join(table[label]) + " |")
+                log(f"| {label} | " + " | ".join(cells) + " |")
         layers = None
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -516,6 +536,8 @@ def main():
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--gemv_sweep", action="store_true", help="the decode kernel's tiles, --layer shapes, --tokens")
+    ap.add_argument("--gemv_cands", nargs="+", default=None, metavar="BN,NW,WARPS,SK1,SK2",
+                    help="--gemv_sweep's candidates (default: GEMV_CANDS)")
     ap.add_argument("--check_tokens", type=int, nargs="+", default=None, help="T values of --check")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of a mixed Mixtral layer")
     ap.add_argument("--profile_decode", action="store_true",
@@ -532,6 +554,8 @@ def main():
         sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
     if a.check_tokens:
         SMALL["T"] = tuple(a.check_tokens)
+    if a.gemv_cands:
+        GEMV_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.gemv_cands]
     global PROFILE_DECODE
     PROFILE_DECODE = a.profile_decode
     log("command: python " + " ".join(sys.argv))
