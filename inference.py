@@ -49,10 +49,11 @@ def greedy_generate(model, input_ids, max_new_tokens: int, cuda_graph: bool | No
     the first token (CUDA events on CUDA, the wall clock on CPU): the steady decode speed,
     without the prompt's forward, the eager steps and the capture."""
     import inspect
-    import time
 
     import torch
     from transformers import StaticCache
+
+    from .utils.timing import call_ms
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -89,17 +90,9 @@ def greedy_generate(model, input_ids, max_new_tokens: int, cuda_graph: bool | No
 
         def timed(run):
             if step_ms is None:
-                return run()
-            if dev.type != "cuda":
-                t0 = time.perf_counter()
                 run()
-                return step_ms.append(1000 * (time.perf_counter() - t0))
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            step_ms.append(a.elapsed_time(b))
+            else:
+                step_ms.append(call_ms(run, dev))
 
         left = max_new_tokens - 1
         eager_steps = left if not cuda_graph else min(left, 2)

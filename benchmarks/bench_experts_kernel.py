@@ -36,6 +36,7 @@ from moeq.inference import greedy_generate
 from moeq.quant import triton_experts as tx
 from moeq.quant.modules import QuantExperts, dequantize_experts_forward, set_experts_backend
 from moeq.utils.synthetic import random_packed_experts, random_packed_linear
+from moeq.utils.timing import call_ms
 
 MIXED = [3, 3, 2, 2, 2, 2, 1, 1]
 SHAPES = {  # model_type, hidden, expert intermediate, experts, top-k
@@ -137,22 +138,12 @@ def check() -> bool:
 
 
 def timed(fn, reps):
-    if DEV == "cpu":
-        t0 = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - t0)
+    if DEV == "cpu":   # the interpreter: one call
+        return call_ms(fn, torch.device("cpu"))
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(call_ms(fn, torch.device(DEV)) for _ in range(reps))
 
 
 def routed_bytes(m: QuantExperts, idx) -> int:

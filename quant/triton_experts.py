@@ -111,35 +111,32 @@ if triton is not None:
         return s * ((1 << BITS) * pq - ((1 << BITS) + z) * a_sum)
 
     @triton.jit
-    def _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS: tl.constexpr, BITS: tl.constexpr,
+    def _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS: tl.constexpr, P: tl.constexpr,
                      NW: tl.constexpr):
-        """Scale and zero point of each (row, word) of a tile of words c0 .. c0 + NW - 1 (words up to
-        c_hi in the row), ``col0`` the column of each word's first code, which sets its group:
-        (rows, 1) when the tile lies in one group, else one (rows,) load per group the tile can
-        touch and a select per word. (A 2D load whose addresses repeat along the words made the
-        compiler lay the tile out one row per thread, every activation then loaded once per row.)"""
-        if BITS == 3:
-            g0 = ((c0 * 32 + c0 % 3) // 3) // GS             # the group of word c0's first code
-            NG: tl.constexpr = (NW * 32) // (3 * GS) + 2     # groups a tile of NW words can touch
+        """Scale and zero point of each (row, element) of a tile of elements c0 .. c0 + NW - 1 of P
+        codes each (a word: 32 / bits; a 3-bit unit: 32), elements up to c_hi in the row, ``col0``
+        the column of each element's first code, which sets its group: (rows, 1) when the tile lies
+        in one group, else one (rows,) load per group the tile can touch and a select per element.
+        (A 2D load whose addresses repeat along the elements made the compiler lay the tile out one
+        row per thread, every activation then loaded once per row.)"""
+        g0 = (c0 * P) // GS
+        if (NW * P) % GS == 0:
+            NG: tl.constexpr = (NW * P) // GS           # tiles start on group boundaries
         else:
-            g0 = (c0 * (32 // BITS)) // GS
-            if (NW * (32 // BITS)) % GS == 0:
-                NG: tl.constexpr = (NW * (32 // BITS)) // GS     # tiles start on group boundaries
-            else:
-                NG: tl.constexpr = (NW * (32 // BITS)) // GS + 2
-        if BITS != 3 and GS % (NW * (32 // BITS)) == 0:
+            NG: tl.constexpr = (NW * P) // GS + 2
+        if GS % (NW * P) == 0:
             s = tl.load(scale_rows + g0, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             z = tl.load(zero_rows + g0, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         else:
-            if BITS != 3 and (NW * (32 // BITS)) % GS == 0:
-                in_group = (tl.arange(0, NW) * (32 // BITS) // GS)[None, :]   # known when compiled
+            if (NW * P) % GS == 0:
+                in_group = (tl.arange(0, NW) * P // GS)[None, :]   # known when compiled
             else:
                 in_group = (col0 // GS - g0)[None, :]
             s = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
             z = tl.zeros((scale_rows.shape[0], NW), dtype=tl.float32)
             for gi in tl.static_range(NG):
-                # the group exists in this span if its first code lies before word c_hi's
-                ok = n_mask & (tl.zeros(n_mask.shape, tl.int32) + (g0 + gi) * GS * BITS < c_hi * 32)
+                # the group exists in this span if its first code lies before element c_hi's
+                ok = n_mask & (tl.zeros(n_mask.shape, tl.int32) + (g0 + gi) * GS < c_hi * P)
                 s = tl.where(in_group == gi, tl.load(scale_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], s)
                 z = tl.where(in_group == gi, tl.load(zero_rows + g0 + gi, mask=ok, other=0.0).to(tl.float32)[:, None], z)
         return s, z
@@ -201,7 +198,7 @@ if triton is not None:
                 a = tl.load(a_row + col0 + c, mask=wmask, other=0.0).to(tl.float32)
                 pq += _unit3_float(wd[0], wd[1], wd[2], one, c) * a[None, :]
                 a_sum += a
-            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 1, NW)   # 32 codes, as 1 bit
+            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 32, NW)
         else:
             P: tl.constexpr = 32 // BITS
             col0 = wcol * P                             # the first code column of each word
@@ -209,7 +206,7 @@ if triton is not None:
                 a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
                 pq += _code_float(wd[0], one, j, BITS) * a[None, :]
                 a_sum += a
-            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, BITS, NW)
+            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, P, NW)
         return _word_sum(pq, a_sum[None, :], s, z, BITS)
 
     @triton.jit

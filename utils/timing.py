@@ -1,11 +1,27 @@
 """Wall time per stage of a script, printed as it ends ("stage NAME: N s", one line each), so
-that the log of one run on a lent GPU tells where its time went."""
+that the log of one run on a lent GPU tells where its time went; and the milliseconds of one
+call (``call_ms``)."""
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 
 import torch
+
+
+def call_ms(fn, device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events around it on a CUDA device (the GPU's
+    time for the work it queued, waited for), the wall clock elsewhere."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
 
 
 class Stages:
