@@ -6,10 +6,12 @@
   every expert at its own bit width. It goes through transformers' experts interface
   (``use_experts_implementation``); every experts implementation name transformers knows
   maps to ``packed_experts_forward``, which runs ``QuantExperts.backend``:
-  ``"fused"`` the mixed-bit Triton kernels (quant/triton_experts.py), ``"dequantize"``
-  each routed expert dequantized then plain matmuls (the reference), ``"auto"`` (the
-  default) fused on CUDA where the kernel applies, else dequantize. ``set_experts_backend``
-  sets it for a whole model.
+  ``"fused"`` the mixed-bit Triton kernels (quant/triton_experts.py), ``"grouped"`` every
+  expert dequantized in one launch then grouped GEMMs (quant/grouped_experts.py),
+  ``"dequantize"`` each routed expert dequantized then plain matmuls (the reference),
+  ``"auto"`` (the default) on CUDA fused up to FUSED_MAX_TOKENS_PER_EXPERT routed tokens per
+  expert where the kernel applies, grouped above, and dequantize on CPU.
+  ``set_experts_backend`` sets it for a whole model.
 
 No model-family knowledge: module shapes come from the quantization_config, activation
 and gating from the module being replaced.
@@ -26,7 +28,7 @@ from torch import nn
 from transformers.integrations import moe as _hf_moe
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
-from . import triton_dequant, triton_experts
+from . import grouped_experts, triton_dequant, triton_experts
 from .format import ExpertsLayout, decode_zero, num_groups
 from .packing import dequantize_packed, packed_width
 
@@ -204,13 +206,23 @@ def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_
                                         activation=activation)
 
 
-# "auto" runs the fused kernels up to this many routed tokens per expert (T * k / E) and
-# dequantize-then-matmul above it, where dequantizing each expert once beats unpacking it again
-# for every tile of 128 tokens. Measured on one H100 (benchmarks/results/
-# bench_experts_kernel_h100_v8*.txt, mixed 3/3/2/2/2/2/1/1 layers): Mixtral shapes, fused 6.5x /
-# 5.0x faster at 4 / 16 tokens per expert, dequantize 1.2x faster at 1024; Qwen3-30B-A3B shapes,
-# fused 32-34x faster at 256.
+# "auto" runs the fused kernels up to this many routed tokens per expert (T * k / E) and the
+# grouped path above it, where dequantizing each expert once beats unpacking it again for every
+# tile of 128 tokens. Measured on one H100 (benchmarks/results/bench_experts_kernel_h100_v8*.txt,
+# mixed 3/3/2/2/2/2/1/1 layers): Mixtral shapes, fused 6.5x / 5.0x faster than dequantize at
+# 4 / 16 tokens per expert, dequantize 1.2x faster at 1024; Qwen3-30B-A3B shapes, fused 32-34x
+# faster at 256.
 FUSED_MAX_TOKENS_PER_EXPERT = 256
+
+
+def grouped_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
+    """Every expert dequantized in one launch per kind, then grouped GEMMs (quant/grouped_experts.py)."""
+    gated = self.gate_kind == "gate_up_proj"
+
+    def activation(h):
+        return self._apply_gate(h) if gated else self.act_fn(h)
+    return grouped_experts.grouped_experts(hidden_states, top_k_index, top_k_weights, self.packed(self.gate_kind),
+                                           self.packed("down_proj"), activation=activation)
 
 
 def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
@@ -218,14 +230,20 @@ def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k
     backend = self.backend
     if backend == "auto":
         per_expert = hidden_states.shape[0] * top_k_index.shape[-1] / self.num_experts
-        fused = hidden_states.is_cuda and per_expert <= FUSED_MAX_TOKENS_PER_EXPERT and self.fused_applies()
-        backend = "fused" if fused else "dequantize"
+        if not (hidden_states.is_cuda and triton_dequant.available()):
+            backend = "dequantize"
+        elif per_expert <= FUSED_MAX_TOKENS_PER_EXPERT and self.fused_applies():
+            backend = "fused"
+        else:
+            backend = "grouped"
     if backend == "fused":
         return fused_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if backend == "grouped":
+        return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return dequantize_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-EXPERTS_BACKENDS = ("auto", "fused", "dequantize")
+EXPERTS_BACKENDS = ("auto", "fused", "grouped", "dequantize")
 
 
 def set_experts_backend(model: nn.Module, backend: str, linears: bool = True) -> int:
@@ -236,6 +254,8 @@ def set_experts_backend(model: nn.Module, backend: str, linears: bool = True) ->
     kinds = (QuantExperts, QuantLinear) if linears else (QuantExperts,)
     mods = [m for m in model.modules() if isinstance(m, kinds)]
     for m in mods:
+        if backend == "grouped" and not triton_dequant.available():
+            raise ValueError("the grouped backend needs Triton; use backend='dequantize'")
         if backend == "fused" and not m.fused_applies():
             raise ValueError("the fused kernels need Triton, and columns and a group size that are multiples of 32; "
                              "use backend='dequantize'")

@@ -55,11 +55,10 @@ if triton is not None:
                              tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7)))
 
     @triton.jit
-    def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS,
-                        BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr):
-        """A packed row is units of 8 codes, BITS bytes each (quant/packing.py): a program
-        loads U units of BLOCK_R rows, unpacks them in registers in column order and writes
-        8 U consecutive columns per row."""
+    def _dequant_tile(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                      U: tl.constexpr):
+        """Tile (program_id(0), program_id(1)) of one (R, C) matrix, W bytes a row: U units of BLOCK_R
+        rows loaded, unpacked in registers in column order, 8 U consecutive columns a row written."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         unit = tl.program_id(1) * U + tl.arange(0, U)
         cols = tl.program_id(1) * U * 8 + tl.arange(0, U * 8)
@@ -68,9 +67,40 @@ if triton is not None:
         m2 = row_ok & (cols < C)[None, :]
         g = (cols // GS)[None, :]
         scale = tl.load(s_ptr + rows[:, None] * G + g, mask=m2, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + rows[:, None] * G + g, mask=m2, other=0.0)
+        zero = tl.load(z_ptr + rows[:, None] * G + g, mask=m2, other=0.0).to(tl.float32)
         w = scale * (q.to(tl.float32) - zero)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS,
+                        BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr):
+        """A packed row is units of 8 codes, BITS bytes each (quant/packing.py)."""
+        _dequant_tile(q_ptr, s_ptr, z_ptr, out_ptr, R, C, W, G, GS, BITS, BLOCK_R, U)
+
+    @triton.jit
+    def _dequant_experts_kernel(q_ptr, off_ptr, bits_ptr, count_ptr, s_ptr, z_ptr, out_ptr, R, C, G, GS,
+                                BLOCK_R: tl.constexpr, U: tl.constexpr):
+        """Expert program_id(2) of an (E, R, C) stack of packed matrices, each at its own width (one
+        tile loop per width compiled in, the expert's picks one): its codes from byte
+        off[e], written to out[e]; experts that no token is routed to (count[e] == 0) are skipped."""
+        e = tl.program_id(2)
+        if tl.load(count_ptr + e) == 0:
+            return
+        bits = tl.load(bits_ptr + e)
+        q_e = q_ptr + tl.load(off_ptr + e)
+        s_e = s_ptr + e.to(tl.int64) * R * G
+        z_e = z_ptr + e.to(tl.int64) * R * G
+        out_e = out_ptr + e.to(tl.int64) * R * C
+        if bits == 1:
+            _dequant_tile(q_e, s_e, z_e, out_e, R, C, C // 8, G, GS, 1, BLOCK_R, U)
+        elif bits == 2:
+            _dequant_tile(q_e, s_e, z_e, out_e, R, C, C // 4, G, GS, 2, BLOCK_R, U)
+        elif bits == 3:
+            _dequant_tile(q_e, s_e, z_e, out_e, R, C, C * 3 // 8, G, GS, 3, BLOCK_R, U)
+        elif bits == 4:
+            _dequant_tile(q_e, s_e, z_e, out_e, R, C, C // 2, G, GS, 4, BLOCK_R, U)
+        else:
+            _dequant_tile(q_e, s_e, z_e, out_e, R, C, C, G, GS, 8, BLOCK_R, U)
 
 
 def available() -> bool:
@@ -86,4 +116,20 @@ def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zero: torch.T
     grid = (triton.cdiv(rows, block_r), triton.cdiv(triton.cdiv(cols, 8), units))
     _dequant_kernel[grid](qweight, scales, zero.contiguous(), out, rows, cols, qweight.shape[1], groups,
                           cols // groups, BITS=bits, BLOCK_R=block_r, U=units)
+    return out
+
+
+def dequantize_experts_triton(codes: torch.Tensor, code_offsets: torch.Tensor, bits: torch.Tensor,
+                              counts: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cols: int,
+                              dtype) -> torch.Tensor:
+    """(E, R, C) weights in ``dtype`` from a stack of packed experts, one launch: flat uint8
+    ``codes``, each expert's byte offset and width (device tensors), scales and decoded zeros
+    (E, R, G). Experts with ``counts[e] == 0`` are skipped: their slice of the result is left
+    unwritten (nothing should read it)."""
+    experts, rows, groups = scale.shape
+    out = torch.empty(experts, rows, cols, device=codes.device, dtype=dtype)
+    block_r, units = 8, 32
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(triton.cdiv(cols, 8), units), experts)
+    _dequant_experts_kernel[grid](codes, code_offsets, bits, counts, scale, zero, out, rows, cols, groups,
+                                  cols // groups, BLOCK_R=block_r, U=units)
     return out

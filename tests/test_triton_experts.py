@@ -202,6 +202,6 @@ def test_backend_choice():
         template = MixtralExperts(config)
     m = random_packed_experts(template, config, {"gate_up_proj": (128, 32), "down_proj": (32, 64)}, [2, 3, 1, 4], 32)
     assert m.backend == "auto" and m.fused_applies()
-    with pytest.raises(ValueError, match="auto, fused, dequantize"):
+    with pytest.raises(ValueError, match="auto, fused, grouped, dequantize"):
         set_experts_backend(m, "fast")
     assert set_experts_backend(m, "dequantize") == 1 and m.backend == "dequantize"

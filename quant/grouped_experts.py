@@ -1,0 +1,80 @@
+"""Many tokens per expert (prefill, loglikelihood): every expert dequantized once, in one launch per
+kind of matrix, then one grouped GEMM per kind on the tokens sorted by expert.
+
+    W_up  = dequantize(gate_up_proj)            (E, R, H), one launch, every width (triton_dequant)
+    h     = act(x[sorted] @ W_up[e]^T)          one grouped GEMM over the sorted slots
+    W_dn  = dequantize(down_proj)               (E, H, I), after W_up is freed
+    out   = sum_k w_route * (h @ W_dn[e]^T)     one grouped GEMM, then the slots added per token
+
+The weights are made exactly as the reference path makes them (quant/modules.
+dequantize_experts_forward: s (q - z) in float32, rounded to the activations' dtype); what differs
+is one launch for all experts, where the reference loops over them in Python with a
+dequantization and two matmuls each. The fused kernels (triton_experts) read the codes again for
+every tile of 128 tokens, which costs more than this once the experts have ~256 tokens each
+(quant/modules.FUSED_MAX_TOKENS_PER_EXPERT).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import triton_dequant
+from .triton_experts import PackedMatrices, route
+
+
+def dequantize_stack(mats: PackedMatrices, counts: torch.Tensor, dtype) -> torch.Tensor:
+    """(E, R, C) weights of every expert that has tokens (the others' slices left unwritten)."""
+    return triton_dequant.dequantize_experts_triton(mats.codes, mats.code_offsets, mats.bits, counts, mats.scale,
+                                                    mats.zero, mats.cols, dtype)
+
+
+def grouped_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    """(M, N) rows of a (M, K) sorted by group, times each group's w[g] (E, N, K) transposed;
+    ``ends`` the int32 end row of each group. ``fused``: torch's grouped GEMM (one launch; bf16 on
+    CUDA), else one matmul per group that has rows."""
+    if fused:
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=ends)
+    out = a.new_empty(a.shape[0], w.shape[1])
+    start = 0
+    for g, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = a[start:end] @ w[g].T
+        start = end
+    return out
+
+
+def grouped_mm_applies(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM takes x: bf16 on CUDA, in every torch that has it (other dtypes, and the
+    CPU, only in some versions: those run one matmul per expert)."""
+    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+
+
+def grouped_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                    up: PackedMatrices, down: PackedMatrices, *, activation, fused_mm: bool | None = None
+                    ) -> torch.Tensor:
+    """The MoE experts output (T, hidden). ``activation`` maps the (slots, R) output of ``up`` to
+    (slots, I) (SwiGLU on [gate; up], or the family's own); ``fused_mm``: torch's grouped GEMM
+    (None: where grouped_mm_applies)."""
+    T, H = hidden.shape
+    k = top_k_index.shape[-1]
+    num_experts = up.scale.shape[0]
+    fused_mm = grouped_mm_applies(hidden) if fused_mm is None else fused_mm
+    order, counts, _, _ = route(top_k_index, num_experts)
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    token = order // k
+    x = hidden[token]
+    expert = top_k_index.reshape(-1)[order] if up.bias is not None or down.bias is not None else None
+    w_up = dequantize_stack(up, counts, hidden.dtype)
+    h = grouped_mm(x, w_up, ends, fused=fused_mm)
+    del w_up, x                                     # the down weights take their place
+    if up.bias is not None:
+        h = h + up.bias[expert].to(h.dtype)
+    h = activation(h).to(hidden.dtype).contiguous()
+    w_down = dequantize_stack(down, counts, hidden.dtype)
+    y = grouped_mm(h, w_down, ends, fused=fused_mm)
+    del w_down, h
+    if down.bias is not None:
+        y = y + down.bias[expert].to(y.dtype)
+    y = y.float() * top_k_weights.reshape(-1)[order].float()[:, None]
+    out = torch.zeros(T, H, device=hidden.device, dtype=torch.float32)
+    out.index_add_(0, token, y)
+    return out.to(hidden.dtype)
