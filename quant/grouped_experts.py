@@ -15,6 +15,8 @@ every tile of 128 tokens, which costs more than this once the experts have ~256 
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from . import triton_dequant
@@ -42,10 +44,20 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, fused: b
     return out
 
 
+@lru_cache(maxsize=None)
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        a = torch.ones(16, 16, device=device, dtype=dtype)
+        ends = torch.tensor([8, 16], device=device, dtype=torch.int32)
+        return bool(torch._grouped_mm(a, torch.ones(2, 16, 16, device=device, dtype=dtype), offs=ends).eq(16).all())
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
 def grouped_mm_applies(x: torch.Tensor) -> bool:
-    """torch's grouped GEMM takes x: bf16 on CUDA, in every torch that has it (other dtypes, and the
-    CPU, only in some versions: those run one matmul per expert)."""
-    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+    """torch's grouped GEMM runs for x's device and dtype: which ones it takes differs between torch
+    versions and GPUs (bf16 on Hopper in all that have it), so a tiny one is tried once per pair."""
+    return _grouped_mm_runs(x.device, x.dtype)
 
 
 def grouped_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
