@@ -19,7 +19,8 @@
    new tokens after a 32-token prompt at batch 1 and 16, bf16 (grouped_mm, eager) against the
    packed model (experts mixed as above, attention 4 bits), warmed up at the same lengths.
 4. ``--sweep``: the tensor-core kernel's tile sizes for the mixed layers (--layer, default both) at
-   --tokens; ``--gemv_sweep`` the decode kernel's.
+   --tokens; ``--gemv_sweep`` the decode kernel's; ``--dequant_sweep`` the grouped path's
+   one-launch dequantization.
 5. ``--profile``: torch.profiler tables (CUDA time per kernel) for that layer, both backends.
 """
 from __future__ import annotations
@@ -302,6 +303,54 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
             torch.cuda.empty_cache()
 
 
+DEQUANT_CANDS = [(8, 32, 4), (16, 32, 4), (32, 32, 4), (8, 64, 4), (16, 64, 8), (32, 16, 4), (32, 32, 8),
+                 (64, 16, 8), (4, 64, 4), (16, 16, 4)]
+
+
+def dequant_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b")):
+    """The grouped path's one-launch dequantization (triton_dequant.dequantize_experts_triton) of a
+    layer's gate/up experts, every expert with tokens, per tile candidate (rows, units of 8 codes,
+    warps) and width: CUDA-graph replays, and GB/s of bf16 written plus codes, scales and zeros
+    read; beside it a plain bf16 copy of the same size (read + write) as the memory's reach."""
+    from moeq.quant import triton_dequant as td
+    for shape in shapes:
+        model_type, H, I, E, k = SHAPES[shape]
+        layers = {f"uniform {b}": packed_layer(model_type, H, I, E, k, [b] * E) for b in (1, 2, 3, 4)}
+        layers["mixed"] = packed_layer(model_type, H, I, E, k, (MIXED * (E // 8 + 1))[:E])
+        buf = torch.empty(E, 2 * I, H, device=DEV, dtype=torch.bfloat16)
+        copy_ms = replay_ms(lambda: torch.empty_like(buf).copy_(buf))
+        log(f"\n## one-launch dequantization of a {shape} layer's gate/up experts ({E} x {2 * I} x {H}), ms (GB/s); "
+            f"a bf16 copy of that size: {copy_ms:.3f} ms ({2 * buf.numel() * 2 / copy_ms / 1e6:.0f} GB/s read + write)")
+        log("| tiles (rows, units, warps) | " + " | ".join(layers) + " |")
+        log("|---|" + "---|" * len(layers))
+        refs = {name: td.dequantize_experts_triton(*_stack_args(m), tiles=DEQUANT_CANDS[0]) for name, m in layers.items()}
+        for tiles in DEQUANT_CANDS:
+            cells = []
+            for name, m in layers.items():
+                args = _stack_args(m)
+                try:
+                    fn = lambda args=args: td.dequantize_experts_triton(*args, tiles=tiles)  # noqa: E731
+                    same = torch.equal(fn(), refs[name])
+                    ms = replay_ms(fn)
+                    mats = m.packed("gate_up_proj")
+                    moved = buf.numel() * 2 + mats.codes.numel() + mats.scale.numel() * 4
+                    cells.append(f"{ms:.3f} ({moved / ms / 1e6:.0f})" + ("" if same else " DIFFERS"))
+                    RESULTS.setdefault("dequant_sweep", []).append({"shape": shape, "layer": name, "tiles": tiles,
+                                                                    "ms": ms, "same": same})
+                except Exception as exc:  # noqa: BLE001
+                    cells.append(type(exc).__name__)
+                    log(f"{tiles} {name}: {type(exc).__name__} {str(exc)[:150]}")
+            log(f"| {tiles} | " + " | ".join(cells) + " |")
+        layers = refs = buf = None
+        torch.cuda.empty_cache()
+
+
+def _stack_args(m):
+    mats = m.packed("gate_up_proj")
+    counts = torch.ones(mats.scale.shape[0], dtype=torch.int32, device=mats.codes.device)
+    return mats.codes, mats.code_offsets, mats.bits, counts, mats.scale, mats.zero, mats.cols, torch.bfloat16
+
+
 def sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(16, 4096)):
     """The tensor-core kernel (kernel="mma") against the default path (the decode kernel where it
     applies), the dequantize path and bf16 grouped_mm, and its tile candidates (block_m, block_n,
@@ -531,6 +580,7 @@ def main():
     ap.add_argument("--gemv_sweep", action="store_true", help="the decode kernel's tiles, --layer shapes, --tokens")
     ap.add_argument("--gemv_cands", nargs="+", default=None, metavar="BN,NW,WARPS,SK1,SK2",
                     help="--gemv_sweep's candidates (default: GEMV_CANDS)")
+    ap.add_argument("--dequant_sweep", action="store_true", help="the grouped path's dequantization tiles, --layer shapes")
     ap.add_argument("--check_tokens", type=int, nargs="+", default=None, help="T values of --check")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of a mixed Mixtral layer")
     ap.add_argument("--profile_decode", action="store_true",
@@ -554,10 +604,11 @@ def main():
     log("command: python " + " ".join(sys.argv))
     log(f"device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}")
     ok = True
-    sweeping = a.sweep or a.gemv_sweep   # --layer then only names the sweeps' shapes
+    sweeping = a.sweep or a.gemv_sweep or a.dequant_sweep   # --layer then only names the sweeps' shapes
     steps = ([check] if a.check else []) + [lambda s=s: bench_layer(s, a.tokens) for s in a.layer if not sweeping] + \
         ([generate] if a.generate else []) + ([lambda: sweep(a.layer or tuple(SHAPES), a.tokens)] if a.sweep else []) + ([profile] if a.profile else []) + \
-        ([lambda: gemv_sweep(a.layer or tuple(SHAPES), a.tokens)] if a.gemv_sweep else [])
+        ([lambda: gemv_sweep(a.layer or tuple(SHAPES), a.tokens)] if a.gemv_sweep else []) + \
+        ([lambda: dequant_sweep(a.layer or tuple(SHAPES))] if a.dequant_sweep else [])
     for step in steps:
         t0 = time.time()
         try:

@@ -119,17 +119,20 @@ def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zero: torch.T
     return out
 
 
+DEQUANT_TILES = (8, 32, 4)   # rows, units of 8 codes (columns / 8), warps of a program
+
+
 def dequantize_experts_triton(codes: torch.Tensor, code_offsets: torch.Tensor, bits: torch.Tensor,
                               counts: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cols: int,
-                              dtype) -> torch.Tensor:
+                              dtype, tiles: tuple[int, int, int] = DEQUANT_TILES) -> torch.Tensor:
     """(E, R, C) weights in ``dtype`` from a stack of packed experts, one launch: flat uint8
     ``codes``, each expert's byte offset and width (device tensors), scales and decoded zeros
     (E, R, G). Experts with ``counts[e] == 0`` are skipped: their slice of the result is left
-    unwritten (nothing should read it)."""
+    unwritten (nothing should read it). ``tiles``: (rows, units of 8 codes, warps) a program."""
     experts, rows, groups = scale.shape
     out = torch.empty(experts, rows, cols, device=codes.device, dtype=dtype)
-    block_r, units = 8, 32
+    block_r, units, warps = tiles
     grid = (triton.cdiv(rows, block_r), triton.cdiv(triton.cdiv(cols, 8), units), experts)
     _dequant_experts_kernel[grid](codes, code_offsets, bits, counts, scale, zero, out, rows, cols, groups,
-                                  cols // groups, BLOCK_R=block_r, U=units)
+                                  cols // groups, BLOCK_R=block_r, U=units, num_warps=warps)
     return out
