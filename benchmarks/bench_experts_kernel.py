@@ -581,6 +581,8 @@ def main():
     ap.add_argument("--gemv_cands", nargs="+", default=None, metavar="BN,NW,WARPS,SK1,SK2",
                     help="--gemv_sweep's candidates (default: GEMV_CANDS)")
     ap.add_argument("--dequant_sweep", action="store_true", help="the grouped path's dequantization tiles, --layer shapes")
+    ap.add_argument("--dequant_cands", nargs="+", default=None, metavar="ROWS,UNITS,WARPS",
+                    help="--dequant_sweep's candidates (default DEQUANT_CANDS)")
     ap.add_argument("--check_tokens", type=int, nargs="+", default=None, help="T values of --check")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of a mixed Mixtral layer")
     ap.add_argument("--profile_decode", action="store_true",
@@ -597,6 +599,8 @@ def main():
         sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
     if a.check_tokens:
         SMALL["T"] = tuple(a.check_tokens)
+    if a.dequant_cands:
+        DEQUANT_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.dequant_cands]
     if a.gemv_cands:
         GEMV_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.gemv_cands]
     global PROFILE_DECODE
