@@ -307,11 +307,15 @@ DEQUANT_CANDS = [(8, 32, 4), (16, 32, 4), (32, 32, 4), (8, 64, 4), (16, 64, 8), 
                  (64, 16, 8), (4, 64, 4), (16, 16, 4)]
 
 
+WORDS_CANDS = [(128, 128, 4), (64, 128, 2), (128, 64, 4), (256, 128, 8), (64, 256, 4), (32, 128, 1)]
+
+
 def dequant_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b")):
     """The grouped path's one-launch dequantization (triton_dequant.dequantize_experts_triton) of a
     layer's gate/up experts, every expert with tokens, per tile candidate (rows, units of 8 codes,
-    warps) and width: CUDA-graph replays, and GB/s of bf16 written plus codes, scales and zeros
-    read; beside it a plain bf16 copy of the same size (read + write) as the memory's reach."""
+    warps) and width, the codes read as bytes; then read as int32 words (dequantize_experts_words),
+    per candidate (rows, codes, warps): CUDA-graph replays, and GB/s of bf16 written plus codes,
+    scales and zeros read; beside it a plain bf16 copy of the same size (read + write)."""
     from moeq.quant import triton_dequant as td
     for shape in shapes:
         model_type, H, I, E, k = SHAPES[shape]
@@ -321,26 +325,31 @@ def dequant_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b")):
         copy_ms = replay_ms(lambda: torch.empty_like(buf).copy_(buf))
         log(f"\n## one-launch dequantization of a {shape} layer's gate/up experts ({E} x {2 * I} x {H}), ms (GB/s); "
             f"a bf16 copy of that size: {copy_ms:.3f} ms ({2 * buf.numel() * 2 / copy_ms / 1e6:.0f} GB/s read + write)")
-        log("| tiles (rows, units, warps) | " + " | ".join(layers) + " |")
+        log("| bytes (rows, units, warps) / words (rows, codes, warps) | " + " | ".join(layers) + " |")
         log("|---|" + "---|" * len(layers))
         refs = {name: td.dequantize_experts_triton(*_stack_args(m), tiles=DEQUANT_CANDS[0]) for name, m in layers.items()}
-        for tiles in DEQUANT_CANDS:
+        for words, tiles in [(False, t) for t in DEQUANT_CANDS] + [(True, t) for t in WORDS_CANDS]:
             cells = []
             for name, m in layers.items():
                 args = _stack_args(m)
+                mats = m.packed("gate_up_proj")
                 try:
-                    fn = lambda args=args: td.dequantize_experts_triton(*args, tiles=tiles)  # noqa: E731
+                    if words:
+                        wargs = (mats.words, mats.word_offsets, mats.bits, args[3], mats.scale, mats.zero, mats.cols,
+                                 mats.group_size, torch.bfloat16)
+                        fn = lambda wargs=wargs: td.dequantize_experts_words(*wargs, tiles=tiles)  # noqa: E731
+                    else:
+                        fn = lambda args=args: td.dequantize_experts_triton(*args, tiles=tiles)  # noqa: E731
                     same = torch.equal(fn(), refs[name])
                     ms = replay_ms(fn)
-                    mats = m.packed("gate_up_proj")
                     moved = buf.numel() * 2 + mats.codes.numel() + mats.scale.numel() * 4
                     cells.append(f"{ms:.3f} ({moved / ms / 1e6:.0f})" + ("" if same else " DIFFERS"))
                     RESULTS.setdefault("dequant_sweep", []).append({"shape": shape, "layer": name, "tiles": tiles,
-                                                                    "ms": ms, "same": same})
+                                                                    "words": words, "ms": ms, "same": same})
                 except Exception as exc:  # noqa: BLE001
                     cells.append(type(exc).__name__)
                     log(f"{tiles} {name}: {type(exc).__name__} {str(exc)[:150]}")
-            log(f"| {tiles} | " + " | ".join(cells) + " |")
+            log(f"| {'words' if words else 'bytes'} {tiles} | " + " | ".join(cells) + " |")
         layers = refs = buf = None
         torch.cuda.empty_cache()
 
@@ -582,7 +591,9 @@ def main():
                     help="--gemv_sweep's candidates (default: GEMV_CANDS)")
     ap.add_argument("--dequant_sweep", action="store_true", help="the grouped path's dequantization tiles, --layer shapes")
     ap.add_argument("--dequant_cands", nargs="+", default=None, metavar="ROWS,UNITS,WARPS",
-                    help="--dequant_sweep's candidates (default DEQUANT_CANDS)")
+                    help="--dequant_sweep's byte-kernel candidates (default DEQUANT_CANDS)")
+    ap.add_argument("--words_cands", nargs="+", default=None, metavar="ROWS,CODES,WARPS",
+                    help="--dequant_sweep's word-kernel candidates (default WORDS_CANDS)")
     ap.add_argument("--check_tokens", type=int, nargs="+", default=None, help="T values of --check")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of a mixed Mixtral layer")
     ap.add_argument("--profile_decode", action="store_true",
@@ -599,6 +610,8 @@ def main():
         sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
     if a.check_tokens:
         SMALL["T"] = tuple(a.check_tokens)
+    if a.words_cands:
+        WORDS_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.words_cands]
     if a.dequant_cands:
         DEQUANT_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.dequant_cands]
     if a.gemv_cands:

@@ -23,16 +23,21 @@ from . import triton_dequant
 from .triton_experts import PackedMatrices, route
 
 
-def dequantize_stack(mats: PackedMatrices, counts: torch.Tensor, dtype) -> torch.Tensor:
-    """(E, R, C) weights of every expert that has tokens (the others' slices left unwritten)."""
+def dequantize_stack(mats: PackedMatrices, counts: torch.Tensor, dtype, words: bool | None = None) -> torch.Tensor:
+    """(E, R, C) weights of every expert that has tokens (the others' slices left unwritten): read as
+    int32 words where the rows are whole words (``words``; None: where they are), else as bytes."""
+    words = mats.words is not None if words is None else words
+    if words:
+        return triton_dequant.dequantize_experts_words(mats.words, mats.word_offsets, mats.bits, counts, mats.scale,
+                                                       mats.zero, mats.cols, mats.group_size, dtype)
     return triton_dequant.dequantize_experts_triton(mats.codes, mats.code_offsets, mats.bits, counts, mats.scale,
                                                     mats.zero, mats.cols, dtype)
 
 
 def grouped_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, fused: bool) -> torch.Tensor:
     """(M, N) rows of a (M, K) sorted by group, times each group's w[g] (E, N, K) transposed;
-    ``ends`` the int32 end row of each group. ``fused``: torch's grouped GEMM (one launch; bf16 on
-    CUDA), else one matmul per group that has rows."""
+    ``ends`` the int32 end row of each group. ``fused``: torch's grouped GEMM (one launch), else one
+    matmul per group that has rows."""
     if fused:
         return torch._grouped_mm(a, w.transpose(1, 2), offs=ends)
     out = a.new_empty(a.shape[0], w.shape[1])

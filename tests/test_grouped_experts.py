@@ -1,7 +1,7 @@
 """The grouped path (quant/grouped_experts.py: every expert dequantized in one launch, then grouped
 GEMMs), run by Triton's interpreter on the CPU, against the reference (each routed expert
 dequantized, then matmuls): the stacked weights equal the reference's bit for bit, for every width
-mixed in one layer; the outputs match with torch's grouped GEMM and with one matmul per expert,
+mixed in one layer, read as bytes and as int32 words; the outputs match with torch's grouped GEMM and with one matmul per expert,
 float32 and float16, SwiGLU (Mixtral) and a family's own gating with biases (GPT-OSS), an expert
 that gets no token, and a layer the fused kernels do not take (rows not whole words)."""
 import os
@@ -38,7 +38,8 @@ def routing(T, dtype):
     return idx, w.to(dtype)
 
 cases = [("mixtral", 64, 96, [3, 3, 2, 2, 2, 2, 1, 1], 32), ("gpt_oss", 64, 96, [8, 4, 3, 2, 1, 8, 4, 3], 32),
-         ("mixtral", 80, 48, [4, 8, 3, 1, 2, 3, 4, 2], 16)]   # hidden 80, group 16: no int32 words
+         ("mixtral", 80, 48, [4, 8, 3, 1, 2, 3, 4, 2], 16),   # hidden 80, group 16: no int32 words
+         ("mixtral", 256, 128, [3, 3, 2, 2, 2, 2, 1, 1], 128)]  # a K tile of 128 codes in one group
 for family, H, I, bits, gs in cases:
     m = make(family, H, I, bits, gs)
     assert m.fused_applies() == (H % 32 == 0)
@@ -46,10 +47,11 @@ for family, H, I, bits, gs in cases:
     counts = torch.ones(E, dtype=torch.int32); counts[6] = 0
     for kind in (m.gate_kind, "down_proj"):
         for dtype in (torch.float32, torch.float16):
-            stack = gx.dequantize_stack(m.packed(kind), counts, dtype)
-            for e in range(E):
-                if e != 6:
-                    assert torch.equal(stack[e], m.weight(kind, e, dtype)), (family, kind, e, dtype)
+            for words in (False, True) if H % 32 == 0 else (False,):   # bytes, and int32 words where rows are
+                stack = gx.dequantize_stack(m.packed(kind), counts, dtype, words=words)
+                for e in range(E):
+                    if e != 6:
+                        assert torch.equal(stack[e], m.weight(kind, e, dtype)), (family, kind, e, dtype, words)
     for T, dtype in ((5, torch.float16), (300, torch.float32)):
         md = m.to(dtype)
         x = torch.randn(T, H, generator=gen).to(dtype)
