@@ -173,7 +173,7 @@ def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zero: torch.T
     return out
 
 
-DEQUANT_TILES = (8, 32, 4)   # rows, units of 8 codes (columns / 8), warps of a program
+DEQUANT_TILES = (1, 256, 4)   # rows, units of 8 codes (columns / 8), warps: --dequant_sweep, v10
 
 
 def dequantize_experts_triton(codes: torch.Tensor, code_offsets: torch.Tensor, bits: torch.Tensor,
@@ -192,7 +192,7 @@ def dequantize_experts_triton(codes: torch.Tensor, code_offsets: torch.Tensor, b
     return out
 
 
-WORDS_TILES = (128, 128, 4)   # rows, codes (K), warps of a program
+WORDS_TILES = (32, 128, 1)    # rows, codes (K), warps: --dequant_sweep, v10
 
 
 def dequantize_experts_words(words: torch.Tensor, word_offsets: torch.Tensor, bits: torch.Tensor,
