@@ -12,24 +12,12 @@ from conftest import ROOT
 
 SCRIPT = r"""
 import torch
-from transformers import MixtralConfig, GptOssConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-from moeq.utils.synthetic import random_packed_experts
+from moeq.utils.synthetic import random_family_experts
 from moeq.quant.modules import dequantize_experts_forward, set_experts_backend
-from moeq.quant import grouped_experts as gx, triton_experts as tx
+from moeq.quant import grouped_experts as gx
 
 E = 8
 gen = torch.Generator().manual_seed(0)
-
-def make(family, H, I, bits, gs):
-    if family == "mixtral":
-        config, cls = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E), MixtralExperts
-    else:
-        config, cls = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E), GptOssExperts
-    with torch.device("meta"):
-        template = cls(config)
-    return random_packed_experts(template, config, {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}, bits, gs)
 
 def routing(T, dtype):
     logits = torch.randn(T, E, generator=gen)
@@ -41,7 +29,7 @@ cases = [("mixtral", 64, 96, [3, 3, 2, 2, 2, 2, 1, 1], 32), ("gpt_oss", 64, 96, 
          ("mixtral", 80, 48, [4, 8, 3, 1, 2, 3, 4, 2], 16),   # hidden 80, group 16: no int32 words
          ("mixtral", 256, 128, [3, 3, 2, 2, 2, 2, 1, 1], 128)]  # a K tile of 128 codes in one group
 for family, H, I, bits, gs in cases:
-    m = make(family, H, I, bits, gs)
+    m = random_family_experts(family, H, I, bits, gs)
     assert m.fused_applies() == (H % 32 == 0)
     # the one-launch dequantization writes what the reference dequantizes, expert by expert
     counts = torch.ones(E, dtype=torch.int32); counts[6] = 0

@@ -18,20 +18,14 @@ import torch
 from transformers import MixtralConfig, GptOssConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-from moeq.utils.synthetic import random_packed_experts
+from moeq.utils.synthetic import random_family_experts, random_packed_experts
 from moeq.quant.modules import dequantize_experts_forward, set_experts_backend, QuantExperts
 from moeq.quant import triton_experts as tx
 
 H, I, E, GS = 64, 96, 8, 32
 
 def make(family, bits):
-    if family == "mixtral":
-        config, cls = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E), MixtralExperts
-    else:
-        config, cls = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E), GptOssExperts
-    with torch.device("meta"):
-        template = cls(config)
-    return random_packed_experts(template, config, {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}, bits, GS)
+    return random_family_experts(family, H, I, bits, GS)
 
 def routing(T, gen, dtype):
     logits = torch.randn(T, E, generator=gen)

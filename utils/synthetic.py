@@ -60,3 +60,17 @@ def random_packed_experts(template: nn.Module, config, shapes: dict[str, tuple[i
             state[f"{kind}_bias"] = (torch.randn(E, rows, generator=gen, device=device).cpu() * 0.1).to(bias_dtype)
     module.load_state_dict(state, assign=True, strict=True)
     return module.to(device)
+
+
+def random_family_experts(family: str, hidden: int, inter: int, bits: list[int], groupsize: int) -> QuantExperts:
+    """A packed experts module of a small ``family`` layer ("mixtral": SwiGLU, no biases; "gpt_oss":
+    its own gating and biases), one expert per entry of ``bits``, on the CPU."""
+    from transformers import GptOssConfig, MixtralConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    config_cls, cls = {"mixtral": (MixtralConfig, MixtralExperts), "gpt_oss": (GptOssConfig, GptOssExperts)}[family]
+    config = config_cls(hidden_size=hidden, intermediate_size=inter, num_local_experts=len(bits))
+    with torch.device("meta"):
+        template = cls(config)
+    return random_packed_experts(template, config, {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)},
+                                 bits, groupsize)
