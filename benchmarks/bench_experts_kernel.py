@@ -316,7 +316,7 @@ def dequant_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b")):
     warps) and width, the codes read as bytes; then read as int32 words (dequantize_experts_words),
     per candidate (rows, codes, warps): CUDA-graph replays, and GB/s of bf16 written plus codes,
     scales and zeros read; beside it a plain bf16 copy of the same size (read + write)."""
-    from moeq.quant import triton_dequant as td
+    from moeq.quant.grouped_experts import dequantize_stack
     for shape in shapes:
         model_type, H, I, E, k = SHAPES[shape]
         layers = {f"uniform {b}": packed_layer(model_type, H, I, E, k, [b] * E) for b in (1, 2, 3, 4)}
@@ -327,19 +327,16 @@ def dequant_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b")):
             f"a bf16 copy of that size: {copy_ms:.3f} ms ({2 * buf.numel() * 2 / copy_ms / 1e6:.0f} GB/s read + write)")
         log("| bytes (rows, units, warps) / words (rows, codes, warps) | " + " | ".join(layers) + " |")
         log("|---|" + "---|" * len(layers))
-        refs = {name: td.dequantize_experts_triton(*_stack_args(m), tiles=DEQUANT_CANDS[0]) for name, m in layers.items()}
+        counts = torch.ones(E, dtype=torch.int32, device=DEV)   # every expert has tokens
+        stacks = {name: m.packed("gate_up_proj") for name, m in layers.items()}
+        refs = {name: dequantize_stack(mats, counts, torch.bfloat16, words=False, tiles=DEQUANT_CANDS[0])
+                for name, mats in stacks.items()}
         for words, tiles in [(False, t) for t in DEQUANT_CANDS] + [(True, t) for t in WORDS_CANDS]:
             cells = []
-            for name, m in layers.items():
-                args = _stack_args(m)
-                mats = m.packed("gate_up_proj")
+            for name, mats in stacks.items():
                 try:
-                    if words:
-                        wargs = (mats.words, mats.word_offsets, mats.bits, args[3], mats.scale, mats.zero, mats.cols,
-                                 mats.group_size, torch.bfloat16)
-                        fn = lambda wargs=wargs: td.dequantize_experts_words(*wargs, tiles=tiles)  # noqa: E731
-                    else:
-                        fn = lambda args=args: td.dequantize_experts_triton(*args, tiles=tiles)  # noqa: E731
+                    fn = lambda mats=mats: dequantize_stack(mats, counts, torch.bfloat16, words=words,  # noqa: E731
+                                                            tiles=tiles)
                     same = torch.equal(fn(), refs[name])
                     ms = replay_ms(fn)
                     moved = buf.numel() * 2 + mats.codes.numel() + mats.scale.numel() * 4
@@ -350,14 +347,8 @@ def dequant_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b")):
                     cells.append(type(exc).__name__)
                     log(f"{tiles} {name}: {type(exc).__name__} {str(exc)[:150]}")
             log(f"| {'words' if words else 'bytes'} {tiles} | " + " | ".join(cells) + " |")
-        layers = refs = buf = None
+        layers = stacks = refs = buf = None
         torch.cuda.empty_cache()
-
-
-def _stack_args(m):
-    mats = m.packed("gate_up_proj")
-    counts = torch.ones(mats.scale.shape[0], dtype=torch.int32, device=mats.codes.device)
-    return mats.codes, mats.code_offsets, mats.bits, counts, mats.scale, mats.zero, mats.cols, torch.bfloat16
 
 
 def sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(16, 4096)):
@@ -610,12 +601,9 @@ def main():
         sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
     if a.check_tokens:
         SMALL["T"] = tuple(a.check_tokens)
-    if a.words_cands:
-        WORDS_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.words_cands]
-    if a.dequant_cands:
-        DEQUANT_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.dequant_cands]
-    if a.gemv_cands:
-        GEMV_CANDS[:] = [tuple(int(v) for v in c.split(",")) for c in a.gemv_cands]
+    for given, cands in ((a.words_cands, WORDS_CANDS), (a.dequant_cands, DEQUANT_CANDS), (a.gemv_cands, GEMV_CANDS)):
+        if given:   # "A,B,C" -> (A, B, C)
+            cands[:] = [tuple(int(v) for v in c.split(",")) for c in given]
     global PROFILE_DECODE
     PROFILE_DECODE = a.profile_decode
     log("command: python " + " ".join(sys.argv))

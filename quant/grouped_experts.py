@@ -23,15 +23,18 @@ from . import triton_dequant
 from .triton_experts import PackedMatrices, route
 
 
-def dequantize_stack(mats: PackedMatrices, counts: torch.Tensor, dtype, words: bool | None = None) -> torch.Tensor:
+def dequantize_stack(mats: PackedMatrices, counts: torch.Tensor, dtype, words: bool | None = None,
+                     tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """(E, R, C) weights of every expert that has tokens (the others' slices left unwritten): read as
-    int32 words where the rows are whole words (``words``; None: where they are), else as bytes."""
+    int32 words where the rows are whole words (``words``; None: where they are), else as bytes;
+    ``tiles``: the kernel's (None: its default)."""
     words = mats.words is not None if words is None else words
     if words:
         return triton_dequant.dequantize_experts_words(mats.words, mats.word_offsets, mats.bits, counts, mats.scale,
-                                                       mats.zero, mats.cols, mats.group_size, dtype)
+                                                       mats.zero, mats.cols, mats.group_size, dtype,
+                                                       tiles=tiles or triton_dequant.WORDS_TILES)
     return triton_dequant.dequantize_experts_triton(mats.codes, mats.code_offsets, mats.bits, counts, mats.scale,
-                                                    mats.zero, mats.cols, dtype)
+                                                    mats.zero, mats.cols, dtype, tiles=tiles or triton_dequant.DEQUANT_TILES)
 
 
 def grouped_mm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, fused: bool) -> torch.Tensor:

@@ -157,10 +157,14 @@ class QuantExperts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act_fn(gate) * up
 
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The first projection's output (rows, R) as the second's input (rows, I): the gating on
+        [gate; up] rows, or the activation where there is no gate."""
+        return self._apply_gate(h) if self.gate_kind == "gate_up_proj" else self.act_fn(h)
+
     def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """One expert on its tokens x (T, hidden)."""
-        h = F.linear(x, self.weight(self.gate_kind, e, x.dtype), self._bias(self.gate_kind, e))
-        h = self._apply_gate(h) if self.gate_kind == "gate_up_proj" else self.act_fn(h)
+        h = self._activate(F.linear(x, self.weight(self.gate_kind, e, x.dtype), self._bias(self.gate_kind, e)))
         return F.linear(h, self.weight("down_proj", e, x.dtype), self._bias("down_proj", e))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -197,13 +201,9 @@ class QuantExperts(nn.Module):
 
 def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
     """The mixed-bit Triton kernels: two launches for all routed experts, whatever their widths."""
-    gated = self.gate_kind == "gate_up_proj"
-
-    def activation(h):
-        return self._apply_gate(h) if gated else self.act_fn(h)
     return triton_experts.fused_experts(hidden_states, top_k_index, top_k_weights, self.packed(self.gate_kind),
-                                        self.packed("down_proj"), gated=gated, fuse_silu=self._silu_gate(),
-                                        activation=activation)
+                                        self.packed("down_proj"), gated=self.gate_kind == "gate_up_proj",
+                                        fuse_silu=self._silu_gate(), activation=self._activate)
 
 
 # "auto" runs the fused kernels up to this many routed tokens per expert (T * k / E) and the
@@ -217,12 +217,8 @@ FUSED_MAX_TOKENS_PER_EXPERT = 256
 
 def grouped_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
     """Every expert dequantized in one launch per kind, then grouped GEMMs (quant/grouped_experts.py)."""
-    gated = self.gate_kind == "gate_up_proj"
-
-    def activation(h):
-        return self._apply_gate(h) if gated else self.act_fn(h)
     return grouped_experts.grouped_experts(hidden_states, top_k_index, top_k_weights, self.packed(self.gate_kind),
-                                           self.packed("down_proj"), activation=activation)
+                                           self.packed("down_proj"), activation=self._activate)
 
 
 def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):

@@ -45,10 +45,9 @@ for family, H, I, bits, gs in cases:
         x = torch.randn(T, H, generator=gen).to(dtype)
         idx, w = routing(T, dtype)
         ref = dequantize_experts_forward(md, x, idx, w)
-        gated = md.gate_kind == "gate_up_proj"
         for fused_mm in (True, False):
             got = gx.grouped_experts(x, idx, w, md.packed(md.gate_kind), md.packed("down_proj"),
-                                     activation=md._apply_gate if gated else md.act_fn, fused_mm=fused_mm)
+                                     activation=md._activate, fused_mm=fused_mm)
             assert got.dtype == dtype and got.shape == ref.shape
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, dtype, fused_mm, err)
