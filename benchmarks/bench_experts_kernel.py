@@ -229,6 +229,18 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
                 rows.append({"shape": shape, "T": T, "impl": f"packed {label} {backend}", "ms": ms,
                              "x_bf16_best": best / ms, "graph_ms": g,
                              "x_bf16_best_graph": best_graph / g if g and best_graph else None})
+            if T >= 64 and label.startswith("mixed"):
+                # the grouped backend without its SwiGLU launch and second stream (v10), then with one
+                from moeq.quant.grouped_experts import grouped_experts
+                up, down = m.packed(m.gate_kind), m.packed("down_proj")
+                for variant, opts in (("torch SwiGLU, one stream (v10)", dict(swiglu=False, overlap=False)),
+                                      ("SwiGLU launch, one stream", dict(swiglu=m._silu_gate(), overlap=False))):
+                    with torch.no_grad():
+                        ms = timed(lambda opts=opts: grouped_experts(x, idx, w, up, down, activation=m._activate,
+                                                                     **opts), reps)
+                    log(f"| {T} | packed {label}, grouped, {variant} | {cell(ms, best)} | | | |")
+                    rows.append({"shape": shape, "T": T, "impl": f"packed {label} grouped {variant}", "ms": ms,
+                                 "x_bf16_best": best / ms})
     RESULTS.setdefault("layer", []).extend(rows)
     dense = packed = None   # free before the next shape
     if DEV == "cuda":
@@ -255,11 +267,6 @@ GEMV_CANDS = [   # (block_n, nw, warps) of both launches, split_k launch 1, spli
     (128, 8, 4, 1, 4), (128, 8, 4, 2, 4)]
 
 
-FEW_CANDS = [   # (block_m, block_n, nw, warps) of both launches, split_k launch 1, split_k launch 2
-    (4, 64, 8, 4, 1, 4), (4, 128, 8, 4, 1, 4), (8, 64, 8, 4, 1, 4), (8, 128, 8, 4, 1, 4), (2, 128, 8, 4, 1, 4),
-    (4, 128, 8, 8, 1, 4), (4, 32, 8, 2, 1, 4), (4, 64, 8, 4, 2, 8), (4, 128, 8, 4, 1, 2), (16, 64, 8, 4, 1, 4)]
-
-
 def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
     """The decode kernel's tile candidates (block_n, nw, warps, split_k launch 1, split_k launch 2),
     per layer shape, T and width (uniform 1/2/3/4 bits, and mixed), each timed as CUDA-graph
@@ -275,8 +282,7 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
         for T in tokens:
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
             idx, w = routing(T, E, k, torch.bfloat16, gen)
-            labels = ["gemv default", "mma default", "few default"] + [f"few {c}" for c in FEW_CANDS] + \
-                [str(c) for c in GEMV_CANDS]
+            labels = ["gemv default", "mma default"] + [str(c) for c in GEMV_CANDS]
             log(f"\nT {T}, experts {sorted(set(idx.flatten().tolist()))[:16]}")
             log("| tiles | " + " | ".join(layers) + " |")
             log("|---|" + "---|" * len(layers))
@@ -287,12 +293,6 @@ def gemv_sweep(shapes=("mixtral8x7b", "qwen3-30b-a3b"), tokens=(1, 16)):
                     kw = dict(kernel="gemv")
                 elif label == "mma default":
                     kw = dict(kernel="mma")
-                elif label == "few default":
-                    kw = dict(kernel="few")
-                elif label.startswith("few "):
-                    bm, bn, nw, warps, sk1, sk2 = eval(label[4:])   # noqa: S307 (our own tuple's repr)
-                    kw = dict(kernel="few", tiles=(tx.FewTiles(bm, bn, nw, sk1, warps),
-                                                   tx.FewTiles(bm, bn, nw, sk2, warps)))
                 else:
                     bn, nw, warps, sk1, sk2 = eval(label)   # noqa: S307 (our own tuple's repr)
                     kw = dict(kernel="gemv", gemv_tiles=(tx.GemvTiles(bn, nw, sk1, warps),
@@ -589,12 +589,9 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096])
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--gemv_sweep", action="store_true",
-                    help="the decode and few-tokens kernels' tiles, --layer shapes, --tokens")
+    ap.add_argument("--gemv_sweep", action="store_true", help="the decode kernel's tiles, --layer shapes, --tokens")
     ap.add_argument("--gemv_cands", nargs="+", default=None, metavar="BN,NW,WARPS,SK1,SK2",
                     help="--gemv_sweep's candidates (default: GEMV_CANDS)")
-    ap.add_argument("--few_cands", nargs="+", default=None, metavar="BM,BN,NW,WARPS,SK1,SK2",
-                    help="--gemv_sweep's few-tokens kernel candidates (default: FEW_CANDS)")
     ap.add_argument("--dequant_sweep", action="store_true", help="the grouped path's dequantization tiles, --layer shapes")
     ap.add_argument("--dequant_cands", nargs="+", default=None, metavar="ROWS,UNITS,WARPS",
                     help="--dequant_sweep's byte-kernel candidates (default DEQUANT_CANDS)")
@@ -616,8 +613,7 @@ def main():
         sys.exit("error: this benchmark needs a CUDA GPU (the CPU tests run the kernels through Triton's interpreter)")
     if a.check_tokens:
         SMALL["T"] = tuple(a.check_tokens)
-    for given, cands in ((a.words_cands, WORDS_CANDS), (a.dequant_cands, DEQUANT_CANDS), (a.gemv_cands, GEMV_CANDS),
-                          (a.few_cands, FEW_CANDS)):
+    for given, cands in ((a.words_cands, WORDS_CANDS), (a.dequant_cands, DEQUANT_CANDS), (a.gemv_cands, GEMV_CANDS)):
         if given:   # "A,B,C" -> (A, B, C)
             cands[:] = [tuple(int(v) for v in c.split(",")) for c in given]
     global PROFILE_DECODE

@@ -75,9 +75,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--silu", action="store_true", help="launch 1 (gate and up rows, SwiGLU)")
     ap.add_argument("--tiles", type=int, nargs=3, default=(64, 8, 4), metavar=("BLOCK_N", "NW", "WARPS"))
-    ap.add_argument("--kernel", choices=("gemv", "mma", "few"), default="gemv")
-    ap.add_argument("--few_tiles", type=int, nargs=4, default=(4, 64, 8, 4),
-                    metavar=("BLOCK_M", "BLOCK_N", "NW", "WARPS"))
+    ap.add_argument("--kernel", choices=("gemv", "mma"), default="gemv")
     ap.add_argument("--mma_tiles", type=int, nargs=5, default=(16, 128, 128, 4, 3),
                     metavar=("BLOCK_M", "BLOCK_N", "BLOCK_K", "WARPS", "STAGES"))
     args = ap.parse_args()
@@ -89,12 +87,6 @@ def main():
                      ROUTE_WEIGHT=not args.silu, ATOMIC=not args.silu, SPLIT_K=1, ONE_GROUP=True, BLOCK_M=bm,
                      BLOCK_N=bn, BLOCK_K=bk, FP32_DOT=False)
         what = f"tiles BLOCK_M {bm} x BLOCK_N {bn} x BLOCK_K {bk}, {warps} warps, {stages} stages"
-    elif args.kernel == "few":
-        fn, base, stages = tx._few_tokens_kernel, MMA_SIG, 1
-        bm, bn, nw, warps = args.few_tiles
-        const = dict(GATHER_A=args.silu, SCATTER_OUT=not args.silu, GS=128, SILU=args.silu, HAS_BIAS=False,
-                     ROUTE_WEIGHT=not args.silu, ATOMIC=not args.silu, SPLIT_K=1, BLOCK_M=bm, BLOCK_N=bn, NW=nw)
-        what = f"tiles BLOCK_M {bm} x BLOCK_N {bn} x NW {nw} words, {warps} warps"
     else:
         fn, base, stages = tx._gemv_kernel, SIG, 1
         bn, nw, warps = args.tiles
@@ -103,7 +95,7 @@ def main():
         what = f"tiles BLOCK_N {bn} x NW {nw} words, {warps} warps"
     names = list(fn.arg_names)
     sig = {k: v for k, v in dict(base, **{k: "constexpr" for k in const}).items() if k in names}  # ONE: v7 on
-    if args.kernel in ("mma", "few") and args.silu:
+    if args.kernel == "mma" and args.silu:
         sig["out_ptr"] = "*bf16"
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
              if v.startswith("*") or k in ("N", "KW", "R", "G")}

@@ -2,8 +2,8 @@
 kind of matrix, then one grouped GEMM per kind on the tokens sorted by expert.
 
     W_up  = dequantize(gate_up_proj)            (E, R, H), one launch, every width (triton_dequant)
-    h     = act(x[sorted] @ W_up[e]^T)          one grouped GEMM over the sorted slots
-    W_dn  = dequantize(down_proj)               (E, H, I), after W_up is freed
+    h     = act(x[sorted] @ W_up[e]^T)          one grouped GEMM over the sorted slots (SwiGLU: one launch)
+    W_dn  = dequantize(down_proj)               (E, H, I), on a second CUDA stream during that GEMM
     out   = sum_k w_route * (h @ W_dn[e]^T)     one grouped GEMM, then the slots added per token
 
 The weights are made exactly as the reference path makes them (quant/modules.
@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from . import triton_dequant
+from . import triton_dequant, triton_experts
 from .triton_experts import PackedMatrices, route
 
 
@@ -68,28 +68,45 @@ def grouped_mm_applies(x: torch.Tensor) -> bool:
     return _grouped_mm_runs(x.device, x.dtype)
 
 
+@lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def grouped_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                    up: PackedMatrices, down: PackedMatrices, *, activation, fused_mm: bool | None = None
-                    ) -> torch.Tensor:
+                    up: PackedMatrices, down: PackedMatrices, *, activation, swiglu: bool = False,
+                    fused_mm: bool | None = None, overlap: bool | None = None) -> torch.Tensor:
     """The MoE experts output (T, hidden). ``activation`` maps the (slots, R) output of ``up`` to
-    (slots, I) (SwiGLU on [gate; up], or the family's own); ``fused_mm``: torch's grouped GEMM
-    (None: where grouped_mm_applies)."""
+    (slots, I) (SwiGLU on [gate; up], or the family's own); ``swiglu``: it is plain SwiGLU, which
+    one Triton launch applies (triton_experts.swiglu); ``fused_mm``: torch's grouped GEMM (None:
+    where grouped_mm_applies); ``overlap``: the down weights are dequantized on a second CUDA
+    stream while the first grouped GEMM runs (None: on CUDA), holding both stacks at once."""
     T, H = hidden.shape
     k = top_k_index.shape[-1]
     num_experts = up.scale.shape[0]
     fused_mm = grouped_mm_applies(hidden) if fused_mm is None else fused_mm
+    overlap = hidden.is_cuda if overlap is None else overlap
     order, counts, _, _ = route(top_k_index, num_experts)
     ends = torch.cumsum(counts, 0, dtype=torch.int32)
     token = order // k
     x = hidden[token]
     expert = top_k_index.reshape(-1)[order] if up.bias is not None or down.bias is not None else None
     w_up = dequantize_stack(up, counts, hidden.dtype)
+    if overlap:
+        main, side = torch.cuda.current_stream(hidden.device), _side_stream(hidden.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            w_down = dequantize_stack(down, counts, hidden.dtype)
     h = grouped_mm(x, w_up, ends, fused=fused_mm)
-    del w_up, x                                     # the down weights take their place
+    del w_up, x                                     # without overlap the down weights take their place
     if up.bias is not None:
         h = h + up.bias[expert].to(h.dtype)
-    h = activation(h).to(hidden.dtype).contiguous()
-    w_down = dequantize_stack(down, counts, hidden.dtype)
+    h = triton_experts.swiglu(h, hidden.dtype) if swiglu else activation(h).to(hidden.dtype).contiguous()
+    if overlap:
+        main.wait_stream(side)
+        w_down.record_stream(main)                  # made on the side stream, used and freed on this one
+    else:
+        w_down = dequantize_stack(down, counts, hidden.dtype)
     y = grouped_mm(h, w_down, ends, fused=fused_mm)
     del w_down, h
     if down.bias is not None:

@@ -218,7 +218,8 @@ FUSED_MAX_TOKENS_PER_EXPERT = 256
 def grouped_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
     """Every expert dequantized in one launch per kind, then grouped GEMMs (quant/grouped_experts.py)."""
     return grouped_experts.grouped_experts(hidden_states, top_k_index, top_k_weights, self.packed(self.gate_kind),
-                                           self.packed("down_proj"), activation=self._activate)
+                                           self.packed("down_proj"), activation=self._activate,
+                                           swiglu=self._silu_gate())
 
 
 def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):

@@ -13,7 +13,7 @@ size multiples of 32); other layers run the dequantize path. One loop per width 
 in and the expert's width picks one at run time, so every mix of 1/2/3/4/8 bits runs in the
 same two launches.
 
-- ``_gemv_kernel`` (decode: one token, or no more routed slots than experts): one program per
+- ``_gemv_kernel`` (decode: one token, or no more routed slots than twice the experts): one program per
   (routed slot, row tile, K span), the expert read off top_k_index in the kernel (no sort, no
   routing tables), each code made the float 1 + q / 2^bits by a shift and one LOP3 (a 3-bit
   row read as units of 3 words, 32 codes), the scale and zero point applied
@@ -81,6 +81,17 @@ if triton is not None:
         pos = tl.load(starts_ptr + e) + m
         slot = tl.load(order_ptr + pos, mask=m_mask, other=0)
         return m_mask, pos, slot
+
+
+    @triton.jit
+    def _swiglu_kernel(h_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
+        """out[r, c] = silu(h[r, c]) * h[r, INTER + c], in float32, rounded once to out's dtype."""
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < INTER
+        g = tl.load(h_ptr + r * 2 * INTER + c, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + r * 2 * INTER + INTER + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r * INTER + c, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
     # ---- decode: one routing slot (token, expert) per program, codes read as int32 words ----
@@ -296,122 +307,6 @@ if triton is not None:
             tl.atomic_add(optr, acc, mask=n_mask)
         else:
             tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-    # ---- a few tokens per expert: the decode kernel's unpacking, each code used by MT tokens ----
-
-    @triton.jit
-    def _few_tile(wd, one, a_rows, m_mask, c0, c_hi, wcol, wmask, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
-                  BITS: tl.constexpr, NW: tl.constexpr):
-        """_gemv_tile for the MT tokens ``a_rows`` at once, (tokens, rows, elements): a code is
-        unpacked once (a shift and one LOP3) and costs one multiply-add per token."""
-        pq = tl.zeros((a_rows.shape[0], wd[0].shape[0], NW), dtype=tl.float32)
-        a_sum = tl.zeros((a_rows.shape[0], NW), dtype=tl.float32)
-        am = m_mask[:, None] & wmask[None, :]
-        if BITS == 3:
-            col0 = wcol * 32
-            for c in tl.static_range(32):
-                a = tl.load(a_rows[:, None] + (col0 + c)[None, :], mask=am, other=0.0).to(tl.float32)
-                pq += _unit3_float(wd[0], wd[1], wd[2], one, c)[None, :, :] * a[:, None, :]
-                a_sum += a
-            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 32, NW)
-        else:
-            P: tl.constexpr = 32 // BITS
-            col0 = wcol * P
-            for j in tl.static_range(P):
-                a = tl.load(a_rows[:, None] + (col0 + j)[None, :], mask=am, other=0.0).to(tl.float32)
-                pq += _code_float(wd[0], one, j, BITS)[None, :, :] * a[:, None, :]
-                a_sum += a
-            s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, P, NW)
-        return _word_sum(pq, a_sum[:, None, :], s[None, :, :], z[None, :, :], BITS)
-
-    @triton.jit
-    def _few_loop(a_rows, m_mask, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
-                  GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        """(tokens, rows) sums a @ W^T over this program's span of K, as _gemv_loop."""
-        EL: tl.constexpr = 1 if BITS == 3 else BITS
-        rows = words_e + n.to(tl.int64) * (KW * BITS)
-        scale_rows = scale_e + n * G
-        zero_rows = zero_e + n * G
-        wi = tl.arange(0, NW)
-        acc = tl.zeros((a_rows.shape[0], BLOCK_N, NW), dtype=tl.float32)
-        c_lo = k_step * k_steps * NW * EL
-        c_hi = tl.minimum(KW * EL, c_lo + k_steps * NW * EL)
-        wd = _elem_words(rows, c_lo + wi, n_mask[:, None] & ((c_lo + wi) < c_hi)[None, :], BITS)
-        for c0 in range(c_lo, c_hi, NW):
-            wcol = c0 + wi
-            wmask = wcol < c_hi
-            wd_next = _elem_words(rows, wcol + NW, n_mask[:, None] & ((wcol + NW) < c_hi)[None, :], BITS)
-            acc += _few_tile(wd, one, a_rows, m_mask, c0, c_hi, wcol, wmask, scale_rows, zero_rows, n_mask, GS, BITS,
-                             NW)
-            wd = wd_next
-        return tl.sum(acc, axis=2)
-
-    @triton.jit
-    def _few_width(a_rows, m_mask, one, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps,
-                   SILU: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        acc = _few_loop(a_rows, m_mask, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS,
-                        BLOCK_N, NW)
-        acc_up = acc
-        if SILU:
-            acc_up = _few_loop(a_rows, m_mask, one, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
-                               GS, BITS, BLOCK_N, NW)
-        return acc, acc_up
-
-    @triton.jit
-    def _few_tokens_kernel(
-            a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
-            order_ptr, counts_ptr, starts_ptr, route_w_ptr,
-            N, KW, R, G, TOPK, M_TILES, ONE,
-            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, GS: tl.constexpr, SILU: tl.constexpr,
-            HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        """Program (expert e, BLOCK_M of its sorted slots, BLOCK_N rows, K span), as
-        _experts_mma_kernel, the (tokens, rows) tile summed on the CUDA cores the decode kernel's way:
-        each code unpacked once for the BLOCK_M tokens, where the tensor-core kernel pays for
-        staging the weights through shared memory that a handful of tokens cannot repay."""
-        pid = tl.program_id(0)
-        e = pid // M_TILES
-        m_tile = pid % M_TILES
-        count = tl.load(counts_ptr + e)
-        if m_tile * BLOCK_M >= count:
-            return
-        m_mask, pos, slot = _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M)
-        K = KW * 32
-        if GATHER_A:
-            a_rows = a_ptr + (slot // TOPK).to(tl.int64) * K
-        else:
-            a_rows = a_ptr + pos.to(tl.int64) * K
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < N
-        e = e.to(tl.int64)
-        bits = tl.load(bits_ptr + e)
-        words_e = words_ptr + tl.load(word_off_ptr + e)
-        scale_e = scale_ptr + e * R * G
-        zero_e = zero_ptr + e * R * G
-        k_step = tl.program_id(2)
-        k_steps = tl.cdiv(tl.cdiv(KW * 32, NW * 32), SPLIT_K)
-        if bits == 1:
-            acc, acc_up = _few_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step,
-                                     k_steps, SILU, GS, 1, BLOCK_N, NW)
-        elif bits == 2:
-            acc, acc_up = _few_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step,
-                                     k_steps, SILU, GS, 2, BLOCK_N, NW)
-        elif bits == 3:
-            acc, acc_up = _few_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step,
-                                     k_steps, SILU, GS, 3, BLOCK_N, NW)
-        elif bits == 4:
-            acc, acc_up = _few_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step,
-                                     k_steps, SILU, GS, 4, BLOCK_N, NW)
-        else:
-            acc, acc_up = _few_width(a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step,
-                                     k_steps, SILU, GS, 8, BLOCK_N, NW)
-        if SCATTER_OUT:
-            out_rows = (slot // TOPK).to(tl.int64)
-        else:
-            out_rows = pos.to(tl.int64)
-        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr,
-                route_w_ptr, R, N, k_step == 0, SILU, HAS_BIAS, ROUTE_WEIGHT, ATOMIC)
 
 
     # ---- more tokens: tensor cores, the weights made from int32 words in registers each K tile ----
@@ -663,6 +558,18 @@ def _launch1_out(rows: int, n1: int, split_k: int, like: torch.Tensor) -> torch.
     return torch.zeros(rows, n1, device=like.device, dtype=torch.float32)
 
 
+def swiglu(h: torch.Tensor, dtype) -> torch.Tensor:
+    """silu(gate) * up of h's (rows, 2 I) [gate; up] halves as (rows, I) in ``dtype``: one launch that
+    reads h once and writes the result once (torch's silu then product reads and writes it three
+    times), computed in float32 and rounded once."""
+    h = h.contiguous()
+    inter = h.shape[1] // 2
+    out = torch.empty(h.shape[0], inter, device=h.device, dtype=dtype)
+    if h.shape[0]:
+        _swiglu_kernel[(h.shape[0], triton.cdiv(inter, 1024))](h, out, inter, BLOCK=1024, num_warps=4)
+    return out
+
+
 def _gate(h: torch.Tensor, inter: int, *, gated: bool, fuse_silu: bool, activation, dtype) -> torch.Tensor:
     """Launch 1's (rows, R) output, where the kernel did not gate it, as launch 2's (rows, I) input:
     SwiGLU on the [gate; up] halves, or the family's own ``activation``."""
@@ -722,11 +629,15 @@ def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o
 
 
 # The decode kernel reads an expert's codes once per routed token (no sorting, no routing
-# tables, two launches and a memset): it runs while the routed slots are no more than the
-# experts (T k <= E, about one token per routed expert) and always at T = 1; the tensor-core
-# kernel, which reads an expert's codes once per 16 to 128 of its tokens, above that.
+# tables, two launches and a memset): it runs while the routed slots are no more than twice the
+# experts (T k <= 2 E, about two tokens per routed expert; the second read mostly hits L2) and
+# always at T = 1; the tensor-core kernel, which reads an expert's codes once per 16 to 128 of
+# its tokens, above that. At T k = 2 E on the H100 the decode kernel took 0.696 ms against 0.799
+# for a mixed Mixtral-shaped layer (T 8) and 0.321 against 0.362 for a Qwen3-shaped one (T 32);
+# uniform 4-bit layers went the other way by 4-9%
+# (benchmarks/results/bench_experts_kernel_h100_v11_few_sweep_*.txt).
 def choose_kernel(tokens: int, top_k: int, num_experts: int) -> str:
-    return "gemv" if tokens == 1 or tokens * top_k <= num_experts else "mma"
+    return "gemv" if tokens == 1 or tokens * top_k <= 2 * num_experts else "mma"
 
 
 def _two_launches(hidden, up: PackedMatrices, *, slots: int, gated: bool, fuse_silu: bool, activation, t1, launch1,
@@ -792,47 +703,6 @@ def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: 
         num_stages=tiles.num_stages)
 
 
-@dataclass(frozen=True)
-class FewTiles:
-    """Tile sizes of one few-tokens launch (``_few_tokens_kernel``): BLOCK_M tokens x BLOCK_N rows,
-    ``nw`` word columns per K step; ``split_k`` > 1 adds the K spans' partial sums with float32 atomics."""
-    block_m: int
-    block_n: int = 64
-    nw: int = 8
-    split_k: int = 1
-    num_warps: int = 4
-
-
-def choose_few_tiles(tokens: int, top_k: int, num_experts: int, n_out: int, k: int, sms: int,
-                     split: bool) -> FewTiles:
-    """BLOCK_M: the routed tokens per active expert, rounded up to a power of two (at most 8); rows
-    and K spans as the decode kernel's (choose_gemv_tiles), counting a program per active expert."""
-    slots = tokens * top_k
-    active = max(1, min(num_experts, slots))
-    bm = min(8, triton.next_power_of_2(math.ceil(slots / active)))
-    g = choose_gemv_tiles(active, n_out, k, sms, split)
-    return FewTiles(bm, g.block_n, g.nw, g.split_k, g.num_warps)
-
-
-def _launch_few(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
-                silu: bool, route_w: torch.Tensor | None, tiles: FewTiles):
-    order, counts, starts, top_k = routing
-    atomic = scatter_out or tiles.split_k > 1
-    assert not atomic or out.dtype == torch.float32
-    num_experts = mats.scale.shape[0]
-    m_tiles = max(1, triton.cdiv(order.numel() // top_k, tiles.block_m))   # an expert has at most T slots
-    grid = (num_experts * m_tiles, triton.cdiv(n_out, tiles.block_n), tiles.split_k)
-    dummy = mats.scale
-    _few_tokens_kernel[grid](
-        a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
-        mats.bias if mats.bias is not None else dummy, order, counts, starts,
-        route_w if route_w is not None else dummy,
-        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles, ONE_BITS,
-        GATHER_A=gather_a, SCATTER_OUT=scatter_out, GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None,
-        ROUTE_WEIGHT=route_w is not None, ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps, num_stages=1)
-
-
 def choose_mma_tiles(tokens: int, top_k: int, num_experts: int) -> Tiles:
     """Tiles of 16 to 128 tokens (the routed tokens per active expert, rounded up to a power of two)
     x 128 rows x K tiles of 128 codes, 3 stages: 4 warps up to 32 tokens, where unpacking the codes is
@@ -847,33 +717,24 @@ def choose_mma_tiles(tokens: int, top_k: int, num_experts: int) -> Tiles:
     return Tiles(bm, 128, 128, 1, num_warps=4 if bm <= 32 else 8, num_stages=3)
 
 
-def _fused_experts_sorted(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
-                          gated: bool, fuse_silu: bool, activation, tiles, few: bool):
-    """Slots sorted by expert, then the tensor-core kernel (or with ``few`` the few-tokens kernel):
-    launch 1 writes h at the sorted positions (gathering x rows by token), launch 2 adds
-    w[slot] * (h W_down^T) into out[token] with float32 atomics."""
+def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
+                       gated: bool, fuse_silu: bool, activation, tiles: tuple[Tiles, Tiles] | None):
+    """Tensor cores: slots sorted by expert; launch 1 writes h at the sorted positions (gathering x
+    rows by token), launch 2 adds w[slot] * (h W_down^T) into out[token] with float32 atomics."""
     T, H = hidden.shape
     k = top_k_index.shape[-1]
     num_experts = up.scale.shape[0]
     routing = route(top_k_index, num_experts)
-    if tiles:
-        t1, t2 = tiles
-    elif few:
-        sms = sm_count(hidden.device)
-        inter = up.rows // 2 if gated else up.rows
-        t1 = choose_few_tiles(T, k, num_experts, inter if gated and fuse_silu else up.rows, H, sms, split=False)
-        t2 = choose_few_tiles(T, k, num_experts, H, inter, sms, split=True)
-    else:
-        t1 = t2 = choose_mma_tiles(T, k, num_experts)
-    launch = _launch_few if few else _launch_mma
+    t1 = tiles[0] if tiles else choose_mma_tiles(T, k, num_experts)
+    t2 = tiles[1] if tiles else t1
     x = hidden.contiguous()
     route_w = top_k_weights.reshape(-1).contiguous()
     return _two_launches(
         hidden, up, slots=T * k, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
-        launch1=lambda h, n1, silu: launch(x, h, up, routing, n1, gather_a=True, scatter_out=False, silu=silu,
-                                           route_w=None, tiles=t1),
-        launch2=lambda h, out: launch(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
-                                      route_w=route_w, tiles=t2))
+        launch1=lambda h, n1, silu: _launch_mma(x, h, up, routing, n1, gather_a=True, scatter_out=False, silu=silu,
+                                                route_w=None, tiles=t1),
+        launch2=lambda h, out: _launch_mma(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
+                                           route_w=route_w, tiles=t2))
 
 
 def route(top_k_index: torch.Tensor, num_experts: int):
@@ -894,17 +755,15 @@ def fused_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     """The MoE experts output (T, hidden) for routed tokens. ``gated``: ``up`` holds
     [gate; up] rows (R = 2 I); ``fuse_silu``: silu(gate) * up inside the kernel, otherwise
     ``activation`` maps launch 1's (slots, R) output to (slots, I) (a family's own gating).
-    ``kernel``: "gemv" the decode kernel (one program per routed slot), "few" the few-tokens kernel
-    and "mma" the tensor-core kernel (both: slots sorted by expert, tiles of an expert's tokens);
-    None: choose_kernel. ``tiles`` / ``gemv_tiles``: the two launches' tiles (Tiles for "mma",
-    FewTiles for "few"; None: chosen from the shapes)."""
+    ``kernel``: "gemv" the decode kernel (one program per routed slot), "mma" the tensor-core
+    kernel (slots sorted by expert, tiles of an expert's tokens); None: choose_kernel.
+    ``tiles`` / ``gemv_tiles``: the two launches' tiles (None: chosen from the shapes)."""
     assert up.words is not None and down.words is not None, "rows of whole words only (words_ok)"
     T = hidden.shape[0]
     kernel = kernel or choose_kernel(T, top_k_index.shape[-1], up.scale.shape[0])
-    kw = dict(gated=gated, fuse_silu=fuse_silu, activation=activation)
-    if kernel == "gemv":
-        return _fused_experts_gemv(hidden, top_k_index, top_k_weights, up, down, tiles=gemv_tiles, **kw)
-    return _fused_experts_sorted(hidden, top_k_index, top_k_weights, up, down, tiles=tiles, few=kernel == "few", **kw)
+    run = _fused_experts_gemv if kernel == "gemv" else _fused_experts_mma
+    return run(hidden, top_k_index, top_k_weights, up, down, gated=gated, fuse_silu=fuse_silu, activation=activation,
+               tiles=gemv_tiles if kernel == "gemv" else tiles)
 
 
 def linear_routing(tokens: int, device) -> tuple:

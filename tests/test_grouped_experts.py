@@ -1,8 +1,9 @@
 """The grouped path (quant/grouped_experts.py: every expert dequantized in one launch, then grouped
 GEMMs), run by Triton's interpreter on the CPU, against the reference (each routed expert
 dequantized, then matmuls): the stacked weights equal the reference's bit for bit, for every width
-mixed in one layer, read as bytes and as int32 words; the outputs match with torch's grouped GEMM and with one matmul per expert,
-float32 and float16, SwiGLU (Mixtral) and a family's own gating with biases (GPT-OSS), an expert
+mixed in one layer, read as bytes and as int32 words; the outputs match with torch's grouped GEMM and with one matmul
+per expert, float32 and float16, SwiGLU (Mixtral; torch's, and the one-launch kernel) and a family's own gating with
+biases (GPT-OSS), an expert
 that gets no token, and a layer the fused kernels do not take (rows not whole words)."""
 import os
 import subprocess
@@ -45,12 +46,14 @@ for family, H, I, bits, gs in cases:
         x = torch.randn(T, H, generator=gen).to(dtype)
         idx, w = routing(T, dtype)
         ref = dequantize_experts_forward(md, x, idx, w)
-        for fused_mm in (True, False):
+        # torch's grouped GEMM with the one-launch SwiGLU where the family's gating is SwiGLU; one
+        # matmul per expert with the module's own activation
+        for fused_mm, swiglu in ((True, md._silu_gate()), (False, False)):
             got = gx.grouped_experts(x, idx, w, md.packed(md.gate_kind), md.packed("down_proj"),
-                                     activation=md._activate, fused_mm=fused_mm)
+                                     activation=md._activate, swiglu=swiglu, fused_mm=fused_mm)
             assert got.dtype == dtype and got.shape == ref.shape
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, dtype, fused_mm, err)
+            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, dtype, fused_mm, swiglu, err)
         if T == 300:                                        # through the experts interface
             set_experts_backend(md, "grouped")
             got = md(x, idx, w)
