@@ -230,11 +230,10 @@ def bench_layer(shape: str, tokens: list[int], dtype=torch.bfloat16):
                              "x_bf16_best": best / ms, "graph_ms": g,
                              "x_bf16_best_graph": best_graph / g if g and best_graph else None})
             if T >= 64 and label.startswith("mixed"):
-                # the grouped backend without its SwiGLU launch and second stream (v10), then with one
+                # the grouped backend with torch's SwiGLU (silu, then the product) in place of its launch
                 from moeq.quant.grouped_experts import grouped_experts
                 up, down = m.packed(m.gate_kind), m.packed("down_proj")
-                for variant, opts in (("torch SwiGLU, one stream (v10)", dict(swiglu=False, overlap=False)),
-                                      ("SwiGLU launch, one stream", dict(swiglu=m._silu_gate(), overlap=False))):
+                for variant, opts in (("torch SwiGLU", dict(swiglu=False)),):
                     with torch.no_grad():
                         ms = timed(lambda opts=opts: grouped_experts(x, idx, w, up, down, activation=m._activate,
                                                                      **opts), reps)

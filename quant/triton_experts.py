@@ -83,17 +83,6 @@ if triton is not None:
         return m_mask, pos, slot
 
 
-    @triton.jit
-    def _swiglu_kernel(h_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
-        """out[r, c] = silu(h[r, c]) * h[r, INTER + c], in float32, rounded once to out's dtype."""
-        r = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = c < INTER
-        g = tl.load(h_ptr + r * 2 * INTER + c, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + r * 2 * INTER + INTER + c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + r * INTER + c, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
-
-
     # ---- decode: one routing slot (token, expert) per program, codes read as int32 words ----
     # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
     # of 32): with 1, 2, 4 or 8 bits word w holds codes 32/bits * w .. 32/bits * (w + 1) - 1,
@@ -558,18 +547,6 @@ def _launch1_out(rows: int, n1: int, split_k: int, like: torch.Tensor) -> torch.
     return torch.zeros(rows, n1, device=like.device, dtype=torch.float32)
 
 
-def swiglu(h: torch.Tensor, dtype) -> torch.Tensor:
-    """silu(gate) * up of h's (rows, 2 I) [gate; up] halves as (rows, I) in ``dtype``: one launch that
-    reads h once and writes the result once (torch's silu then product reads and writes it three
-    times), computed in float32 and rounded once."""
-    h = h.contiguous()
-    inter = h.shape[1] // 2
-    out = torch.empty(h.shape[0], inter, device=h.device, dtype=dtype)
-    if h.shape[0]:
-        _swiglu_kernel[(h.shape[0], triton.cdiv(inter, 1024))](h, out, inter, BLOCK=1024, num_warps=4)
-    return out
-
-
 def _gate(h: torch.Tensor, inter: int, *, gated: bool, fuse_silu: bool, activation, dtype) -> torch.Tensor:
     """Launch 1's (rows, R) output, where the kernel did not gate it, as launch 2's (rows, I) input:
     SwiGLU on the [gate; up] halves, or the family's own ``activation``."""
@@ -634,7 +611,7 @@ def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o
 # always at T = 1; the tensor-core kernel, which reads an expert's codes once per 16 to 128 of
 # its tokens, above that. At T k = 2 E on the H100 the decode kernel took 0.696 ms against 0.799
 # for a mixed Mixtral-shaped layer (T 8) and 0.321 against 0.362 for a Qwen3-shaped one (T 32);
-# uniform 4-bit layers went the other way by 4-9%
+# uniform 4-bit layers went the other way by 3-9%
 # (benchmarks/results/bench_experts_kernel_h100_v11_few_sweep_*.txt).
 def choose_kernel(tokens: int, top_k: int, num_experts: int) -> str:
     return "gemv" if tokens == 1 or tokens * top_k <= 2 * num_experts else "mma"
