@@ -10,7 +10,7 @@ The weights are made exactly as the reference path makes them (quant/modules.
 dequantize_experts_forward: s (q - z) in float32, rounded to the activations' dtype); what differs
 is one launch for all experts, where the reference loops over them in Python with a
 dequantization and two matmuls each. The fused kernels (triton_experts) read the codes again for
-every tile of 128 tokens, which costs more than this once the experts have ~256 tokens each
+every tile of 128 tokens, which costs more than this once the experts have ~128 tokens each
 (quant/modules.FUSED_MAX_TOKENS_PER_EXPERT).
 """
 from __future__ import annotations

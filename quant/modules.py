@@ -95,7 +95,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         if backend == "auto":
-            fused = x.is_cuda and x.numel() // self.in_features <= FUSED_MAX_TOKENS_PER_EXPERT and self.fused_applies()
+            fused = x.is_cuda and x.numel() // self.in_features <= FUSED_MAX_TOKENS_LINEAR and self.fused_applies()
             backend = "fused" if fused else "dequantize"
         if backend == "fused":
             y = triton_experts.fused_linear(x.reshape(-1, self.in_features), self.packed())
@@ -208,11 +208,15 @@ def fused_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_
 
 # "auto" runs the fused kernels up to this many routed tokens per expert (T * k / E) and the
 # grouped path above it, where dequantizing each expert once beats unpacking it again for every
-# tile of 128 tokens. Measured on one H100 (benchmarks/results/bench_experts_kernel_h100_v8*.txt,
-# mixed 3/3/2/2/2/2/1/1 layers): Mixtral shapes, fused 6.5x / 5.0x faster than dequantize at
-# 4 / 16 tokens per expert, dequantize 1.2x faster at 1024; Qwen3-30B-A3B shapes, fused 32-34x
-# faster at 256.
-FUSED_MAX_TOKENS_PER_EXPERT = 256
+# tile of 128 tokens. Measured on one H100 (mixed 3/3/2/2/2/2/1/1 layers,
+# benchmarks/results/bench_experts_kernel_h100_v11b_prefill.txt): at 64 per expert (Qwen3-30B-A3B
+# shapes, T 1024) fused 1.48 ms against grouped 1.61; at 256, grouped 3.74 against 4.43 (Mixtral,
+# T 1024) and 1.90 against 2.84 (Qwen3, T 4096).
+FUSED_MAX_TOKENS_PER_EXPERT = 128
+
+# A packed linear (one "expert" every token goes to) runs the fused kernels up to this many tokens
+# and dequantizes its matrix above (v8: the experts' threshold then, not measured for linears).
+FUSED_MAX_TOKENS_LINEAR = 256
 
 
 def grouped_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
