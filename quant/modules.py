@@ -10,7 +10,8 @@
   expert dequantized in one launch then grouped GEMMs (quant/grouped_experts.py),
   ``"dequantize"`` each routed expert dequantized then plain matmuls (the reference),
   ``"auto"`` (the default) on CUDA fused up to FUSED_MAX_TOKENS_PER_EXPERT routed tokens per
-  expert where the kernel applies, grouped above, and dequantize on CPU.
+  expert where the kernel applies, grouped above (within GROUPED_MAX_STACK_BYTES), and
+  dequantize on CPU (auto_backend).
   ``set_experts_backend`` sets it for a whole model.
 
 No model-family knowledge: module shapes come from the quantization_config, activation
@@ -226,17 +227,36 @@ def grouped_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_
                                            swiglu=self._silu_gate())
 
 
+# The grouped path holds one kind's dequantized experts at once (every expert that has tokens):
+# 1.9 GB of bf16 for Mixtral-8x7B's gate/up, 0.8 GB for Qwen3-30B-A3B's, but 15 GB for
+# DeepSeek-V3's 256 experts. Above this "auto" keeps the fused kernels, which need no such copy,
+# rather than risk running out of memory in the middle of a prefill.
+GROUPED_MAX_STACK_BYTES = 4 << 30
+
+
+def auto_backend(tokens: int, top_k: int, num_experts: int, stack_bytes: int, *, gpu: bool,
+                 fused_applies: bool) -> str:
+    """"auto"'s choice for one call: dequantize without a GPU (or Triton); the fused kernels up to
+    FUSED_MAX_TOKENS_PER_EXPERT routed tokens per expert, or where the grouped path's dequantized
+    experts (``stack_bytes``) would pass GROUPED_MAX_STACK_BYTES; grouped otherwise (also where the
+    fused kernels do not take the layer; there, past the cap, the per-expert dequantize loop)."""
+    if not gpu:
+        return "dequantize"
+    too_big = stack_bytes > GROUPED_MAX_STACK_BYTES
+    if fused_applies and (tokens * top_k / num_experts <= FUSED_MAX_TOKENS_PER_EXPERT or too_big):
+        return "fused"
+    return "dequantize" if too_big else "grouped"
+
+
 def packed_experts_forward(self: QuantExperts, hidden_states, top_k_index, top_k_weights):
     """Runs ``self.backend`` (module docstring)."""
     backend = self.backend
     if backend == "auto":
-        per_expert = hidden_states.shape[0] * top_k_index.shape[-1] / self.num_experts
-        if not (hidden_states.is_cuda and triton_dequant.available()):
-            backend = "dequantize"
-        elif per_expert <= FUSED_MAX_TOKENS_PER_EXPERT and self.fused_applies():
-            backend = "fused"
-        else:
-            backend = "grouped"
+        widest = max(self.layouts[kind].rows * self.layouts[kind].cols for kind in self.layouts)
+        backend = auto_backend(hidden_states.shape[0], top_k_index.shape[-1], self.num_experts,
+                               self.num_experts * widest * hidden_states.element_size(),
+                               gpu=hidden_states.is_cuda and triton_dequant.available(),
+                               fused_applies=self.fused_applies())
     if backend == "fused":
         return fused_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if backend == "grouped":

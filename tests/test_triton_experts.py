@@ -200,3 +200,21 @@ def test_backend_choice():
     with pytest.raises(ValueError, match="auto, fused, grouped, dequantize"):
         set_experts_backend(m, "fast")
     assert set_experts_backend(m, "dequantize") == 1 and m.backend == "dequantize"
+
+
+def test_auto_backend_choice():
+    """auto on a GPU: fused up to 128 routed tokens per expert, grouped above, except where the grouped
+    path's dequantized experts would pass the memory cap (DeepSeek-V3's 256 experts: 15 GB of bf16
+    gate/up), where the fused kernels (or, if they do not take the layer, the per-expert loop) run."""
+    from moeq.quant.modules import GROUPED_MAX_STACK_BYTES, auto_backend
+
+    mixtral = 8 * 2 * 14336 * 4096 * 2
+    deepseek = 256 * 2 * 2048 * 7168 * 2
+    assert mixtral <= GROUPED_MAX_STACK_BYTES < deepseek
+    choose = lambda T, k, E, stack, fused=True: auto_backend(T, k, E, stack, gpu=True, fused_applies=fused)  # noqa
+    assert auto_backend(4096, 2, 8, mixtral, gpu=False, fused_applies=True) == "dequantize"
+    assert choose(512, 2, 8, mixtral) == "fused"              # 128 a expert
+    assert choose(513, 2, 8, mixtral) == "grouped"
+    assert choose(8192, 8, 256, deepseek) == "fused"          # 256 a expert, but 15 GB to dequantize
+    assert choose(8192, 8, 256, deepseek, fused=False) == "dequantize"
+    assert choose(16, 2, 8, mixtral, fused=False) == "grouped"
