@@ -85,8 +85,8 @@ def grouped_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     k = top_k_index.shape[-1]
     num_experts = up.scale.shape[0]
     fused_mm = grouped_mm_applies(hidden) if fused_mm is None else fused_mm
-    order, counts, _, _ = route(top_k_index, num_experts)
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    order, counts, starts, _ = route(top_k_index, num_experts)
+    ends = starts + counts
     x = hidden[order // k]
     expert = top_k_index.reshape(-1)[order] if up.bias is not None or down.bias is not None else None
     w_up = dequantize_stack(up, counts, hidden.dtype)
@@ -132,7 +132,9 @@ if triton is not None:
 def swiglu_rows(h: torch.Tensor, dtype) -> torch.Tensor:
     """silu(gate) * up of h's (rows, 2 I) [gate; up] halves as (rows, I) in ``dtype``: one launch that
     reads h once and writes the result once (torch's silu, then the product, read and write it three
-    times: 0.36 ms of a Mixtral-shaped layer at 4096 tokens on an H100), in float32, rounded once."""
+    times: 0.25-0.36 ms of a Mixtral-shaped layer at 4096 tokens on an H100, though slower by 0.12 ms
+    at 1024 tokens in one run; benchmarks/results/bench_experts_kernel_h100_v11*), in float32,
+    rounded once."""
     h = h.contiguous()
     inter = h.shape[1] // 2
     out = torch.empty(h.shape[0], inter, device=h.device, dtype=dtype)
