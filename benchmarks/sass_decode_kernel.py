@@ -38,11 +38,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 MMA_SIG = {"a_ptr": "*bf16", "out_ptr": "*fp32", "words_ptr": "*i32", "word_off_ptr": "*i64", "bits_ptr": "*i32",
            "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16", "order_ptr": "*i64", "counts_ptr": "*i32",
-           "starts_ptr": "*i32", "route_w_ptr": "*bf16", "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "TOPK": "i32",
+           "starts_ptr": "*i32", "route_w_ptr": "*bf16", "clear_ptr": "*fp32", "CLEAR_N": "i32", "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "TOPK": "i32",
            "M_TILES": "i32", "ONE": "i32"}
 SIG = {"a_ptr": "*bf16", "out_ptr": "*fp32", "words_ptr": "*i32", "word_off_ptr": "*i64", "bits_ptr": "*i32",
        "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16", "idx_ptr": "*i64", "route_w_ptr": "*bf16",
-       "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "A_DIV": "i32", "O_DIV": "i32", "ONE": "i32"}
+       "clear_ptr": "*fp32", "CLEAR_N": "i32", "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "A_DIV": "i32", "O_DIV": "i32", "ONE": "i32"}
 
 
 def load_kernels():

@@ -15,12 +15,13 @@ same two launches.
 
 - ``_gemv_kernel`` (decode: one token, or no more routed slots than twice the experts): one program per
   (routed slot, row tile, K span), the expert read off top_k_index in the kernel (no sort, no
-  routing tables), each code made the float 1 + q / 2^bits by a shift and one LOP3 (a 3-bit
-  row read as units of 3 words, 32 codes), the scale and zero point applied
-  once per word; K split over programs for the down projection.
+  routing tables), each code masked in place into a subnormal float and multiplied by its
+  activation lifted by a power of two (one AND and one FFMA a code and row; a 3-bit row read
+  as units of 3 words, 32 codes), the scale and zero point applied once per word; K split
+  over programs for the down projection.
 - ``_experts_mma_kernel`` (more tokens): slots sorted by expert (route(), no host sync), a
   program owns (expert, BLOCK_M of its tokens, BLOCK_N rows) and per K tile makes the weights
-  w = s (q - z) in registers from the words (the same float trick, one multiply-add, rounded to
+  w = s (q - z) in registers from the words (shifted under the exponent of 1.0, one multiply-add, rounded to
   the activations' dtype as the reference's dequantized matrix is) and hands them to one
   ``tl.dot`` on the tensor cores. Programs past an expert's token count return at once, so the
   grid is sized from T alone.
@@ -73,6 +74,17 @@ if triton is not None:
             tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
+    def _clear(clear_ptr, CLEAR_N):
+        """Zero this program's share of clear_ptr[:CLEAR_N], blocks of 256 strided over the grid:
+        launch 1 clears the float32 output launch 2 then adds into, which saves a memset launch
+        (a few microseconds of a decode step's ~30-110 per layer)."""
+        pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+        step = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) * 256
+        offs = tl.arange(0, 256)
+        for start in range(pid.to(tl.int64) * 256, CLEAR_N, step):
+            tl.store(clear_ptr + start + offs, tl.zeros((256,), tl.float32), mask=start + offs < CLEAR_N)
+
+    @triton.jit
     def _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M: tl.constexpr):
         """Tile m_tile of expert e's ``count`` routed slots (sorted by expert, route()): the mask, the
         sorted positions and the original (token, k) slots."""
@@ -87,28 +99,74 @@ if triton is not None:
     # A row of K codes at ``bits`` bits is K * bits / 32 little-endian int32 words (K a multiple
     # of 32): with 1, 2, 4 or 8 bits word w holds codes 32/bits * w .. 32/bits * (w + 1) - 1,
     # lowest bits first; with 3 bits, units of 3 words hold 32 codes, codes 10 and 21 straddling
-    # two words (_unit3_float).
+    # two words (_unit3_term).
+
+    # A code is made a float by masking it in place: q at bits p .. p + bits - 1 of a word with a
+    # zero exponent field is the subnormal float q 2^(p - 149), exact, and the GPU's float32
+    # multiply-add keeps subnormals (Triton emits no .ftz). Its activation, lifted by 2^(LIFT - p),
+    # makes the product a q 2^(LIFT - 149), the same power of two for every code, so one AND and
+    # one FFMA per code and row; the sum is brought back by 2^(149 - LIFT) once per element. The
+    # lifted activation is exact (a power of two) and stays finite for |a| < 2^(127 - LIFT); the
+    # product stays a normal float for |a| > 2^(23 - LIFT). Codes above bit 15 are read from the
+    # word shifted down by 16 (one shift per word), so p <= 15 (3 bits: <= 20) and below the
+    # exponent field.
+    LIFT = tl.constexpr(100)
 
     @triton.jit
-    def _code_float(w, one, j: tl.constexpr, BITS: tl.constexpr):
-        """Code j of word w (1, 2, 4 or 8 bits) as the float 1 + q / 2^BITS: the code shifted to the
-        top BITS bits of the mantissa and the exponent of 1.0 put above it, so a shift and one LOP3
-        (mask, then OR) make the float, with no int-to-float conversion and no subtraction; the
-        sums take the 1 out again (_word_sum). ``one`` is 0x3F800000, the bits of 1.0, given at run
-        time (the kernels' ONE): as a compile-time constant the mask and the OR became two LOP3,
-        as LOP3 takes one immediate and the compiler would not hold the other in a register."""
-        TOP: tl.constexpr = 23 - BITS
-        p: tl.constexpr = j * BITS
-        if p <= TOP:
-            x = (w << (TOP - p)) & (((1 << BITS) - 1) << TOP)
+    def _high_half(w):
+        """The word shifted down by 16: the high half's codes at bits 0 .. 15."""
+        return (w.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _code_term(w, w_hi, a, j: tl.constexpr, BITS: tl.constexpr):
+        """a q 2^(LIFT - 149) for code j of the (rows, elements) words w (1, 2, 4 or 8 bits) and the
+        elements' activation a: the low half's codes masked in place in w, the high half's in
+        w_hi = w >> 16, each the subnormal q 2^(p - 149), times a 2^(LIFT - p)."""
+        P: tl.constexpr = 32 // BITS
+        if j < P // 2:
+            p: tl.constexpr = j * BITS
+            x = w & (((1 << BITS) - 1) << p)
         else:
-            x = (w >> (p - TOP)) & (((1 << BITS) - 1) << TOP)
-        return (x | one).to(tl.float32, bitcast=True)
+            p: tl.constexpr = (j - P // 2) * BITS
+            x = w_hi & (((1 << BITS) - 1) << p)
+        return x.to(tl.float32, bitcast=True) * (a * (2.0 ** (LIFT - p)))[None, :]
 
     @triton.jit
-    def _word_sum(pq, a_sum, s, z, BITS: tl.constexpr):
-        """s sum_k a_k (q_k - z) from pq = sum_k a_k (1 + q_k / 2^BITS) and a_sum = sum_k a_k."""
-        return s * ((1 << BITS) * pq - ((1 << BITS) + z) * a_sum)
+    def _unit3_term(w0, w1, w2, h0, h1, h2, a, c: tl.constexpr):
+        """As _code_term for code c (0..31) of units of 32 3-bit codes, code c at bits 3c .. 3c + 2
+        of the unit's three words w0, w1, w2 (h0, h1, h2: the same shifted down by 16). Codes 10
+        and 21 start at bit 30 and 31 of a word and take their high bits from the next word's
+        lowest: moved to bit 0."""
+        q0: tl.constexpr = 3 * c
+        j: tl.constexpr = q0 // 32                      # the word the code starts in
+        off: tl.constexpr = q0 - 32 * j
+        if j == 0:
+            lo = w0
+            lo_hi = h0
+            hi = w1
+        elif j == 1:
+            lo = w1
+            lo_hi = h1
+            hi = w2
+        else:
+            lo = w2
+            lo_hi = h2
+            hi = w2
+        if off <= 20:
+            p: tl.constexpr = off
+            x = lo & (7 << off)
+        elif off <= 29:
+            p: tl.constexpr = off - 16
+            x = lo_hi & (7 << (off - 16))
+        else:                                           # straddles: 32 - off bits here, the rest in hi
+            p: tl.constexpr = 0
+            x = ((lo.to(tl.uint32, bitcast=True) >> off).to(tl.int32, bitcast=True) | (hi << (32 - off))) & 7
+        return x.to(tl.float32, bitcast=True) * (a * (2.0 ** (LIFT - p)))[None, :]
+
+    @triton.jit
+    def _word_sum(pq, a_sum, s, z):
+        """s sum_k a_k (q_k - z) from pq = sum_k a_k q_k 2^(LIFT - 149) and a_sum = sum_k a_k."""
+        return s * (pq * (2.0 ** (149 - LIFT)) - z * a_sum)
 
     @triton.jit
     def _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS: tl.constexpr, P: tl.constexpr,
@@ -142,33 +200,6 @@ if triton is not None:
         return s, z
 
     @triton.jit
-    def _unit3_float(w0, w1, w2, one, c: tl.constexpr):
-        """Code c (0..31) of units of 32 3-bit codes, each unit three words w0, w1, w2 (code c at bits
-        3c .. 3c + 2 of the unit), as the float 1 + q / 8, like _code_float: every shift known when
-        compiled. Codes 10 and 21 start at bit 30 and 31 of a word and take their high bits from the
-        next word's lowest."""
-        p: tl.constexpr = 3 * c
-        j: tl.constexpr = p // 32                       # the word the code starts in
-        off: tl.constexpr = p - 32 * j
-        if j == 0:
-            lo = w0
-            hi = w1
-        elif j == 1:
-            lo = w1
-            hi = w2
-        else:
-            lo = w2
-            hi = w2
-        if off <= 20:
-            x = (lo << (20 - off)) & (7 << 20)          # to bits 20..22, the top of the mantissa
-        elif off <= 29:
-            x = (lo >> (off - 20)) & (7 << 20)
-        else:                                           # straddles: 32 - off bits here, the rest in hi
-            low = (lo.to(tl.uint32, bitcast=True) >> (off - 20)).to(tl.int32, bitcast=True)
-            x = (low | (hi << (52 - off))) & (7 << 20)
-        return (x | one).to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _elem_words(rows, c, mask, BITS: tl.constexpr):
         """The words of elements c of each row, (rows, elements): one word (1, 2, 4, 8 bits), or the
         three words of a unit of 32 codes (3 bits); (w, w, w) in the first case. The units are loaded
@@ -184,33 +215,35 @@ if triton is not None:
             return w, w, w
 
     @triton.jit
-    def _gemv_tile(wd, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
+    def _gemv_tile(wd, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS: tl.constexpr,
                    BITS: tl.constexpr, NW: tl.constexpr):
         """sum over the tile's codes of a_k w_k for each (row, element), w_k = s (q_k - z): ``wd`` the
         elements' words (_elem_words), an element a word, or with 3 bits a unit of 32 codes. The scale
         and zero point come out of an element's sum, s (sum_k a_k q_k - z sum_k a_k), so a code costs
-        a shift, one LOP3 and one multiply-add."""
+        one AND and one multiply-add (_code_term)."""
         pq = tl.zeros(m2.shape, dtype=tl.float32)
         a_sum = tl.zeros(wcol.shape, dtype=tl.float32)
         if BITS == 3:
             col0 = wcol * 32                            # the column of each unit's first code
+            h0, h1, h2 = _high_half(wd[0]), _high_half(wd[1]), _high_half(wd[2])
             for c in tl.static_range(32):
                 a = tl.load(a_row + col0 + c, mask=wmask, other=0.0).to(tl.float32)
-                pq += _unit3_float(wd[0], wd[1], wd[2], one, c) * a[None, :]
+                pq += _unit3_term(wd[0], wd[1], wd[2], h0, h1, h2, a, c)
                 a_sum += a
             s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, 32, NW)
         else:
             P: tl.constexpr = 32 // BITS
             col0 = wcol * P                             # the first code column of each word
+            w_hi = _high_half(wd[0])
             for j in tl.static_range(P):
                 a = tl.load(a_row + col0 + j, mask=wmask, other=0.0).to(tl.float32)
-                pq += _code_float(wd[0], one, j, BITS) * a[None, :]
+                pq += _code_term(wd[0], w_hi, a, j, BITS)
                 a_sum += a
             s, z = _word_scales(scale_rows, zero_rows, n_mask, c0, c_hi, col0, GS, P, NW)
-        return _word_sum(pq, a_sum[None, :], s, z, BITS)
+        return _word_sum(pq, a_sum[None, :], s, z)
 
     @triton.jit
-    def _gemv_loop(a_row, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+    def _gemv_loop(a_row, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                    GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
         """(rows,) sums a @ W^T over this program's span of K for rows ``n`` of one width. A tile is
         NW consecutive elements of every row: words (NW * 32 / BITS codes), or with 3 bits units of
@@ -230,30 +263,31 @@ if triton is not None:
             wmask = wcol < c_hi
             m2 = n_mask[:, None] & wmask[None, :]
             wd_next = _elem_words(rows, wcol + NW, n_mask[:, None] & ((wcol + NW) < c_hi)[None, :], BITS)
-            acc += _gemv_tile(wd, one, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
+            acc += _gemv_tile(wd, a_row, c0, c_hi, wcol, wmask, m2, scale_rows, zero_rows, n_mask, GS, BITS, NW)
             wd = wd_next
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _gemv_width(a_row, one, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU: tl.constexpr,
+    def _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU: tl.constexpr,
                     GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        acc = _gemv_loop(a_row, one, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS, BLOCK_N, NW)
+        acc = _gemv_loop(a_row, words_e, n, n_mask, KW, scale_e, zero_e, G, k_step, k_steps, GS, BITS, BLOCK_N, NW)
         acc_up = acc
         if SILU:
-            acc_up = _gemv_loop(a_row, one, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
+            acc_up = _gemv_loop(a_row, words_e, n + N, n_mask, KW, scale_e, zero_e, G, k_step, k_steps,
                                 GS, BITS, BLOCK_N, NW)
         return acc, acc_up
 
     @triton.jit
     def _gemv_kernel(
             a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr, idx_ptr, route_w_ptr,
-            N, KW, R, G, A_DIV, O_DIV, ONE,
+            clear_ptr, N, KW, R, G, A_DIV, O_DIV, CLEAR_N,
             GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr,
             ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
         """Program (slot, row tile, K span): out[slot // O_DIV, n] (+)= a[slot // A_DIV] @ W_e^T for
         the expert e = idx[slot] the slot is routed to; no sorting, no routing tables. K = 32 KW.
         With SILU: silu(gate rows n) * (up rows N + n). ATOMIC: float32 adds (the k slots of a
-        token, and the K spans, into one output row)."""
+        token, and the K spans, into one output row). Also zeroes clear_ptr[:CLEAR_N] (_clear)."""
+        _clear(clear_ptr, CLEAR_N)
         slot = tl.program_id(0)
         e = tl.load(idx_ptr + slot).to(tl.int64)
         K = KW * 32
@@ -268,19 +302,19 @@ if triton is not None:
         k_steps = tl.cdiv(tl.cdiv(KW * 32, NW * 32), SPLIT_K)   # spans of NW * 32 codes per program
         # one loop per width, each with its width compiled in; the expert's width picks one
         if bits == 1:
-            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 1, BLOCK_N, NW)
         elif bits == 2:
-            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 2, BLOCK_N, NW)
         elif bits == 3:
-            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 3, BLOCK_N, NW)
         elif bits == 4:
-            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 4, BLOCK_N, NW)
         else:
-            acc, acc_up = _gemv_width(a_row, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
+            acc, acc_up = _gemv_width(a_row, words_e, n, n_mask, N, KW, scale_e, zero_e, G, k_step, k_steps, SILU,
                                       GS, 8, BLOCK_N, NW)
         if HAS_BIAS:
             if k_step == 0:
@@ -425,8 +459,8 @@ if triton is not None:
     @triton.jit
     def _experts_mma_kernel(
             a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
-            order_ptr, counts_ptr, starts_ptr, route_w_ptr,
-            N, KW, R, G, TOPK, M_TILES, ONE,
+            order_ptr, counts_ptr, starts_ptr, route_w_ptr, clear_ptr,
+            N, KW, R, G, TOPK, M_TILES, ONE, CLEAR_N,
             GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, GS: tl.constexpr, SILU: tl.constexpr,
             HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
             ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -436,7 +470,8 @@ if triton is not None:
         (the dot's second operand; the compiler stages it through shared memory). GATHER_A: the a
         rows are the slots' tokens (else their sorted positions); SCATTER_OUT: the output row is the
         slot's token, added to with atomics (the k slots of a token meet there), else the sorted
-        position."""
+        position. Also zeroes clear_ptr[:CLEAR_N] (_clear)."""
+        _clear(clear_ptr, CLEAR_N)
         pid = tl.program_id(0)
         e = pid // M_TILES
         m_tile = pid % M_TILES
@@ -557,7 +592,7 @@ def _gate(h: torch.Tensor, inter: int, *, gated: bool, fuse_silu: bool, activati
     return h.to(dtype).contiguous()
 
 
-ONE_BITS = 0x3F800000   # the bits of 1.0f: the word kernels' ONE (see _code_float)
+ONE_BITS = 0x3F800000   # the bits of 1.0f: the tensor-core kernel's ONE (see _dense_float)
 
 
 @dataclass(frozen=True)
@@ -591,7 +626,7 @@ def choose_gemv_tiles(slots: int, n_out: int, k: int, sms: int, split: bool) -> 
 
 
 def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o_div: int, silu: bool,
-                 route_w: torch.Tensor | None, tiles: GemvTiles):
+                 route_w: torch.Tensor | None, tiles: GemvTiles, clear: torch.Tensor | None = None):
     atomic = o_div > 1 or tiles.split_k > 1
     assert not atomic or out.dtype == torch.float32
     grid = (idx.numel(), triton.cdiv(n_out, tiles.block_n), tiles.split_k)
@@ -599,7 +634,8 @@ def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o
     _gemv_kernel[grid](
         a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
         mats.bias if mats.bias is not None else dummy, idx, route_w if route_w is not None else dummy,
-        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], a_div, o_div, ONE_BITS,
+        clear if clear is not None else dummy, n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], a_div, o_div,
+        clear.numel() if clear is not None else 0,
         GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None, ROUTE_WEIGHT=route_w is not None,
         ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
@@ -621,16 +657,17 @@ def _two_launches(hidden, up: PackedMatrices, *, slots: int, gated: bool, fuse_s
                   launch2) -> torch.Tensor:
     """The layer's two launches, whichever kernel: launch 1 writes one hidden row per routing slot
     (silu(gate) * up fused where the family's gating is plain SwiGLU and K is not split, else the
-    gating after it in torch); launch 2 adds the routed, weighted down projection into a zeroed
-    float32 (T, hidden) output with atomics. ``launch1(h, n_out, silu)``, ``launch2(h, out)``."""
+    gating after it in torch); launch 2 adds the routed, weighted down projection into a float32
+    (T, hidden) output with atomics, which launch 1 zeroes. ``launch1(h, n_out, silu, clear)``,
+    ``launch2(h, out)``."""
     inter = up.rows // 2 if gated else up.rows
     fused = gated and fuse_silu and t1.split_k == 1
     n1 = inter if fused else up.rows
     h = _launch1_out(slots, n1, t1.split_k, hidden)
-    launch1(h, n1, fused)
+    out = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
+    launch1(h, n1, fused, out)
     if not fused:
         h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
-    out = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
     launch2(h, out)
     return out.to(hidden.dtype)
 
@@ -653,14 +690,14 @@ def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, 
     route_w = top_k_weights.reshape(-1).contiguous()
     return _two_launches(
         hidden, up, slots=slots, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
-        launch1=lambda h, n1, silu: _launch_gemv(x, h, up, idx, n1, a_div=k, o_div=1, silu=silu, route_w=None,
-                                                 tiles=t1),
+        launch1=lambda h, n1, silu, clear: _launch_gemv(x, h, up, idx, n1, a_div=k, o_div=1, silu=silu,
+                                                        route_w=None, tiles=t1, clear=clear),
         launch2=lambda h, out: _launch_gemv(h, out, down, idx, H, a_div=1, o_div=k, silu=False, route_w=route_w,
                                             tiles=t2))
 
 
 def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
-                silu: bool, route_w: torch.Tensor | None, tiles: Tiles):
+                silu: bool, route_w: torch.Tensor | None, tiles: Tiles, clear: torch.Tensor | None = None):
     order, counts, starts, top_k = routing
     atomic = scatter_out or tiles.split_k > 1
     assert not atomic or out.dtype == torch.float32
@@ -671,8 +708,9 @@ def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: 
     _experts_mma_kernel[grid](
         a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
         mats.bias if mats.bias is not None else dummy, order, counts, starts,
-        route_w if route_w is not None else dummy,
+        route_w if route_w is not None else dummy, clear if clear is not None else dummy,
         n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles, ONE_BITS,
+        clear.numel() if clear is not None else 0,
         GATHER_A=gather_a, SCATTER_OUT=scatter_out, GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None,
         ROUTE_WEIGHT=route_w is not None, ATOMIC=atomic, SPLIT_K=tiles.split_k,
         ONE_GROUP=mats.group_size % tiles.block_k == 0, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
@@ -708,8 +746,8 @@ def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, d
     route_w = top_k_weights.reshape(-1).contiguous()
     return _two_launches(
         hidden, up, slots=T * k, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
-        launch1=lambda h, n1, silu: _launch_mma(x, h, up, routing, n1, gather_a=True, scatter_out=False, silu=silu,
-                                                route_w=None, tiles=t1),
+        launch1=lambda h, n1, silu, clear: _launch_mma(x, h, up, routing, n1, gather_a=True, scatter_out=False,
+                                                       silu=silu, route_w=None, tiles=t1, clear=clear),
         launch2=lambda h, out: _launch_mma(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
                                            route_w=route_w, tiles=t2))
 
