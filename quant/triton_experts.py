@@ -606,22 +606,23 @@ class GemvTiles:
     num_stages: int = 1
 
 
-def choose_gemv_tiles(slots: int, n_out: int, k: int, sms: int, split: bool) -> GemvTiles:
+def choose_gemv_tiles(slots: int, n_out: int, k: int, sms: int, programs_per_sm: int) -> GemvTiles:
     """8 word columns per step, and 4 warps (64 rows) per program, 2 or 1 where that leaves
     fewer programs than SMs: a warp is 8 word columns x 4 rows of threads, each thread then
     owns 4 rows of one word column, and the value of ``a`` it loads for a code serves all 4.
-    With ``split`` K is split until there are ~8 programs per SM: the down projection of a
-    Mixtral-shaped layer at one token ran in 0.356 ms split 4 ways against 0.384 split 3
-    (layer total; benchmarks/results/bench_experts_kernel_h100_v4_sweep.txt)."""
+    K is split until there are about ``programs_per_sm`` programs per SM: 8 for the down
+    projection (a Mixtral-shaped layer at one token ran in 0.356 ms split 4 ways against 0.384
+    split 3; benchmarks/results/bench_experts_kernel_h100_v4_sweep.txt), 2 for gate/up, which
+    then leaves SwiGLU to torch: a Qwen3-shaped layer at one token (192 programs unsplit) took
+    0.0285 ms split 2 against 0.0304 (mixed; uniform 4-bit 0.0312 against 0.0427), a
+    Mixtral-shaped one (448 programs) stays unsplit (_v12_sweep_t1_*.txt)."""
     nw = 8
     for warps in (4, 2, 1):
         bn = 16 * warps
         if slots * triton.cdiv(n_out, bn) >= sms:
             break
-    split_k = 1
-    if split:
-        programs = slots * triton.cdiv(n_out, bn)
-        split_k = max(1, min(triton.cdiv(k, nw * 32), triton.cdiv(8 * sms, programs)))
+    programs = slots * triton.cdiv(n_out, bn)
+    split_k = max(1, min(triton.cdiv(k, nw * 32), triton.cdiv(programs_per_sm * sms, programs)))
     return GemvTiles(bn, nw, split_k, warps)
 
 
@@ -684,8 +685,8 @@ def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, 
     sms = sm_count(hidden.device)
     inter = up.rows // 2 if gated else up.rows
     t1 = tiles[0] if tiles else choose_gemv_tiles(slots, inter if gated and fuse_silu else up.rows, H, sms,
-                                                  split=False)
-    t2 = tiles[1] if tiles else choose_gemv_tiles(slots, H, inter, sms, split=True)
+                                                  programs_per_sm=2)
+    t2 = tiles[1] if tiles else choose_gemv_tiles(slots, H, inter, sms, programs_per_sm=8)
     x = hidden.contiguous()
     route_w = top_k_weights.reshape(-1).contiguous()
     return _two_launches(
@@ -803,7 +804,7 @@ def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = No
     T = x.shape[0]
     x = x.contiguous()
     if tiles is None and (T <= LINEAR_GEMV_MAX_TOKENS or gemv_tiles is not None):
-        t = gemv_tiles or choose_gemv_tiles(T, mats.rows, mats.cols, sm_count(x.device), split=True)
+        t = gemv_tiles or choose_gemv_tiles(T, mats.rows, mats.cols, sm_count(x.device), programs_per_sm=8)
         out = torch.empty(T, mats.rows, device=x.device, dtype=x.dtype) if t.split_k == 1 else \
             torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32)
         _launch_gemv(x, out, mats, _zero_index(T, x.device), mats.rows, a_div=1, o_div=1, silu=False,
