@@ -105,12 +105,13 @@ if triton is not None:
     # zero exponent field is the subnormal float q 2^(p - 149), exact, and the GPU's float32
     # multiply-add keeps subnormals (Triton emits no .ftz). Its activation, lifted by 2^(LIFT - p),
     # makes the product a q 2^(LIFT - 149), the same power of two for every code, so one AND and
-    # one FFMA per code and row; the sum is brought back by 2^(149 - LIFT) once per element. The
-    # lifted activation is exact (a power of two) and stays finite for |a| < 2^(127 - LIFT); the
-    # product stays a normal float for |a| > 2^(23 - LIFT). Codes above bit 15 are read from the
-    # word shifted down by 16 (one shift per word), so p <= 15 (3 bits: <= 20) and below the
-    # exponent field.
-    LIFT = tl.constexpr(100)
+    # one FFMA per code and row (was a shift, a LOP3 and the FFMA); the sum is brought back by
+    # 2^(149 - LIFT) once per element. Codes above bit 15 are read from the word shifted down by
+    # 16 (one shift per word), so p <= 15 (3 bits: <= 20), below the exponent field. The lifted
+    # activation is exact (a power of two) and finite for |a| < 2^(127 - LIFT) = 2^63; the product
+    # is a normal float for |a| >= 2^(23 - LIFT) = 2^-41 (smaller activations still add, with
+    # fewer bits).
+    LIFT = tl.constexpr(64)
 
     @triton.jit
     def _high_half(w):

@@ -108,9 +108,9 @@ for family, bits in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1]), ("gpt_oss", [8, 4, 3
     g = make(family, bits)
     up, down = g.packed(g.gate_kind), g.packed("down_proj")
     assert up.words is not None and down.words is not None
-    for T, gt in ((1, None), (5, None), (12, None), (3, (tx.GemvTiles(16, 4, 2, 1), tx.GemvTiles(32, 8, 3, 2))),
+    for T, gt in ((1, None), (12, None), (3, (tx.GemvTiles(16, 4, 2, 1), tx.GemvTiles(32, 8, 3, 2))),
                   (2, (tx.GemvTiles(64, 16, 1, 4), tx.GemvTiles(16, 2, 2, 1)))):
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16) if gt is None else (torch.float32,):
             gd = g.to(dtype)
             x = torch.randn(T, H, generator=gen).to(dtype); idx, w = routing(T, gen, dtype)
             ref = dequantize_experts_forward(gd, x, idx, w)
@@ -118,6 +118,16 @@ for family, bits in (("mixtral", [3, 3, 2, 2, 2, 2, 1, 1]), ("gpt_oss", [8, 4, 3
                                    fuse_silu=gd._silu_gate(), activation=gd._apply_gate, kernel="gemv", gemv_tiles=gt)
             err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert got.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 2e-2), (family, bits, T, gt, err)
+
+# the decode kernel's codes are subnormal floats times activations lifted by 2^(64 - bit): exact for
+# activations of any magnitude a layer sees (here 1e-6 to 3e4, float32)
+g = make("mixtral", [3, 3, 2, 2, 2, 2, 1, 1])
+for scale in (1e-6, 3e4):
+    x = torch.randn(2, H, generator=gen) * scale; idx, w = routing(2, gen, torch.float32)
+    ref = dequantize_experts_forward(g, x, idx, w)
+    got = tx.fused_experts(x, idx, w, g.packed("gate_up_proj"), g.packed("down_proj"), gated=True, fuse_silu=True,
+                           kernel="gemv")
+    assert torch.isfinite(got).all() and ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5, scale
 
 # the tensor-core kernel at a few tokens per expert (T 9: 18 slots over 7 experts), with the family's own
 # gating and biases (GPT-OSS) and explicit tiles (K split on both launches, gate/up then in float32,
@@ -200,6 +210,18 @@ def test_backend_choice():
     with pytest.raises(ValueError, match="auto, fused, grouped, dequantize"):
         set_experts_backend(m, "fast")
     assert set_experts_backend(m, "dequantize") == 1 and m.backend == "dequantize"
+
+
+def test_gemv_tiles_choice():
+    """The decode kernel splits K until there are about programs_per_sm programs per SM: a
+    Qwen3-shaped gate/up launch at one token (8 slots, 192 programs) in two, a Mixtral-shaped one
+    (2 slots, 448 programs) not at all; the down projection to ~8 programs per SM."""
+    from moeq.quant import triton_experts as tx
+    qwen_up = tx.choose_gemv_tiles(8, 768, 2048, 132, programs_per_sm=2)
+    assert (qwen_up.block_n, qwen_up.num_warps, qwen_up.split_k) == (32, 2, 2)
+    assert tx.choose_gemv_tiles(2, 14336, 4096, 132, programs_per_sm=2).split_k == 1
+    down = tx.choose_gemv_tiles(2, 4096, 14336, 132, programs_per_sm=8)
+    assert (down.block_n, down.split_k) == (32, 5)
 
 
 def test_auto_backend_choice():
