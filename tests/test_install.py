@@ -41,9 +41,15 @@ def site_packages(python) -> str:
 def venv(tmp_path_factory):
     d = tmp_path_factory.mktemp("install")
     wheel = build_wheel(d / "wheel")
-    # system site packages: torch, transformers and lm-eval come from the test environment
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(d / "venv")], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(d / "venv")], check=True)
     python = str(d / "venv" / "bin" / "python")
+    # torch, transformers and lm-eval come from the test environment: its site directories go on the
+    # new venv's path through a .pth file, after the venv's own (a venv's --system-site-packages
+    # would give the base interpreter's, which need not have them). The .pth files in those
+    # directories do not run there, so the test environment's editable moeq stays out.
+    env_sites = sorted({p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")})
+    with open(os.path.join(site_packages(python), "_test_env.pth"), "w") as f:
+        f.write("\n".join(env_sites) + "\n")
     before = set(os.listdir(site_packages(python)))
     r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
                        capture_output=True, text=True, timeout=600)
