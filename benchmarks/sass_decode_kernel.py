@@ -38,11 +38,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 MMA_SIG = {"a_ptr": "*bf16", "out_ptr": "*fp32", "words_ptr": "*i32", "word_off_ptr": "*i64", "bits_ptr": "*i32",
            "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16", "order_ptr": "*i64", "counts_ptr": "*i32",
-           "starts_ptr": "*i32", "route_w_ptr": "*bf16", "clear_ptr": "*fp32", "CLEAR_N": "i32", "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "TOPK": "i32",
+           "starts_ptr": "*i32", "SPAN": "i32", "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "TOPK": "i32",
            "M_TILES": "i32", "ONE": "i32"}
 SIG = {"a_ptr": "*bf16", "out_ptr": "*fp32", "words_ptr": "*i32", "word_off_ptr": "*i64", "bits_ptr": "*i32",
-       "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16", "idx_ptr": "*i64", "route_w_ptr": "*bf16",
-       "clear_ptr": "*fp32", "CLEAR_N": "i32", "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "A_DIV": "i32", "O_DIV": "i32", "ONE": "i32"}
+       "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16", "idx_ptr": "*i64", "SPAN": "i32", "N": "i32", "KW": "i32", "R": "i32", "G": "i32", "A_DIV": "i32", "O_DIV": "i32", "ONE": "i32"}
 
 
 def load_kernels():
@@ -84,14 +83,13 @@ def main():
         fn, base = tx._experts_mma_kernel, MMA_SIG
         bm, bn, bk, warps, stages = args.mma_tiles
         const = dict(GATHER_A=args.silu, SCATTER_OUT=not args.silu, GS=128, SILU=args.silu, HAS_BIAS=False,
-                     ROUTE_WEIGHT=not args.silu, ATOMIC=not args.silu, SPLIT_K=1, ONE_GROUP=True, BLOCK_M=bm,
+                     SPLIT_K=1, ONE_GROUP=True, BLOCK_M=bm,
                      BLOCK_N=bn, BLOCK_K=bk, FP32_DOT=False)
         what = f"tiles BLOCK_M {bm} x BLOCK_N {bn} x BLOCK_K {bk}, {warps} warps, {stages} stages"
     else:
         fn, base, stages = tx._gemv_kernel, SIG, 1
         bn, nw, warps = args.tiles
-        const = {"GS": 128, "SILU": args.silu, "HAS_BIAS": False, "ROUTE_WEIGHT": not args.silu, "ATOMIC": True,
-                 "SPLIT_K": 1, "BLOCK_N": bn, "NW": nw}
+        const = {"GS": 128, "SILU": args.silu, "HAS_BIAS": False, "SPLIT_K": 1, "BLOCK_N": bn, "NW": nw}
         what = f"tiles BLOCK_N {bn} x NW {nw} words, {warps} warps"
     names = list(fn.arg_names)
     sig = {k: v for k, v in dict(base, **{k: "constexpr" for k in const}).items() if k in names}  # ONE: v7 on

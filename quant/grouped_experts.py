@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from . import triton_dequant
-from .triton_experts import PackedMatrices, route
+from .triton_experts import PackedMatrices, combine_rows, route
 
 try:
     import triton
@@ -115,20 +115,6 @@ if triton is not None:
         u = tl.load(h_ptr + r * 2 * INTER + INTER + c, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + r * INTER + c, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _combine_kernel(y_ptr, position_ptr, weight_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
-        """out[t, c] = sum_j w[t, j] y[position of slot (t, j), c], in float32 in j order."""
-        t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = c < H
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for j in tl.static_range(K):
-            p = tl.load(position_ptr + t * K + j)
-            w = tl.load(weight_ptr + t * K + j).to(tl.float32)
-            acc += w * tl.load(y_ptr + p * H + c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * H + c, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def swiglu_rows(h: torch.Tensor, dtype) -> torch.Tensor:
     """silu(gate) * up of h's (rows, 2 I) [gate; up] halves as (rows, I) in ``dtype``: one launch that
     reads h once and writes the result once (torch's silu, then the product, read and write it three
@@ -150,8 +136,4 @@ def combine_slots(y: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Ten
     T, k = top_k_weights.shape
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel(), device=order.device)
-    out = torch.empty(T, y.shape[1], device=y.device, dtype=y.dtype)
-    if T:
-        _combine_kernel[(T, triton.cdiv(y.shape[1], 1024))](y.contiguous(), position, top_k_weights.contiguous(),
-                                                           out, y.shape[1], K=k, BLOCK=1024, num_warps=4)
-    return out
+    return combine_rows(y, T, k, y.dtype, weights=top_k_weights, position=position)

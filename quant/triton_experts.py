@@ -5,7 +5,9 @@ has, and one more launch its down projection; the codes are unpacked and dequant
 registers, never written to memory:
 
     h   = silu(x W_gate^T) * (x W_up^T)      launch 1, one row per routing slot (token, expert)
-    out[t] += w_route * (h W_down^T)         launch 2, float32 atomics into the slot's token row
+    y   = h W_down^T                          launch 2, one row per slot (per K span where K is split)
+    out[t] = sum_j w[t, j] y[t k + j]         combine_rows: float32, a fixed order, no atomics, so
+                                              the same output every call
 
 Both kernels read a packed row (quant/packing.py) as little-endian int32 words, so a layer
 needs rows of whole words inside one quantization group (``words_ok``: columns and group
@@ -52,37 +54,20 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr, route_w_ptr, R, N, first_k,
-                SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr):
+    def _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, e, bias_ptr, R, N, k_span, SPAN,
+                SILU: tl.constexpr, HAS_BIAS: tl.constexpr):
         """The end of a grouped program, (tokens, rows) sums in: the bias (added by the first K span
-        only), SwiGLU, the slots' routing weights, then stored into ``out_rows``, or added there with
-        float32 atomics (K spans, or the k slots of a token, meeting in one row)."""
+        only), SwiGLU, then stored into ``out_rows`` of the K span's partial sums (SPAN elements
+        apart; combine_rows adds them in a fixed order, no atomics)."""
         if HAS_BIAS:
-            if first_k:
+            if k_span == 0:
                 acc += tl.load(bias_ptr + e * R + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
                 if SILU:
                     acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if SILU:
             acc = acc * tl.sigmoid(acc) * acc_up
-        if ROUTE_WEIGHT:
-            acc = acc * tl.load(route_w_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-        optr = out_ptr + out_rows[:, None] * N + n[None, :]
-        omask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(optr, acc, mask=omask)
-        else:
-            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-
-    @triton.jit
-    def _clear(clear_ptr, CLEAR_N):
-        """Zero this program's share of clear_ptr[:CLEAR_N], blocks of 256 strided over the grid:
-        launch 1 clears the float32 output launch 2 then adds into, which saves a memset launch
-        (a few microseconds of a decode step's ~30-110 per layer)."""
-        pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-        step = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) * 256
-        offs = tl.arange(0, 256)
-        for start in range(pid.to(tl.int64) * 256, CLEAR_N, step):
-            tl.store(clear_ptr + start + offs, tl.zeros((256,), tl.float32), mask=start + offs < CLEAR_N)
+        optr = out_ptr + k_span.to(tl.int64) * SPAN + out_rows[:, None] * N + n[None, :]
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _sorted_slots(e, m_tile, count, starts_ptr, order_ptr, BLOCK_M: tl.constexpr):
@@ -280,15 +265,14 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-            a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr, idx_ptr, route_w_ptr,
-            clear_ptr, N, KW, R, G, A_DIV, O_DIV, CLEAR_N,
-            GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr,
-            ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
-        """Program (slot, row tile, K span): out[slot // O_DIV, n] (+)= a[slot // A_DIV] @ W_e^T for
-        the expert e = idx[slot] the slot is routed to; no sorting, no routing tables. K = 32 KW.
-        With SILU: silu(gate rows n) * (up rows N + n). ATOMIC: float32 adds (the k slots of a
-        token, and the K spans, into one output row). Also zeroes clear_ptr[:CLEAR_N] (_clear)."""
-        _clear(clear_ptr, CLEAR_N)
+            a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr, idx_ptr,
+            N, KW, R, G, A_DIV, SPAN,
+            GS: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+            BLOCK_N: tl.constexpr, NW: tl.constexpr):
+        """Program (slot, row tile, K span): out[k span, slot, n] = a[slot // A_DIV] @ W_e^T over the
+        span's part of K, for the expert e = idx[slot] the slot is routed to; no sorting, no routing
+        tables. K = 32 KW; the K spans' partial sums lie SPAN elements apart (combine_rows adds
+        them). With SILU: silu(gate rows n) * (up rows N + n)."""
         slot = tl.program_id(0)
         e = tl.load(idx_ptr + slot).to(tl.int64)
         K = KW * 32
@@ -324,13 +308,8 @@ if triton is not None:
                     acc_up += tl.load(bias_ptr + e * R + N + n, mask=n_mask, other=0.0).to(tl.float32)
         if SILU:
             acc = acc * tl.sigmoid(acc) * acc_up
-        if ROUTE_WEIGHT:
-            acc = acc * tl.load(route_w_ptr + slot).to(tl.float32)
-        optr = out_ptr + (slot // O_DIV).to(tl.int64) * N + n
-        if ATOMIC:
-            tl.atomic_add(optr, acc, mask=n_mask)
-        else:
-            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        optr = out_ptr + k_step.to(tl.int64) * SPAN + slot.to(tl.int64) * N + n
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
     # ---- more tokens: tensor cores, the weights made from int32 words in registers each K tile ----
@@ -460,19 +439,18 @@ if triton is not None:
     @triton.jit
     def _experts_mma_kernel(
             a_ptr, out_ptr, words_ptr, word_off_ptr, bits_ptr, scale_ptr, zero_ptr, bias_ptr,
-            order_ptr, counts_ptr, starts_ptr, route_w_ptr, clear_ptr,
-            N, KW, R, G, TOPK, M_TILES, ONE, CLEAR_N,
+            order_ptr, counts_ptr, starts_ptr,
+            N, KW, R, G, TOPK, M_TILES, ONE, SPAN,
             GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, GS: tl.constexpr, SILU: tl.constexpr,
-            HAS_BIAS: tl.constexpr, ROUTE_WEIGHT: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
+            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
             ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             FP32_DOT: tl.constexpr):
         """Program (expert e, BLOCK_M of its sorted slots, BLOCK_N rows, K span): the (tokens, rows)
         tile a W_e^T on the tensor cores, the weights made in registers from the words each K tile
         (the dot's second operand; the compiler stages it through shared memory). GATHER_A: the a
         rows are the slots' tokens (else their sorted positions); SCATTER_OUT: the output row is the
-        slot's token, added to with atomics (the k slots of a token meet there), else the sorted
-        position. Also zeroes clear_ptr[:CLEAR_N] (_clear)."""
-        _clear(clear_ptr, CLEAR_N)
+        slot itself (token t's k slots are rows t k .. t k + k - 1, which combine_rows adds in a fixed
+        order), else the sorted position. The K spans' partial sums lie SPAN elements apart."""
         pid = tl.program_id(0)
         e = pid // M_TILES
         m_tile = pid % M_TILES
@@ -513,17 +491,61 @@ if triton is not None:
             acc, acc_up = _mma_width(acc, acc_up, a_rows, m_mask, ONE, words_e, n, n_mask, N, KW, scale_e, zero_e, G,
                                      k_lo, k_hi, GS, ONE_GROUP, SILU, 8, BLOCK_K, FP32_DOT)
         if SCATTER_OUT:
-            out_rows = (slot // TOPK).to(tl.int64)
+            out_rows = slot.to(tl.int64)
         else:
             out_rows = pos.to(tl.int64)
-        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, slot, e, bias_ptr,
-                route_w_ptr, R, N, tl.program_id(2) == 0, SILU, HAS_BIAS, ROUTE_WEIGHT, ATOMIC)
+        _finish(acc, acc_up, out_ptr, out_rows, n, n_mask, m_mask, e, bias_ptr, R, N, tl.program_id(2), SPAN,
+                SILU, HAS_BIAS)
+
+
+    @triton.jit
+    def _combine_kernel(y_ptr, position_ptr, weight_ptr, out_ptr, H, SPAN, K: tl.constexpr, SPANS: tl.constexpr,
+                        POSITIONS: tl.constexpr, WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t, c] = sum_j w[t, j] sum_s y[s SPAN + row of slot (t, j), c], in float32, spans then
+        slots in order: the row of slot (t, j) is t K + j, or position[t K + j]; w is 1 without WEIGHTS.
+        Both loops unrolled, so a program's K x SPANS loads are in flight together (at one token there
+        are only H / BLOCK programs)."""
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < H
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            if POSITIONS:
+                p = tl.load(position_ptr + t * K + j).to(tl.int64)
+            else:
+                p = t * K + j
+            part = tl.zeros((BLOCK,), dtype=tl.float32)
+            for s in tl.static_range(SPANS):
+                part += tl.load(y_ptr + s * SPAN + p * H + c, mask=mask, other=0.0).to(tl.float32)
+            if WEIGHTS:
+                part = part * tl.load(weight_ptr + t * K + j).to(tl.float32)
+            acc += part
+        tl.store(out_ptr + t * H + c, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine_rows(y: torch.Tensor, tokens: int, k: int, dtype, *, weights: torch.Tensor | None = None,
+                 position: torch.Tensor | None = None) -> torch.Tensor:
+    """(tokens, H) in ``dtype``: token t's sum over its k slots (times ``weights`` (tokens, k) where
+    given) of the slot's row of y, summed over y's K spans (y: (spans, rows, H), or (rows, H) for one);
+    the slot (t, j) is row t k + j, or ``position[t k + j]``. One launch, float32, a fixed order: the
+    same sum every call (no atomics)."""
+    y = y.contiguous()
+    spans = y.shape[0] if y.dim() == 3 else 1
+    H = y.shape[-1]
+    out = torch.empty(tokens, H, device=y.device, dtype=dtype)
+    if tokens:
+        dummy = y
+        _combine_kernel[(tokens, triton.cdiv(H, 256))](
+            y, position if position is not None else dummy, weights.contiguous() if weights is not None else dummy,
+            out, H, y[0].numel() if spans > 1 else 0, K=k, SPANS=spans, POSITIONS=position is not None,
+            WEIGHTS=weights is not None, BLOCK=256, num_warps=2)
+    return out
 
 
 @dataclass(frozen=True)
 class Tiles:
     """Tile sizes of one tensor-core launch (``_experts_mma_kernel``): BLOCK_M tokens x BLOCK_N rows,
-    K tiles of BLOCK_K codes; ``split_k`` > 1 adds the K spans' partial sums with float32 atomics."""
+    K tiles of BLOCK_K codes; ``split_k`` > 1 writes each K span's partial sums, added after it."""
     block_m: int
     block_n: int
     block_k: int
@@ -576,11 +598,12 @@ def words_ok(cols: int, group_size: int) -> bool:
     return cols % 32 == 0 and group_size % 32 == 0
 
 
-def _launch1_out(rows: int, n1: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
-    """Launch 1's output: in the activations' dtype, or float32 zeros that K spans add into."""
+def _launch_out(rows: int, n: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
+    """A launch's output: (rows, n) in the activations' dtype, or each K span's float32 partial sums,
+    (split_k, rows, n)."""
     if split_k == 1:
-        return torch.empty(rows, n1, device=like.device, dtype=like.dtype)
-    return torch.zeros(rows, n1, device=like.device, dtype=torch.float32)
+        return torch.empty(rows, n, device=like.device, dtype=like.dtype)
+    return torch.empty(split_k, rows, n, device=like.device, dtype=torch.float32)
 
 
 def _gate(h: torch.Tensor, inter: int, *, gated: bool, fuse_silu: bool, activation, dtype) -> torch.Tensor:
@@ -599,7 +622,7 @@ ONE_BITS = 0x3F800000   # the bits of 1.0f: the tensor-core kernel's ONE (see _d
 @dataclass(frozen=True)
 class GemvTiles:
     """Tile sizes of one decode launch (``_gemv_kernel``): BLOCK_N rows, ``nw`` word columns per
-    K step; ``split_k`` > 1 adds the K spans' partial sums with float32 atomics."""
+    K step; ``split_k`` > 1 writes each K span's partial sums, added after it."""
     block_n: int
     nw: int = 8
     split_k: int = 1
@@ -627,24 +650,21 @@ def choose_gemv_tiles(slots: int, n_out: int, k: int, sms: int, programs_per_sm:
     return GemvTiles(bn, nw, split_k, warps)
 
 
-def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, o_div: int, silu: bool,
-                 route_w: torch.Tensor | None, tiles: GemvTiles, clear: torch.Tensor | None = None):
-    atomic = o_div > 1 or tiles.split_k > 1
-    assert not atomic or out.dtype == torch.float32
+def _launch_gemv(a, out, mats: PackedMatrices, idx, n_out: int, *, a_div: int, silu: bool, tiles: GemvTiles):
+    """``out``: (slots, n_out), or (split_k, slots, n_out) float32 partial sums (_launch_out)."""
+    assert out.shape[-2:] == (idx.numel(), n_out) and (tiles.split_k == 1 or out.shape[0] == tiles.split_k)
     grid = (idx.numel(), triton.cdiv(n_out, tiles.block_n), tiles.split_k)
     dummy = mats.scale
     _gemv_kernel[grid](
         a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
-        mats.bias if mats.bias is not None else dummy, idx, route_w if route_w is not None else dummy,
-        clear if clear is not None else dummy, n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], a_div, o_div,
-        clear.numel() if clear is not None else 0,
-        GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None, ROUTE_WEIGHT=route_w is not None,
-        ATOMIC=atomic, SPLIT_K=tiles.split_k, BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        mats.bias if mats.bias is not None else dummy, idx,
+        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], a_div, out.shape[-2] * n_out,
+        GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None, SPLIT_K=tiles.split_k,
+        BLOCK_N=tiles.block_n, NW=tiles.nw, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 # The decode kernel reads an expert's codes once per routed token (no sorting, no routing
-# tables, two launches and a memset): it runs while the routed slots are no more than twice the
+# tables): it runs while the routed slots are no more than twice the
 # experts (T k <= 2 E, about two tokens per routed expert; the second read mostly hits L2) and
 # always at T = 1; the tensor-core kernel, which reads an expert's codes once per 16 to 128 of
 # its tokens, above that. At T k = 2 E on the H100 the decode kernel took 0.696 ms against 0.799
@@ -655,30 +675,32 @@ def choose_kernel(tokens: int, top_k: int, num_experts: int) -> str:
     return "gemv" if tokens == 1 or tokens * top_k <= 2 * num_experts else "mma"
 
 
-def _two_launches(hidden, up: PackedMatrices, *, slots: int, gated: bool, fuse_silu: bool, activation, t1, launch1,
-                  launch2) -> torch.Tensor:
-    """The layer's two launches, whichever kernel: launch 1 writes one hidden row per routing slot
-    (silu(gate) * up fused where the family's gating is plain SwiGLU and K is not split, else the
-    gating after it in torch); launch 2 adds the routed, weighted down projection into a float32
-    (T, hidden) output with atomics, which launch 1 zeroes. ``launch1(h, n_out, silu, clear)``,
-    ``launch2(h, out)``."""
+def _two_launches(hidden, top_k_weights, up: PackedMatrices, *, slots: int, gated: bool, fuse_silu: bool,
+                  activation, t1, t2, launch1, launch2) -> torch.Tensor:
+    """The layer's two launches, whichever kernel, and the sum: launch 1 writes one hidden row per
+    routing slot (silu(gate) * up fused where the family's gating is plain SwiGLU and K is not split,
+    else the gating after it in torch); launch 2 writes each slot's down projection, in slot order
+    (token t's k slots are rows t k .. t k + k - 1), per K span; combine_rows then adds each token's
+    k rows times their routing weights in float32, in a fixed order. Nothing is added with atomics,
+    so a layer gives the same output every call. ``launch1(h, n_out, silu)``, ``launch2(h, y)``."""
     inter = up.rows // 2 if gated else up.rows
     fused = gated and fuse_silu and t1.split_k == 1
     n1 = inter if fused else up.rows
-    h = _launch1_out(slots, n1, t1.split_k, hidden)
-    out = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
-    launch1(h, n1, fused, out)
+    h = _launch_out(slots, n1, t1.split_k, hidden)
+    launch1(h, n1, fused)
+    if t1.split_k > 1:
+        h = h.sum(0)                                # the K spans, in order
     if not fused:
         h = _gate(h, inter, gated=gated, fuse_silu=fuse_silu, activation=activation, dtype=hidden.dtype)
-    launch2(h, out)
-    return out.to(hidden.dtype)
+    y = torch.empty(t2.split_k, slots, hidden.shape[1], device=hidden.device, dtype=torch.float32)
+    launch2(h, y)
+    return combine_rows(y, hidden.shape[0], top_k_weights.shape[-1], hidden.dtype, weights=top_k_weights)
 
 
 def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *, gated: bool,
                         fuse_silu: bool, activation, tiles: tuple[GemvTiles, GemvTiles] | None):
     """Decode: launch 1 writes each slot's hidden row h[slot] (gathering x[slot // k]); launch 2
-    adds w[slot] * (h[slot] W_down^T) straight into out[slot // k] (float32 atomics), so the
-    sum over the k slots needs no launch of its own."""
+    writes h[slot] W_down^T per K span, which combine_rows adds up."""
     H = hidden.shape[1]
     k = top_k_index.shape[-1]
     idx = top_k_index.reshape(-1)
@@ -689,20 +711,17 @@ def _fused_experts_gemv(hidden, top_k_index, top_k_weights, up: PackedMatrices, 
                                                   programs_per_sm=2)
     t2 = tiles[1] if tiles else choose_gemv_tiles(slots, H, inter, sms, programs_per_sm=8)
     x = hidden.contiguous()
-    route_w = top_k_weights.reshape(-1).contiguous()
     return _two_launches(
-        hidden, up, slots=slots, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
-        launch1=lambda h, n1, silu, clear: _launch_gemv(x, h, up, idx, n1, a_div=k, o_div=1, silu=silu,
-                                                        route_w=None, tiles=t1, clear=clear),
-        launch2=lambda h, out: _launch_gemv(h, out, down, idx, H, a_div=1, o_div=k, silu=False, route_w=route_w,
-                                            tiles=t2))
+        hidden, top_k_weights, up, slots=slots, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
+        t2=t2, launch1=lambda h, n1, silu: _launch_gemv(x, h, up, idx, n1, a_div=k, silu=silu, tiles=t1),
+        launch2=lambda h, y: _launch_gemv(h, y, down, idx, H, a_div=1, silu=False, tiles=t2))
 
 
 def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: bool, scatter_out: bool,
-                silu: bool, route_w: torch.Tensor | None, tiles: Tiles, clear: torch.Tensor | None = None):
+                silu: bool, tiles: Tiles):
+    """``out``: (slots, n_out), or (split_k, slots, n_out) float32 partial sums (_launch_out)."""
     order, counts, starts, top_k = routing
-    atomic = scatter_out or tiles.split_k > 1
-    assert not atomic or out.dtype == torch.float32
+    assert out.shape[-2:] == (order.numel(), n_out) and (tiles.split_k == 1 or out.shape[0] == tiles.split_k)
     num_experts = mats.scale.shape[0]
     m_tiles = max(1, triton.cdiv(order.numel() // top_k, tiles.block_m))   # an expert has at most T slots
     grid = (num_experts * m_tiles, triton.cdiv(n_out, tiles.block_n), tiles.split_k)
@@ -710,11 +729,9 @@ def _launch_mma(a, out, mats: PackedMatrices, routing, n_out: int, *, gather_a: 
     _experts_mma_kernel[grid](
         a, out, mats.words, mats.word_offsets, mats.bits, mats.scale, mats.zero,
         mats.bias if mats.bias is not None else dummy, order, counts, starts,
-        route_w if route_w is not None else dummy, clear if clear is not None else dummy,
-        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles, ONE_BITS,
-        clear.numel() if clear is not None else 0,
+        n_out, mats.cols // 32, mats.rows, mats.scale.shape[2], top_k, m_tiles, ONE_BITS, out.shape[-2] * n_out,
         GATHER_A=gather_a, SCATTER_OUT=scatter_out, GS=mats.group_size, SILU=silu, HAS_BIAS=mats.bias is not None,
-        ROUTE_WEIGHT=route_w is not None, ATOMIC=atomic, SPLIT_K=tiles.split_k,
+        SPLIT_K=tiles.split_k,
         ONE_GROUP=mats.group_size % tiles.block_k == 0, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, FP32_DOT=a.dtype == torch.float32, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
@@ -737,7 +754,7 @@ def choose_mma_tiles(tokens: int, top_k: int, num_experts: int) -> Tiles:
 def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, down: PackedMatrices, *,
                        gated: bool, fuse_silu: bool, activation, tiles: tuple[Tiles, Tiles] | None):
     """Tensor cores: slots sorted by expert; launch 1 writes h at the sorted positions (gathering x
-    rows by token), launch 2 adds w[slot] * (h W_down^T) into out[token] with float32 atomics."""
+    rows by token), launch 2 writes h W_down^T at each slot's own row, which combine_rows adds up."""
     T, H = hidden.shape
     k = top_k_index.shape[-1]
     num_experts = up.scale.shape[0]
@@ -745,13 +762,12 @@ def _fused_experts_mma(hidden, top_k_index, top_k_weights, up: PackedMatrices, d
     t1 = tiles[0] if tiles else choose_mma_tiles(T, k, num_experts)
     t2 = tiles[1] if tiles else t1
     x = hidden.contiguous()
-    route_w = top_k_weights.reshape(-1).contiguous()
     return _two_launches(
-        hidden, up, slots=T * k, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
-        launch1=lambda h, n1, silu, clear: _launch_mma(x, h, up, routing, n1, gather_a=True, scatter_out=False,
-                                                       silu=silu, route_w=None, tiles=t1, clear=clear),
-        launch2=lambda h, out: _launch_mma(h, out, down, routing, H, gather_a=False, scatter_out=True, silu=False,
-                                           route_w=route_w, tiles=t2))
+        hidden, top_k_weights, up, slots=T * k, gated=gated, fuse_silu=fuse_silu, activation=activation, t1=t1,
+        t2=t2, launch1=lambda h, n1, silu: _launch_mma(x, h, up, routing, n1, gather_a=True, scatter_out=False,
+                                                       silu=silu, tiles=t1),
+        launch2=lambda h, y: _launch_mma(h, y, down, routing, H, gather_a=False, scatter_out=True, silu=False,
+                                         tiles=t2))
 
 
 def route(top_k_index: torch.Tensor, num_experts: int):
@@ -806,14 +822,11 @@ def fused_linear(x: torch.Tensor, mats: PackedMatrices, tiles: Tiles | None = No
     x = x.contiguous()
     if tiles is None and (T <= LINEAR_GEMV_MAX_TOKENS or gemv_tiles is not None):
         t = gemv_tiles or choose_gemv_tiles(T, mats.rows, mats.cols, sm_count(x.device), programs_per_sm=8)
-        out = torch.empty(T, mats.rows, device=x.device, dtype=x.dtype) if t.split_k == 1 else \
-            torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32)
-        _launch_gemv(x, out, mats, _zero_index(T, x.device), mats.rows, a_div=1, o_div=1, silu=False,
-                     route_w=None, tiles=t)
-        return out.to(x.dtype)
-    t = tiles or choose_mma_tiles(T, 1, 1)
-    out = torch.empty(T, mats.rows, device=x.device, dtype=x.dtype) if t.split_k == 1 else \
-        torch.zeros(T, mats.rows, device=x.device, dtype=torch.float32)
-    _launch_mma(x, out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
-                silu=False, route_w=None, tiles=t)
-    return out.to(x.dtype)
+        out = _launch_out(T, mats.rows, t.split_k, x)
+        _launch_gemv(x, out, mats, _zero_index(T, x.device), mats.rows, a_div=1, silu=False, tiles=t)
+    else:
+        t = tiles or choose_mma_tiles(T, 1, 1)
+        out = _launch_out(T, mats.rows, t.split_k, x)
+        _launch_mma(x, out, mats, linear_routing(T, x.device), mats.rows, gather_a=False, scatter_out=False,
+                    silu=False, tiles=t)
+    return out if t.split_k == 1 else combine_rows(out, T, 1, x.dtype)     # the K spans, in order
