@@ -115,6 +115,7 @@ if triton is not None:
         u = tl.load(h_ptr + r * 2 * INTER + INTER + c, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + r * INTER + c, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
+
 def swiglu_rows(h: torch.Tensor, dtype) -> torch.Tensor:
     """silu(gate) * up of h's (rows, 2 I) [gate; up] halves as (rows, I) in ``dtype``: one launch that
     reads h once and writes the result once (torch's silu, then the product, read and write it three
